@@ -1,0 +1,81 @@
+# qvit-edge -- one entry point per stage.  `make help` lists them.
+PY      ?= python3
+MODEL   ?= vit_fmnist
+BITS    ?= 4
+FORMAT  ?= qdq
+TARGET  ?= orin-jp6
+CKPT    ?=
+OUT     ?= artifacts
+BUDGET  ?= small
+ONNX    ?= $(OUT)/$(MODEL)_w$(BITS)a$(BITS).$(FORMAT).onnx
+EPOCHS  ?=
+FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+STAMP   := .make/installed
+
+.PHONY: help quickstart test install data train ablation export engine bench demo plugins bench-gemm lint clean
+
+help:
+	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU), export, check parity, bench"
+	@echo "make test                  install and run the test suite (what .ci/run calls)"
+	@echo "make train MODEL=.. BITS=..  quantization-aware training (python -m train --help)"
+	@echo "make ablation BUDGET=small FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"
+	@echo "make export MODEL=.. BITS=.. [CKPT=..] [FORMAT=qdq|lowbit] [TARGET=..]"
+	@echo "make engine ONNX=..        TensorRT engine (needs TensorRT)"
+	@echo "make bench ONNX=..         img/s and latency (runtime/bench.py)"
+	@echo "make demo SOURCE=..        camera / video / image-folder demo"
+	@echo "make plugins               build libqvit_plugins.so (CMake, CUDA, TensorRT headers)"
+	@echo "make bench-gemm            packed low-bit GEMM kernels vs cuBLAS (needs a CUDA GPU)"
+
+# ---------------------------------------------------------------- set-up (idempotent)
+data: $(FMNIST)
+$(FMNIST):
+	@command -v apt-get >/dev/null || { echo "error: install Fashion-MNIST IDX files under $(dir $(FMNIST)) (apt-get install dataset-fashion-mnist)"; exit 2; }
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	@mkdir -p .make && touch $(STAMP)
+
+# ---------------------------------------------------------------- the two front-door commands
+quickstart: install data
+	$(PY) -m train --model vit_fmnist --bits 4 --method qvit --epochs $(or $(EPOCHS),3) --fp-epochs $(or $(EPOCHS),3) --out runs/quickstart
+	$(PY) -m export --checkpoint runs/quickstart/best.safetensors --format qdq --target ort --out $(OUT)
+	$(PY) runtime/bench.py --onnx $(OUT)/vit_fmnist_w4a4.qdq.onnx --backend ort --iters 50
+
+test: install data
+	$(PY) -m pytest -q tests
+
+# ---------------------------------------------------------------- stages
+train: install data
+	$(PY) -m train --model $(MODEL) --bits $(BITS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out runs/$(MODEL)_w$(BITS)
+
+ablation: install data
+	$(PY) -m train.ablation --budget $(BUDGET) --out runs/ablation_$(BUDGET)
+
+export: install
+	$(PY) -m export $(if $(CKPT),--checkpoint $(CKPT),--model $(MODEL) --bits $(BITS)) --format $(FORMAT) --target $(TARGET) --out $(OUT)
+
+engine:
+	$(PY) -m runtime.build --onnx $(ONNX) $(if $(PLUGINS),--plugins $(PLUGINS))
+
+bench:
+	$(PY) runtime/bench.py --onnx $(ONNX) --backend $(or $(BACKEND),ort)
+
+demo:
+	$(PY) runtime/demo.py --onnx $(ONNX) --source $(or $(SOURCE),0)
+
+plugins:
+	cmake -S runtime/cuda -B build/plugins -DCMAKE_BUILD_TYPE=Release $(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT))
+	cmake --build build/plugins -j
+
+bench-gemm:
+	$(PY) runtime/bench_gemm.py
+
+lint:
+	ruff check .
+	vermin -t=3.6- --no-tips --violations qformat runtime/*.py
+
+clean:
+	rm -rf build .make .pytest_cache
