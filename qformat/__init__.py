@@ -51,7 +51,6 @@ Words are little-endian in memory (the byte order of every target: x86, ARM, NVI
 """
 
 import math
-from typing import Tuple
 
 import numpy as np
 
@@ -82,7 +81,7 @@ def check_bits(bits, what="bits"):
 
 
 def qrange(bits, signed=True):
-    # type: (int, bool) -> Tuple[int, int]
+    # type: (int, bool) -> tuple
     """Integer range ``(qmin, qmax)`` of a ``bits``-wide signed or unsigned code."""
     b = check_bits(bits)
     if signed:
@@ -91,7 +90,7 @@ def qrange(bits, signed=True):
 
 
 def zero_point_range(bits, signed=True):
-    # type: (int, bool) -> Tuple[int, int]
+    # type: (int, bool) -> tuple
     """Allowed integer zero-points so that ``[qmin - z, qmax - z]`` fits in INT8.
 
     Unsigned codes keep ``z = 0`` (their range already starts at the tensor's zero).
@@ -103,7 +102,7 @@ def zero_point_range(bits, signed=True):
 
 
 def int_bounds(bits, signed=True, zero_point=0):
-    # type: (int, bool, int) -> Tuple[int, int]
+    # type: (int, bool, int) -> tuple
     """Zero-point-0 integer clip bounds ``[lo, hi]`` equivalent to ``(bits, signed, z)``."""
     qmin, qmax = qrange(bits, signed)
     zlo, zhi = zero_point_range(bits, signed)

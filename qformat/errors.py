@@ -16,8 +16,8 @@ def main_guard(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             sys.stderr.write("error: {}\n".format(e))
-            raise SystemExit(2)
+            raise SystemExit(2) from None
         except KeyboardInterrupt:
             sys.stderr.write("interrupted\n")
-            raise SystemExit(130)
+            raise SystemExit(130) from None
     return wrapper

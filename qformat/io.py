@@ -45,7 +45,7 @@ def read_json(path, what="JSON file"):
         with open(path, "r", encoding="utf-8") as f:
             return json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError("{} {} is corrupt ({}); re-create it".format(what, path, e))
+        raise UserError("{} {} is corrupt ({}); re-create it".format(what, path, e)) from None
 
 
 def sidecar_path(artifact):

@@ -1,0 +1,143 @@
+"""Configs as dataclasses (torchao style): what to quantize and how, and how to distill.
+
+A config is plain data: it is stored in every checkpoint's JSON so that export and
+``load_converted`` rebuild exactly the quantized model that was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from qformat import FormatError, check_bits
+from qformat.errors import UserError
+
+METHODS = ("fp", "baseline", "irm", "dgd", "qvit")
+GRANULARITIES = ("deploy", "paper")
+ACT_INITS = ("mse", "lsq")
+
+
+@dataclass
+class QuantConfig:
+    """Bit-widths per tensor kind and the quantizer choices of Q-ViT.
+
+    ``granularity`` sets the activation-scale granularity:
+    ``deploy`` -- per-tensor scales at Linear inputs, per-head for q/k/v and the attention map;
+    ``paper`` -- per-input-channel scales at Linear inputs (the reference code), per-head for q/k/v/attn.
+    ``attn_granularity``/``linear_granularity`` override either part ("tensor"|"head", "tensor"|"channel").
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    qkv_bits: int | None = None  # q, k, v before QK^T and A.V; None -> a_bits
+    attn_bits: int | None = None  # softmax output (unsigned); None -> a_bits
+    embed_bits: int | None = 8  # patch embedding weights + input; None -> float
+    head_bits: int | None = 8  # classifier weights + input; None -> float
+    irm: bool = True
+    irm_per_head: bool = False
+    granularity: str = "deploy"
+    linear_granularity: str | None = None
+    attn_granularity: str | None = None
+    act_init: str = "mse"
+    weight_init: str = "mse"
+
+    def __post_init__(self) -> None:
+        try:
+            for name in ("w_bits", "a_bits"):
+                check_bits(getattr(self, name), name)
+            for name in ("qkv_bits", "attn_bits", "embed_bits", "head_bits"):
+                if getattr(self, name) is not None:
+                    check_bits(getattr(self, name), name)
+        except FormatError as e:
+            raise UserError(str(e)) from None
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"granularity={self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
+        if self.act_init not in ACT_INITS or self.weight_init not in ACT_INITS:
+            raise UserError(f"act_init/weight_init must be one of {', '.join(ACT_INITS)}")
+        if self.linear_granularity not in (None, "tensor", "channel"):
+            raise UserError("linear_granularity must be 'tensor' or 'channel'")
+        if self.attn_granularity not in (None, "tensor", "head"):
+            raise UserError("attn_granularity must be 'tensor' or 'head'")
+
+    # resolved views ------------------------------------------------------------
+    @property
+    def q_bits(self) -> int:
+        return self.qkv_bits if self.qkv_bits is not None else self.a_bits
+
+    @property
+    def softmax_bits(self) -> int:
+        return self.attn_bits if self.attn_bits is not None else self.a_bits
+
+    @property
+    def linear_scale(self) -> str:
+        """Scale granularity at Linear inputs: 'tensor' or 'channel'."""
+        if self.linear_granularity:
+            return self.linear_granularity
+        return "channel" if self.granularity == "paper" else "tensor"
+
+    @property
+    def attn_scale(self) -> str:
+        """Scale granularity of q, k, v and the attention map: 'tensor' or 'head'."""
+        return self.attn_granularity or "head"
+
+    def bits_summary(self) -> dict[str, int | None]:
+        return {"weight": self.w_bits, "act": self.a_bits, "qkv": self.q_bits, "attn": self.softmax_bits,
+                "embed": self.embed_bits, "head": self.head_bits}
+
+    @property
+    def tag(self) -> str:
+        return f"w{self.w_bits}a{self.a_bits}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def for_method(cls, method: str, bits: int, **overrides: Any) -> QuantConfig | None:
+        """Preset of the paper's ablation rows; ``fp`` returns None (no quantization)."""
+        if method not in METHODS:
+            raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        if method == "fp":
+            return None
+        irm = method in ("irm", "qvit")
+        return cls(**{"w_bits": bits, "a_bits": bits, "irm": irm, **overrides})
+
+
+@dataclass
+class DistillConfig:
+    """Loss weights: ``ce_weight``·CE + ``kd_weight``·KD(T) + ``dgd_weight``·DGD (Q-ViT Eq. 10)."""
+
+    kd: bool = True
+    dgd: bool = True
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+    dgd_weight: float = 1.0
+    dgd_on: tuple[str, ...] = field(default_factory=lambda: ("q", "k"))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dgd_on"] = list(self.dgd_on)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "dgd_on" in d:
+            d["dgd_on"] = tuple(d["dgd_on"])
+        return cls(**d)
+
+    @classmethod
+    def for_method(cls, method: str, **overrides: Any) -> DistillConfig | None:
+        """``fp`` trains without a teacher (None). Every quantized row gets logit KD from the
+        same FP teacher, so the ablation isolates IRM and DGD; ``dgd``/``qvit`` add DGD."""
+        if method not in METHODS:
+            raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        if method == "fp":
+            return None
+        return cls(**{"dgd": method in ("dgd", "qvit"), **overrides})

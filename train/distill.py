@@ -1,0 +1,162 @@
+"""Distillation from the full-precision teacher: logit KD and Q-ViT's DGD.
+
+DGD (Distribution-Guided Distillation; the reference repository does not contain it,
+so this follows the paper): for every layer l and head h, the patch-similarity matrix
+G = q·qᵀ (N×N) is row-wise L2-normalised, for the student's *quantized* q and the
+teacher's q, and pulled together with an L2 (Frobenius) distance; the same for k::
+
+    L_DGD = Σ_l Σ_h ||G̃_t(q) - G̃_s(q)||₂ + ||G̃_t(k) - G̃_s(k)||₂       (batch mean)
+
+q and k are read with forward hooks on each attention block's modules -- the teacher's
+``q_norm``/``k_norm`` (timm's slots, ``Identity`` in an FP model) and the student's
+``q_quant``/``k_quant`` -- so neither model's forward is forked.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import WindowAttention
+from torch import nn
+
+from .config import DistillConfig
+
+
+def similarity(x: torch.Tensor) -> torch.Tensor:
+    """Row-normalised patch similarity ``G̃`` of ``x[B, H, N, d]`` -> ``[B, H, N, N]``."""
+    g = x @ x.transpose(-2, -1)
+    return F.normalize(g, p=2, dim=-1)
+
+
+def dgd_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
+    """Σ over layers and heads of the Frobenius distance of similarity matrices, batch mean."""
+    if len(teacher) != len(student):
+        raise ValueError(f"DGD: teacher has {len(teacher)} recorded tensors, student {len(student)}")
+    total = student[0].new_zeros(())
+    for t, s in zip(teacher, student):
+        d = similarity(t.float()) - similarity(s.float())
+        total = total + d.flatten(2).norm(dim=-1).sum(dim=1).mean()
+    return total
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: KL(teacher_T || student_T) · T²."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")]
+
+
+class QKRecorder:
+    """Collect per-layer q and k tensors (forward hooks) from every attention block."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.q: list[torch.Tensor] = []
+        self.k: list[torch.Tensor] = []
+        self.handles = []
+        for attn in _attention_modules(model):
+            # quantized student: its quantized q/k; float model: timm's q_norm/k_norm slots
+            q_attr, k_attr = ("q_quant", "k_quant") if hasattr(attn, "q_quant") else ("q_norm", "k_norm")
+            self.handles.append(getattr(attn, q_attr).register_forward_hook(self._hook(self.q)))
+            self.handles.append(getattr(attn, k_attr).register_forward_hook(self._hook(self.k)))
+
+    @staticmethod
+    def _hook(store: list[torch.Tensor]):
+        def fn(_m, _inp, out):
+            store.append(out)
+        return fn
+
+    def clear(self) -> None:
+        self.q.clear()
+        self.k.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class RecordingWindowAttention(WindowAttention):
+    """Float Swin window attention with timm's q_norm/k_norm slots, so DGD hooks see q and k.
+
+    Swin's ``WindowAttention`` has no such slots; float models' modules are re-classed to this
+    (same parameters and buffers) with Identity slots.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(b, n, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        logits = (q @ k.transpose(-2, -1)) * self.scale + self._get_rel_pos_bias()
+        if mask is not None:
+            nw = mask.shape[0]
+            logits = logits.view(-1, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            logits = logits.view(-1, h, n, n)
+        a = self.attn_drop(logits.softmax(-1))
+        return self.proj_drop(self.proj((a @ v).transpose(1, 2).reshape(b, n, -1)))
+
+
+def make_teacher(model: nn.Module) -> nn.Module:
+    """Frozen full-precision copy of ``model`` (call before ``prepare``)."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+class Distiller(nn.Module):
+    """Student loss = ce·CE(y) + kd·KD(teacher logits, T) + dgd·DGD(q, k similarity)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DistillConfig,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = [teacher]  # a list keeps the teacher out of parameters()/state_dict()
+        self.cfg = cfg
+        self.label_smoothing = label_smoothing
+        self._t_rec = self._s_rec = None
+        if cfg.dgd:
+            for model in (teacher, student):
+                for m in model.modules():
+                    if type(m) is WindowAttention:
+                        m.__class__ = RecordingWindowAttention
+                        m.q_norm, m.k_norm = nn.Identity(), nn.Identity()
+            self._t_rec = QKRecorder(teacher)
+            self._s_rec = QKRecorder(student)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        cfg = self.cfg
+        parts: dict[str, float] = {}
+        if self._s_rec is not None:
+            self._s_rec.clear()
+            self._t_rec.clear()
+        logits = self.student(images)
+        if isinstance(logits, tuple):  # distilled DeiT in train mode returns (cls, dist)
+            logits = (logits[0] + logits[1]) / 2
+        loss = cfg.ce_weight * F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        parts["ce"] = float(loss.detach())
+        if cfg.kd or cfg.dgd:
+            teacher = self.teacher[0]
+            with torch.no_grad():
+                t_logits = teacher(images)
+            if cfg.kd:
+                kd = cfg.kd_weight * kd_loss(logits, t_logits, cfg.temperature)
+                parts["kd"] = float(kd.detach())
+                loss = loss + kd
+            if cfg.dgd:
+                dgd = logits.new_zeros(())
+                if "q" in cfg.dgd_on:
+                    dgd = dgd + dgd_loss(self._t_rec.q, self._s_rec.q)
+                if "k" in cfg.dgd_on:
+                    dgd = dgd + dgd_loss(self._t_rec.k, self._s_rec.k)
+                dgd = cfg.dgd_weight * dgd
+                parts["dgd"] = float(dgd.detach())
+                loss = loss + dgd
+                self._s_rec.clear()
+                self._t_rec.clear()
+        return loss, logits, parts

@@ -1,0 +1,60 @@
+"""Run logs: ``metrics.csv`` (one row per epoch, rewritten atomically) and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from typing import Optional
+
+from qformat.io import atomic_write
+
+
+class RunLogger:
+    """CSV + TensorBoard on rank 0; a no-op elsewhere so call sites need no rank checks."""
+
+    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = True, resume_epoch: int = 0):
+        self.enabled, self.out_dir = enabled, out_dir
+        self.csv_path = os.path.join(out_dir, "metrics.csv")
+        self.rows: list[dict] = []
+        self.tb = None
+        if not enabled:
+            return
+        if resume_epoch > 0 and os.path.isfile(self.csv_path):  # keep the epochs the resumed run already did
+            with open(self.csv_path, newline="", encoding="utf-8") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r.get("epoch", 0)) <= resume_epoch]
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=None)
+            except ImportError as e:  # tensorboard is optional at run time
+                sys.stderr.write("warning: TensorBoard logging off ({})\n".format(e))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_scalar(tag, value, step)
+
+    def epoch(self, row: dict) -> None:
+        """Append one epoch's metrics and rewrite the CSV (small file, atomic, never half-written)."""
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        keys: list = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write(self.csv_path, buf.getvalue().encode("utf-8"))
+        for k, v in row.items():
+            if k not in ("epoch", "step") and isinstance(v, (int, float)):
+                self.scalar("epoch/" + k, v, int(row.get("epoch", 0)))
+
+    def close(self, final: Optional[dict] = None) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+            self.tb = None

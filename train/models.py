@@ -1,0 +1,86 @@
+"""Model registry: the named ViTs qvit-edge can quantize, timm-style.
+
+ImageNet models map to timm architectures (weights from ``--checkpoint`` or, for users
+with internet, ``--pretrained``); the ``*_fmnist`` models are small DeiT/Swin configs for
+28x28 Fashion-MNIST that train on a CPU and are what tests and the quick start use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+from torch import nn
+
+from qformat.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FMNIST_MEAN = (0.2860,)
+FMNIST_STD = (0.3530,)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model expects: the exporter, runtime and data pipeline read this."""
+
+    name: str
+    timm_name: str
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    family: str = "vit"  # "vit" | "swin"
+
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    _SPECS[spec.name] = spec
+    return spec
+
+
+for _name, _timm in (("deit_t", "deit_tiny_patch16_224"), ("deit_s", "deit_small_patch16_224"),
+                     ("deit_b", "deit_base_patch16_224"), ("deit_s_distilled", "deit_small_distilled_patch16_224")):
+    register(ModelSpec(_name, _timm, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 1000))
+for _name, _timm in (("swin_t", "swin_tiny_patch4_window7_224"), ("swin_s", "swin_small_patch4_window7_224")):
+    register(ModelSpec(_name, _timm, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 1000, family="swin"))
+
+register(ModelSpec(
+    "vit_fmnist", "vit_tiny_patch16_224", (1, 28, 28), FMNIST_MEAN, FMNIST_STD, 10,
+    kwargs=dict(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0,
+                class_token=True, global_pool="token"),
+))
+register(ModelSpec(
+    "swin_fmnist", "swin_tiny_patch4_window7_224", (1, 28, 28), FMNIST_MEAN, FMNIST_STD, 10, family="swin",
+    kwargs=dict(img_size=28, patch_size=2, in_chans=1, embed_dim=48, depths=(2, 2), num_heads=(2, 4),
+                window_size=7, mlp_ratio=2.0, drop_path_rate=0.0),
+))
+
+
+def list_models() -> list[str]:
+    return sorted(_SPECS)
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in _SPECS:
+        raise UserError(f"unknown model {name!r}: supported models are {', '.join(list_models())}")
+    return _SPECS[name]
+
+
+def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kw: Any) -> nn.Module:
+    """Build a registered model (random init unless ``pretrained``: timm hub, needs internet)."""
+    spec = model_spec(name)
+    kwargs = {**spec.kwargs, **kw, "num_classes": num_classes if num_classes is not None else spec.num_classes}
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # hub/network failures surface as a one-line fix
+        if pretrained:
+            raise UserError(f"could not fetch pretrained weights for {name} ({e.__class__.__name__}); "
+                            "use --checkpoint with a local timm state dict instead") from None
+        raise
+    model.qvit_name = name  # type: ignore[attr-defined]
+    return model
