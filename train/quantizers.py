@@ -103,7 +103,9 @@ class WeightQuantizer(nn.Module):
             self.initialize(w)
         g = 1.0 / math.sqrt(w.numel() * self.qmax)
         s = self._scale_like(w, grad_scale(self.scale, g))
-        return torch.clamp(round_ste(w / s), self.qmin, self.qmax) * s
+        # clamp before rounding: the bounds are integers, so the forward is the same, and an
+        # in-range value that rounds onto a bound keeps its STE gradient
+        return round_ste(torch.clamp(w / s, self.qmin, self.qmax)) * s
 
     @torch.no_grad()
     def integers(self, w: torch.Tensor) -> torch.Tensor:
@@ -187,8 +189,8 @@ class ActQuantizer(nn.Module):
         per_group = x[0].numel() / max(self.scale.numel(), 1) if x.dim() > 1 else x.numel()
         g = 1.0 / math.sqrt(per_group * self.qmax)
         s = self._view(grad_scale(self.scale, g), x)
-        z = self._view(round_ste(self.zero_point.clamp(*self.zp_range)), x)
-        q = torch.clamp(round_ste(x / s) + z, self.qmin, self.qmax)
+        z = self._view(round_ste(grad_scale(self.zero_point, g).clamp(*self.zp_range)), x)
+        q = round_ste(torch.clamp(x / s + z, self.qmin, self.qmax))  # z integer: = clip(round(x/s)+z)
         return (q - z) * s
 
     def extra_repr(self) -> str:
