@@ -199,7 +199,7 @@ def unpack(packed, bits, k):
 # ------------------------------------------------------------ the low-bit Linear custom op
 #
 # One node per quantized Linear in the ``lowbit`` ONNX format; the TensorRT plugin
-# (runtime/plugins) registers under exactly these names, and ONNX Runtime runs the same
+# (runtime/cuda) registers under exactly these names, and ONNX Runtime runs the same
 # node through a model-local function of standard ops.  Semantics (X float [..., K])::
 #
 #     xq  = clip(round_half_even(X / act_scale), act_lo, act_hi)          # integers

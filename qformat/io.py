@@ -24,6 +24,9 @@ def atomic_write(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are shared (containers, other users)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

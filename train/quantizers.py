@@ -33,12 +33,16 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
 
 
 def _mse_search(x: torch.Tensor, reduce_dims: tuple[int, ...], qmin: int, qmax: int, signed_zp: bool,
-                zp_range: tuple[int, int], steps: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+                zp_range: tuple[int, int], steps: int = 40,
+                max_elems: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid search over shrunk [min, max] clipping ranges, per group, minimising the MSE.
 
-    Returns (scale, zero_point) with ``reduce_dims`` kept as size-1 dims.
+    Returns (scale, zero_point) with ``reduce_dims`` kept as size-1 dims.  Large activations are
+    searched on a subset of the batch (``max_elems``): calibration must stay seconds, not minutes.
     """
     x = x.detach().float()
+    if x.dim() > 1 and 0 in reduce_dims and x.numel() > max_elems:  # search on a batch subset
+        x = x[: max(1, max_elems * x.shape[0] // x.numel())]
     xmin = x.amin(dim=reduce_dims, keepdim=True).clamp(max=0)
     xmax = x.amax(dim=reduce_dims, keepdim=True).clamp(min=0)
     if not signed_zp:  # symmetric grid (weights) or unsigned non-negative tensor

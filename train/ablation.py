@@ -1,0 +1,158 @@
+"""``python -m train.ablation``: Q-ViT's Table 1 at small scale -- FP, baseline, +IRM, +DGD,
++IRM+DGD at 4/3/2 bits, same seed, same data, same budget, one shared FP teacher.
+
+Every quantized row starts from the same FP weights and distils logits from the same FP
+teacher, so the rows differ only by IRM and DGD.  Accuracy is the *last* epoch's top-1 on
+the test split (no selection on the test set).  Writes ``results.json``, ``results.md`` and
+``accuracy_vs_bits.png`` into ``--out``; finished runs are reused, so an interrupted
+ablation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from qformat.errors import UserError, main_guard
+from qformat.io import atomic_write, read_json, write_json
+
+METHOD_ROWS = (("baseline", "Baseline"), ("irm", "+IRM"), ("dgd", "+DGD"), ("qvit", "+IRM+DGD (Q-ViT)"))
+
+#: epochs of the FP teacher and of each QAT run, and step caps per epoch (None = full data)
+BUDGETS = {
+    "tiny": dict(fp_epochs=1, epochs=1, max_train_batches=20, max_eval_batches=10),  # tests / smoke
+    "small": dict(fp_epochs=6, epochs=1, max_train_batches=None, max_eval_batches=None),  # CPU, ~1 h
+    "full": dict(fp_epochs=30, epochs=10, max_train_batches=None, max_eval_batches=None),  # GPU
+}
+
+
+def _train(argv: list[str]) -> None:
+    from train.__main__ import parse_args
+    from train.trainer import run
+
+    run(parse_args(argv))
+
+
+def _last_top1(run_dir: str) -> float | None:
+    path = os.path.join(run_dir, "last.json")
+    if not os.path.isfile(path):
+        return None
+    meta = read_json(path, "run metadata")
+    if meta.get("epoch", 0) < meta.get("epochs", 1):
+        return None  # unfinished: train (resume) it
+    return float(meta.get("metrics", {}).get("top1"))
+
+
+def markdown(results: dict) -> str:
+    bits = results["bits"]
+    lines = [f"| Method ({results['model']}, {results['data']}) | " + " | ".join(f"W{b}A{b}" for b in bits) + " |",
+             "|---|" + "---|" * len(bits),
+             "| Full precision | " + " | ".join(f"{results['fp']:.2f}" for _ in bits) + " |"]
+    for key, label in METHOD_ROWS:
+        row = results["rows"].get(key, {})
+        cells = [f"{row[str(b)]:.2f}" if str(b) in row else "–" for b in bits]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits = results["bits"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.axhline(results["fp"], color="k", ls="--", lw=1, label=f"FP32 ({results['fp']:.2f})")
+    for (key, label), marker in zip(METHOD_ROWS, "os^D"):
+        row = results["rows"].get(key, {})
+        xs = [b for b in bits if str(b) in row]
+        ax.plot(xs, [row[str(b)] for b in xs], marker=marker, label=label)
+    ax.set_xlabel("bits (weights = activations)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_xticks(bits)
+    ax.invert_xaxis()
+    ax.set_title(f"Q-ViT ablation: {results['model']} on {results['data']} ({results['budget']} budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.ablation", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--budget", default="small", choices=sorted(BUDGETS))
+    p.add_argument("--model", default="vit_fmnist")
+    p.add_argument("--bits", default="4,3,2", help="comma-separated bit-widths")
+    p.add_argument("--methods", default=",".join(k for k, _ in METHOD_ROWS))
+    p.add_argument("--data", default="fmnist", choices=("fmnist", "imagefolder", "synthetic"))
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/ablation_small")
+    p.add_argument("--extra", default="", help="extra flags for every python -m train run (quoted)")
+    return p
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    budget = BUDGETS[args.budget]
+    try:
+        bits = [int(b) for b in args.bits.split(",") if b]
+    except ValueError:
+        raise UserError(f"--bits {args.bits!r}: give comma-separated integers, e.g. 4,3,2") from None
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - {k for k, _ in METHOD_ROWS}
+    if unknown:
+        raise UserError(f"unknown --methods {sorted(unknown)}: use {', '.join(k for k, _ in METHOD_ROWS)}")
+    common = ["--model", args.model, "--data", args.data, "--seed", str(args.seed), "--no-tensorboard"]
+    if args.data_dir:
+        common += ["--data-dir", args.data_dir]
+    for key in ("max_train_batches", "max_eval_batches"):
+        if budget[key] is not None:
+            common += ["--" + key.replace("_", "-"), str(budget[key])]
+    common += args.extra.split()
+
+    t0 = time.time()
+    fp_dir = os.path.join(args.out, "fp")
+    fp = _last_top1(fp_dir)
+    if fp is None:
+        print(f"[ablation] FP teacher: {budget['fp_epochs']} epochs -> {fp_dir}", flush=True)
+        _train(common + ["--method", "fp", "--epochs", str(budget["fp_epochs"]), "--out", fp_dir]
+               + (["--resume"] if os.path.isdir(fp_dir) else []))
+        fp = _last_top1(fp_dir)
+    teacher = os.path.join(fp_dir, "last.safetensors")
+    results = {"model": args.model, "data": args.data, "budget": args.budget, "seed": args.seed, "bits": bits,
+               "fp": fp, "rows": {}, "budget_detail": budget, "teacher": teacher}
+    for b in bits:
+        for m in methods:
+            run_dir = os.path.join(args.out, f"{m}_w{b}a{b}")
+            acc = _last_top1(run_dir)
+            if acc is None:
+                print(f"[ablation] {m} W{b}A{b}: {budget['epochs']} epochs -> {run_dir}", flush=True)
+                _train(common + ["--method", m, "--bits", str(b), "--epochs", str(budget["epochs"]),
+                                 "--checkpoint", teacher, "--teacher", teacher, "--out", run_dir]
+                       + (["--resume"] if os.path.isdir(run_dir) else []))
+                acc = _last_top1(run_dir)
+            results["rows"].setdefault(m, {})[str(b)] = acc
+            write_json(os.path.join(args.out, "results.json"), results)  # partial results survive
+    results["wall_s"] = round(time.time() - t0, 1)
+    write_json(os.path.join(args.out, "results.json"), results)
+    table = markdown(results)
+    atomic_write(os.path.join(args.out, "results.md"), table.encode())
+    plot(results, os.path.join(args.out, "accuracy_vs_bits.png"))
+    print("\n" + table)
+    print(f"[ablation] wrote {args.out}/results.json, results.md, accuracy_vs_bits.png ({results['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
