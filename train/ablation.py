@@ -20,10 +20,10 @@ from qformat.io import atomic_write, read_json, write_json
 
 METHOD_ROWS = (("baseline", "Baseline"), ("irm", "+IRM"), ("dgd", "+DGD"), ("qvit", "+IRM+DGD (Q-ViT)"))
 
-#: epochs of the FP teacher and of each QAT run, and step caps per epoch (None = full data)
+#: epochs of the FP teacher (full data) and of each QAT run (steps per epoch capped, None = full data)
 BUDGETS = {
-    "tiny": dict(fp_epochs=1, epochs=1, max_train_batches=20, max_eval_batches=10),  # tests / smoke
-    "small": dict(fp_epochs=6, epochs=1, max_train_batches=None, max_eval_batches=None),  # CPU, ~1 h
+    "tiny": dict(fp_epochs=1, epochs=1, max_train_batches=20, max_eval_batches=10),  # smoke (FP: full epoch)
+    "small": dict(fp_epochs=10, epochs=1, max_train_batches=250, max_eval_batches=None),  # CPU, ~1 h
     "full": dict(fp_epochs=30, epochs=10, max_train_batches=None, max_eval_batches=None),  # GPU
 }
 
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="fmnist", choices=("fmnist", "imagefolder", "synthetic"))
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp-lr", type=float, default=2e-3, help="peak lr of the FP teacher")
     p.add_argument("--out", default="runs/ablation_small")
     p.add_argument("--extra", default="", help="extra flags for every python -m train run (quoted)")
     return p
@@ -116,17 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--model", args.model, "--data", args.data, "--seed", str(args.seed), "--no-tensorboard"]
     if args.data_dir:
         common += ["--data-dir", args.data_dir]
-    for key in ("max_train_batches", "max_eval_batches"):
-        if budget[key] is not None:
-            common += ["--" + key.replace("_", "-"), str(budget[key])]
+    if budget["max_eval_batches"] is not None:
+        common += ["--max-eval-batches", str(budget["max_eval_batches"])]
     common += args.extra.split()
+    cap = ["--max-train-batches", str(budget["max_train_batches"])] if budget["max_train_batches"] else []
 
     t0 = time.time()
     fp_dir = os.path.join(args.out, "fp")
     fp = _last_top1(fp_dir)
     if fp is None:
         print(f"[ablation] FP teacher: {budget['fp_epochs']} epochs -> {fp_dir}", flush=True)
-        _train(common + ["--method", "fp", "--epochs", str(budget["fp_epochs"]), "--out", fp_dir]
+        _train(common + ["--method", "fp", "--epochs", str(budget["fp_epochs"]), "--lr", str(args.fp_lr),
+                         "--warmup-epochs", "0.25", "--out", fp_dir]
                + (["--resume"] if os.path.isdir(fp_dir) else []))
         fp = _last_top1(fp_dir)
     teacher = os.path.join(fp_dir, "last.safetensors")
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             acc = _last_top1(run_dir)
             if acc is None:
                 print(f"[ablation] {m} W{b}A{b}: {budget['epochs']} epochs -> {run_dir}", flush=True)
-                _train(common + ["--method", m, "--bits", str(b), "--epochs", str(budget["epochs"]),
+                _train(common + cap + ["--method", m, "--bits", str(b), "--epochs", str(budget["epochs"]),
                                  "--checkpoint", teacher, "--teacher", teacher, "--out", run_dir]
                        + (["--resume"] if os.path.isdir(run_dir) else []))
                 acc = _last_top1(run_dir)

@@ -157,13 +157,15 @@ class FashionMNIST(Dataset):
 class Synthetic(Dataset):
     """Random but learnable images: a smooth per-class prototype plus per-sample noise.
 
-    Each sample is a pure function of (seed, split, index), so it does not depend on worker
-    order or on the global RNG -- a smoke test sees the same data on every rank and resume.
+    Each image is a pure function of (seed, split, index), so every rank sees the same data;
+    the training split adds a random shift drawn from the global RNG, like Fashion-MNIST's
+    augmentation, so smoke tests of resume exercise the RNG state too.
     """
 
     def __init__(self, n: int, input_size: Sequence[int], num_classes: int = SYNTHETIC_CLASSES,
                  seed: int = 0, split: str = "train", noise: float = 0.6):
         self.n, self.input_size, self.num_classes, self.noise = n, tuple(input_size), num_classes, noise
+        self.train = split == "train"
         self.seed = seed * 2 + (0 if split == "train" else 1)
         c, h, w = self.input_size
         g = torch.Generator().manual_seed(seed)  # prototypes are shared by both splits
@@ -179,7 +181,7 @@ class Synthetic(Dataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         y = int(torch.randint(0, self.num_classes, (1,), generator=g))
         x = self.prototypes[y] + self.noise * torch.randn(self.input_size, generator=g)
-        return x, y
+        return (random_crop(x, pad=1) if self.train else x), y
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -242,7 +244,8 @@ def build_loaders(data: str, input_size: Sequence[int], mean, std, batch_size: i
     if workers is None:  # in-memory sets are cheaper in-process than through worker pipes
         workers = min(8, os.cpu_count() or 1) if data == "imagefolder" else 0
     sampler = DistributedSampler(tr, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    kw = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    # no persistent workers: fresh workers each epoch are seeded from the main RNG, which resume restores
+    kw = dict(num_workers=workers, pin_memory=pin_memory)
     train = DataLoader(tr, batch_size=batch_size, sampler=sampler, drop_last=True, **kw)
     va_shard = va if world_size == 1 else Subset(va, range(rank, len(va), world_size))
     val = DataLoader(va_shard, batch_size=batch_size, shuffle=False, **kw)

@@ -7,6 +7,9 @@ teacher's q, and pulled together with an L2 (Frobenius) distance; the same for k
 
     L_DGD = Σ_l Σ_h ||G̃_t(q) - G̃_s(q)||₂ + ||G̃_t(k) - G̃_s(k)||₂       (batch mean)
 
+By default (``DistillConfig.dgd_mean``) the sum is divided by the number of (l, h) pairs so
+one ``dgd_weight`` fits models of any depth and width.
+
 q and k are read with forward hooks on each attention block's modules -- the teacher's
 ``q_norm``/``k_norm`` (timm's slots, ``Identity`` in an FP model) and the student's
 ``q_quant``/``k_quant`` -- so neither model's forward is forked.
@@ -30,15 +33,18 @@ def similarity(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(g, p=2, dim=-1)
 
 
-def dgd_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
-    """Σ over layers and heads of the Frobenius distance of similarity matrices, batch mean."""
+def dgd_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], mean: bool = False) -> torch.Tensor:
+    """Σ over layers and heads of the Frobenius distance of similarity matrices, batch mean;
+    ``mean=True`` divides by the number of (layer, head) pairs."""
     if len(teacher) != len(student):
         raise ValueError(f"DGD: teacher has {len(teacher)} recorded tensors, student {len(student)}")
     total = student[0].new_zeros(())
+    pairs = 0
     for t, s in zip(teacher, student):
         d = similarity(t.float()) - similarity(s.float())
         total = total + d.flatten(2).norm(dim=-1).sum(dim=1).mean()
-    return total
+        pairs += s.shape[1]
+    return total / max(pairs, 1) if mean else total
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -151,9 +157,9 @@ class Distiller(nn.Module):
             if cfg.dgd:
                 dgd = logits.new_zeros(())
                 if "q" in cfg.dgd_on:
-                    dgd = dgd + dgd_loss(self._t_rec.q, self._s_rec.q)
+                    dgd = dgd + dgd_loss(self._t_rec.q, self._s_rec.q, cfg.dgd_mean)
                 if "k" in cfg.dgd_on:
-                    dgd = dgd + dgd_loss(self._t_rec.k, self._s_rec.k)
+                    dgd = dgd + dgd_loss(self._t_rec.k, self._s_rec.k, cfg.dgd_mean)
                 dgd = cfg.dgd_weight * dgd
                 parts["dgd"] = float(dgd.detach())
                 loss = loss + dgd

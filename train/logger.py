@@ -14,7 +14,8 @@ from qformat.io import atomic_write
 class RunLogger:
     """CSV + TensorBoard on rank 0; a no-op elsewhere so call sites need no rank checks."""
 
-    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = True, resume_epoch: int = 0):
+    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = True, resume_epoch: int = 0,
+                 resume_step: int = 0):
         self.enabled, self.out_dir = enabled, out_dir
         self.csv_path = os.path.join(out_dir, "metrics.csv")
         self.rows: list[dict] = []
@@ -28,7 +29,8 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=None)
+                # on resume, drop events logged after the checkpoint (the interrupted epoch's tail)
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=resume_step or None)
             except ImportError as e:  # tensorboard is optional at run time
                 sys.stderr.write("warning: TensorBoard logging off ({})\n".format(e))
 

@@ -1,0 +1,471 @@
+"""The training loop: FP teacher (when no weights are given) then quantization-aware training.
+
+One function per step of the recipe, in the order :func:`run` calls them:
+FP weights (``--checkpoint`` / ``--teacher`` / ``--pretrained`` / train them here) ->
+``prepare`` + ``calibrate`` -> :func:`fit` (AdamW, per-step warm-up + cosine, separate
+quantizer lr/weight decay, clipping, AMP on GPU) with KD/DGD from the frozen FP teacher.
+Each phase writes ``last.*``/``best.*`` checkpoints and ``last.state.pt`` atomically, so
+``--resume`` continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from qformat.errors import UserError
+from train import checkpoint as ckpt
+from train import dist
+from train.__main__ import check_run_bits
+from train.data import Loaders, build_loaders
+from train.evaluate import evaluate
+from train.logger import RunLogger
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+class Supervised(nn.Module):
+    """Plain CE objective with the Distiller's interface: (loss, logits, parts)."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        logits = self.model(images)
+        if isinstance(logits, tuple):  # distilled DeiT in train mode: (cls, dist)
+            logits = (logits[0] + logits[1]) / 2
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return loss, logits, {"ce": float(loss.detach())}
+
+
+class WarmupCosine:
+    """lr multiplier per optimizer step: linear warm-up, then cosine to ``min_ratio``.
+    A class (not a lambda) so LambdaLR's state dict holds plain numbers."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.01):
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def param_groups(model: nn.Module, lr: float, wd: float, quant_lr: float, quant_wd: float) -> list[dict]:
+    """Three AdamW groups: weights (decayed), norms/biases/tokens (not), quantizer steps (own lr/wd)."""
+    from train.quant import is_prepared, quant_parameters
+
+    qids = {id(p) for p in quant_parameters(model)} if is_prepared(model) else set()
+    skip = tuple(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else ()
+    decay, no_decay, quant = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in qids:
+            quant.append(p)
+        elif p.ndim <= 1 or name.endswith(".bias") or "_norm." in name or any(s in name for s in skip):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "lr": lr, "weight_decay": wd, "name": "decay"},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"}]
+    if quant:
+        groups.append({"params": quant, "lr": quant_lr, "weight_decay": quant_wd, "name": "quant"})
+    return groups
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()  # weights_only-loadable
+    state = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = dict(np_state["state"], key=np.asarray(np_state["state"]["key"], dtype=np.uint32))
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def amp_context(device: torch.device, mode: str):
+    """(autocast factory, GradScaler or None). Autocast on GPU only: CPU runs stay fp32 and exact."""
+    if device.type != "cuda" or mode == "off":
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()) else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def resolve_device(name: str, dinfo: dist.DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device {} but no CUDA GPU is visible; use --device cpu".format(name))
+        if dinfo.enabled:
+            name = "cuda:{}".format(dinfo.local_rank)
+    return torch.device(name)
+
+
+def say(msg: str, dinfo: dist.DistInfo) -> None:
+    if dinfo.is_main:
+        tqdm.write(msg, file=sys.stdout)
+        sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- one phase
+
+
+@dataclass
+class Phase:
+    """One optimisation run with its own output folder (the FP teacher or the QAT student)."""
+
+    name: str  # "fp-teacher" | "qat" | "fp"
+    out: str
+    epochs: int
+    lr: float
+
+
+def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.Module, loaders: Loaders,
+        meta: dict, dinfo: dist.DistInfo, device: torch.device, resume_state: Optional[dict]) -> dict:
+    """Train ``model`` through ``objective`` for ``phase.epochs``; returns the last epoch's row.
+    ``model`` must already hold the resumed weights when ``resume_state`` is given."""
+    steps_per_epoch = len(loaders.train)
+    if args.max_train_batches:
+        steps_per_epoch = min(steps_per_epoch, args.max_train_batches)
+    total = phase.epochs * steps_per_epoch
+    warmup = min(total, int(round(args.warmup_epochs * steps_per_epoch)))
+    quant_lr = args.quant_lr if args.quant_lr is not None else phase.lr
+    opt = torch.optim.AdamW(param_groups(model, phase.lr, args.weight_decay, quant_lr, args.quant_weight_decay),
+                            lr=phase.lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total))
+    autocast, scaler = amp_context(device, args.amp)
+    start_epoch, step, best = 0, 0, -1.0
+    if resume_state is not None:
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        start_epoch, step, best = resume_state["epoch"], resume_state["step"], resume_state["best_top1"]
+        set_rng_state(resume_state["rng"])
+        say("{}: resumed at epoch {}/{} (best top-1 {:.2f})".format(phase.name, start_epoch, phase.epochs, best),
+            dinfo)
+    train_obj = objective
+    if dinfo.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        train_obj = DDP(objective, device_ids=ids)
+    logger = RunLogger(phase.out, enabled=dinfo.is_main, tensorboard=not args.no_tensorboard,
+                       resume_epoch=start_epoch, resume_step=step)
+    row: dict = {}
+    try:
+        for epoch in range(start_epoch, phase.epochs):
+            if args.stop_after_epochs and epoch - start_epoch >= args.stop_after_epochs:
+                say("{}: stopped after {} epoch(s) as asked; continue with --resume".format(
+                    phase.name, args.stop_after_epochs), dinfo)
+                return {"stopped": True, **row}
+            loaders.sampler.set_epoch(epoch)
+            objective.train()
+            tr = _train_epoch(args, phase, epoch, train_obj, opt, sched, scaler, autocast, loaders, steps_per_epoch,
+                              step, dinfo, device, logger)
+            step += steps_per_epoch
+            ev = evaluate(model, loaders.val, device, args.max_eval_batches, autocast)
+            is_best = ev["top1"] > best
+            best = max(best, ev["top1"])
+            row = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0], **tr,
+                   "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"], "val_img_s": ev["img_s"]}
+            say("{} epoch {}/{}: train loss {:.4f} acc {:.2f} | val top-1 {:.2f} top-5 {:.2f} loss {:.4f} | "
+                "{:.0f} img/s".format(phase.name, epoch + 1, phase.epochs, tr["train_loss"], tr["train_acc"],
+                                      ev["top1"], ev["top5"], ev["loss"], tr["train_img_s"]), dinfo)
+            if dinfo.is_main:
+                metrics = {"top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"],
+                           "train_loss": tr["train_loss"], "best_top1": best}
+                m = dict(meta, epoch=epoch + 1, step=step, metrics=metrics)
+                # order matters for crash safety: best, then last, then the state that points at them
+                if is_best:
+                    ckpt.save_checkpoint(os.path.join(phase.out, "best"), model, m)
+                ckpt.save_checkpoint(os.path.join(phase.out, "last"), model, m)
+                ckpt.save_state(os.path.join(phase.out, "last.state.pt"), {
+                    "epoch": epoch + 1, "step": step, "best_top1": best, "phase": phase.name,
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state()})
+                logger.epoch(row)
+            dist.barrier()
+    finally:
+        logger.close()
+    return row
+
+
+def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, opt, sched, scaler, autocast,
+                 loaders: Loaders, steps: int, step: int, dinfo: dist.DistInfo, device: torch.device,
+                 logger: RunLogger) -> dict:
+    loss_sum = correct = seen = 0.0
+    part_sums: dict[str, float] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps, desc="{} {}/{}".format(phase.name, epoch + 1, phase.epochs), disable=not dinfo.is_main,
+               leave=False, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    for i, (x, y) in enumerate(loaders.train):
+        if i >= steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            loss, logits, parts = train_obj(x, y)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if args.clip_grad and args.clip_grad > 0:
+            nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.clip_grad)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise UserError("{}: loss became {} at epoch {} step {}; lower --lr/--quant-lr or raise --warmup-epochs"
+                            .format(phase.name, lv, epoch + 1, step + i + 1))
+        n = y.numel()
+        loss_sum += lv * n
+        correct += float((logits.detach().argmax(1) == y).sum())
+        seen += n
+        for k, v in parts.items():
+            part_sums[k] = part_sums.get(k, 0.0) + v * n
+        img_s = seen * dinfo.world_size / (time.perf_counter() - t0)
+        if dinfo.is_main and (i % 10 == 0 or i == steps - 1):
+            bar.set_postfix(loss="{:.4f}".format(loss_sum / seen), acc="{:.2f}".format(100 * correct / seen),
+                            img_s="{:.0f}".format(img_s), refresh=False)
+            logger.scalar("train/loss", lv, step + i + 1)
+            logger.scalar("train/lr", sched.get_last_lr()[0], step + i + 1)
+        bar.update(1)
+    bar.close()
+    dt = time.perf_counter() - t0
+    loss_sum, correct, seen = dist.all_reduce_sum([loss_sum, correct, seen], device)
+    out = {"train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
+           "train_img_s": seen / dt if dt > 0 else 0.0, "time_s": dt}
+    out.update({"train_" + k: v / max(seen / dinfo.world_size, 1) for k, v in part_sums.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def _resume_state_for(out: str, meta: dict, epochs: int) -> tuple[Optional[dict], Optional[dict]]:
+    """(state, weights) to continue the run in ``out``, or (None, None) when there is none."""
+    state_path = os.path.join(out, "last.state.pt")
+    if not os.path.isfile(state_path):
+        return None, None
+    state = ckpt.load_state_file(state_path)
+    sd, last = ckpt.load_checkpoint(os.path.join(out, "last.safetensors"))
+    for key in ("model", "method", "quant", "data", "seed", "epochs", "batch_size"):
+        if last.get(key) != meta.get(key):
+            raise UserError("--resume: {} holds a run with {}={!r}, this command asks for {!r}; use the same flags "
+                            "or another --out".format(out, key, last.get(key), meta.get(key)))
+    if last.get("epoch") != state.get("epoch"):
+        raise UserError("--resume: {} has last.json at epoch {} but last.state.pt at epoch {} (interrupted while "
+                        "saving); delete {} to restart".format(out, last.get("epoch"), state.get("epoch"), out))
+    return state, sd
+
+
+def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, epochs: int, qcfg, dcfg) -> dict:
+    return {
+        "model": args.model, "num_classes": loaders.num_classes, "input_size": list(spec.input_size),
+        "mean": list(spec.mean), "std": list(spec.std), "class_names": loaders.class_names,
+        "method": method, "bits": qcfg.bits_summary() if qcfg is not None else None,
+        "quant": qcfg.to_dict() if qcfg is not None else None, "distill": dcfg.to_dict() if dcfg is not None else None,
+        "data": args.data, "seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
+        "code_revision": ckpt.code_revision(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+
+
+def _load_fp_weights(model: nn.Module, path: str, what: str) -> None:
+    """Local FP weights (our checkpoint or a timm state dict) into ``model``; a classifier of another
+    size (e.g. ImageNet head, 10-class data) is left at its fresh initialisation."""
+    sd, meta = ckpt.load_checkpoint(path, require_meta=False)
+    if meta.get("quant"):
+        raise UserError("{} {} is a quantized checkpoint; pass full-precision weights (use --resume to continue QAT)"
+                        .format(what, path))
+    own = model.state_dict()
+    dropped = [k for k in sd if k in own and k.startswith("head") and own[k].shape != sd[k].shape]
+    for k in dropped:
+        del sd[k]
+        sd[k] = own[k]
+    if dropped:
+        sys.stderr.write("note: {} classifier has another size; it starts fresh ({})\n".format(
+            path, ", ".join(dropped)))
+    ckpt.load_state(model, sd, path)
+
+
+def _new_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    from train.models import create_model
+
+    return create_model(args.model, num_classes=num_classes, pretrained=args.pretrained)
+
+
+def _fp_teacher(args, spec, loaders: Loaders, dinfo, device) -> Optional[str]:
+    """Path of FP weights to start from: ``--teacher``/``--checkpoint``, or train them into ``out/teacher``.
+    Returns None for ``--pretrained`` (the hub weights come with the model) or when there is nothing."""
+    if args.teacher:
+        return args.teacher
+    if args.checkpoint:
+        return args.checkpoint
+    if args.pretrained or not args.fp_epochs:
+        return None
+    out = os.path.join(args.out, "teacher")
+    meta = _base_meta(args, spec, loaders, "fp", args.fp_epochs, None, None)
+    done = ckpt.read_meta(os.path.join(out, "last.json"))
+    keys = ("model", "seed", "data", "epochs", "num_classes")
+    if done and all(done.get(k) == meta[k] for k in keys) and done.get("epoch") == args.fp_epochs \
+            and os.path.isfile(os.path.join(out, "best.safetensors")):
+        say("fp-teacher: reusing {} (top-1 {:.2f})".format(os.path.join(out, "best.safetensors"),
+                                                          done.get("metrics", {}).get("best_top1", float("nan"))),
+            dinfo)
+        return os.path.join(out, "best.safetensors")
+    seed_everything(args.seed)
+    model = _new_model(args, loaders.num_classes).to(device)
+    state = None
+    if args.resume and done and all(done.get(k) == meta[k] for k in keys):
+        state, sd = _resume_state_for(out, meta, args.fp_epochs)
+        if sd is not None:
+            ckpt.load_state(model, sd, os.path.join(out, "last.safetensors"))
+    phase = Phase("fp-teacher", out, args.fp_epochs, args.fp_lr)
+    row = fit(args, phase, model, Supervised(model, args.smoothing), loaders, meta, dinfo, device, state)
+    if row.get("stopped"):
+        return "stopped"
+    return os.path.join(out, "best.safetensors")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole recipe for one command line; returns the final epoch's metrics row."""
+    from train.config import DistillConfig, QuantConfig
+    from train.models import model_spec
+
+    spec = model_spec(args.model)  # unknown model -> UserError before any data is read
+    w_bits, a_bits = check_run_bits(args)
+    if args.resume and not os.path.isdir(args.out):
+        raise UserError("--resume: {} does not exist; drop --resume to start a new run".format(args.out))
+    qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity)
+    dcfg = DistillConfig.for_method(args.method)
+    if dcfg is not None and not (args.teacher or args.checkpoint or args.pretrained or args.fp_epochs):
+        raise UserError("--method {} distils from a full-precision teacher: pass --teacher CKPT, --checkpoint CKPT, "
+                        "--pretrained, or --fp-epochs N (N > 0) to train one first".format(args.method))
+
+    dinfo = dist.setup("cuda" if args.device.startswith("cuda") or
+                       (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    try:
+        device = resolve_device(args.device, dinfo)
+        loaders = build_loaders(args.data, spec.input_size, spec.mean, spec.std, args.batch_size,
+                                data_dir=args.data_dir, workers=args.workers, seed=args.seed, rank=dinfo.rank,
+                                world_size=dinfo.world_size, pin_memory=device.type == "cuda")
+        if dinfo.is_main:  # after the data loaded: a typo in --data-dir leaves no empty run folder
+            os.makedirs(args.out, exist_ok=True)
+        say("{} {} on {} ({} train / {} val images, {} classes, world size {}) -> {}".format(
+            args.model, qcfg.tag if qcfg else "fp32", args.data, len(loaders.train.dataset),
+            len(loaders.val.dataset) * dinfo.world_size if dinfo.enabled else len(loaders.val.dataset),
+            loaders.num_classes, dinfo.world_size, args.out), dinfo)
+
+        # 1. full-precision weights: given, from the hub, or trained here (Fashion-MNIST has none)
+        fp_path = None
+        if args.method != "fp" or args.checkpoint:
+            fp_path = _fp_teacher(args, spec, loaders, dinfo, device) if args.method != "fp" else args.checkpoint
+        if fp_path == "stopped":
+            return {"stopped": True}
+        dist.barrier()  # rank 0 has written the teacher before anyone reads it
+
+        # 2. the model of this run, initialised from the FP weights
+        seed_everything(args.seed)
+        model = _new_model(args, loaders.num_classes)
+        init_path = args.checkpoint or fp_path
+        if init_path:
+            _load_fp_weights(model, init_path, "--checkpoint" if args.checkpoint else "teacher")
+        model.to(device)
+        meta = _base_meta(args, spec, loaders, args.method, args.epochs, qcfg, dcfg)
+        meta["teacher"] = fp_path
+        state, sd = (None, None)
+        if args.resume:
+            state, sd = _resume_state_for(args.out, meta, args.epochs)
+            if state is None and dinfo.is_main:  # e.g. interrupted before its first epoch ended
+                sys.stderr.write("note: --resume: no training state in {} yet; starting this phase from its "
+                                 "beginning\n".format(args.out))
+            if state is not None and state["epoch"] >= args.epochs:
+                say("{}: already finished ({} epochs); nothing to do".format(args.out, state["epoch"]), dinfo)
+                return {"epoch": state["epoch"], "finished": True}
+
+        # 3. teacher (frozen FP copy) and quantization
+        teacher = None
+        if dcfg is not None:
+            from train.distill import make_teacher
+
+            teacher = make_teacher(model)
+            if args.teacher and args.checkpoint:  # different weights for teacher and student init
+                _load_fp_weights(teacher, args.teacher, "--teacher")
+        if qcfg is not None:
+            from train.quant import calibrate, prepare
+
+            prepare(model, qcfg)
+            if sd is not None:
+                ckpt.load_state(model, sd, os.path.join(args.out, "last.safetensors"))
+            else:
+                calibrate(model, _calibration_batches(loaders, args.calib_batches, device))
+        elif sd is not None:
+            ckpt.load_state(model, sd, os.path.join(args.out, "last.safetensors"))
+        if dcfg is not None:
+            from train.distill import Distiller
+
+            objective = Distiller(teacher, model, dcfg, label_smoothing=args.smoothing)
+        else:
+            objective = Supervised(model, args.smoothing)
+
+        # 4. train
+        name = "qat" if qcfg is not None else "fp"
+        row = fit(args, Phase(name, args.out, args.epochs, args.lr), model, objective, loaders,
+                  meta, dinfo, device, state)
+        if dinfo.is_main and not row.get("stopped"):
+            best = ckpt.read_meta(os.path.join(args.out, "best.json")) or {}
+            say("done: best top-1 {:.2f} -> {}".format(best.get("metrics", {}).get("top1", float("nan")),
+                                                     os.path.join(args.out, "best.safetensors")), dinfo)
+        return row
+    finally:
+        dist.cleanup()
+
+
+def _calibration_batches(loaders: Loaders, n: int, device: torch.device) -> list[torch.Tensor]:
+    """A few un-augmented-order training batches (the sampler's epoch-0 order) for quantizer init."""
+    loaders.sampler.set_epoch(0)
+    out = []
+    for i, (x, _) in enumerate(loaders.train):
+        if i >= max(1, n):
+            break
+        out.append(x.to(device))
+    return out
