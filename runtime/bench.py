@@ -1,0 +1,285 @@
+"""Throughput and latency of the quantized ViT on TensorRT, ONNX Runtime or torch -- one JSON per run.
+
+    python3 runtime/bench.py --onnx artifacts/vit_fmnist_w4a4.qdq.onnx --backend ort
+    python3 runtime/bench.py --engine artifacts/deit_s_w4a4.qdq.int8.b1.<key>.engine --batch 1,4,8
+    python3 runtime/bench.py --compare --backend ort --onnx a_w8a8.qdq.onnx a_w4a4.qdq.onnx
+
+Each (model, backend, batch) gets warm-up iterations, then N timed iterations or a time
+budget (like trtexec's --iterations/--duration); latency is per batch, host-to-host
+(copy in, infer, copy out), which is what an application sees.  On a Jetson the
+tegrastats power during the timed loop gives J/img.  Needs only numpy + the backend's
+own package (no torch for trt/ort).  Python 3.6-compatible.
+"""
+
+import argparse
+import os
+import platform
+import socket
+import sys
+import time
+
+if __package__ in (None, ""):  # `python3 runtime/bench.py`: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from qformat.errors import UserError, main_guard  # noqa: E402
+from qformat.io import write_json  # noqa: E402
+from runtime import model_meta  # noqa: E402
+from runtime.backends import BACKENDS, BatchUnsupported, open_backend  # noqa: E402
+from runtime.device import gpu_info, jetson_model  # noqa: E402
+
+SCHEMA = "qvit-edge.bench/1"
+
+
+def parse_batches(text):
+    try:
+        out = sorted(set(int(v) for v in str(text).split(",") if v.strip()))
+    except ValueError:
+        raise UserError("--batch takes a comma list of integers like 1,4,8, got {!r}".format(text)) from None
+    if not out or out[0] < 1:
+        raise UserError("--batch values must be >= 1")
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python3 runtime/bench.py", description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("what to run (several files -> a comparison)")
+    src.add_argument("--onnx", nargs="+", default=[],
+                     help="exported ONNX file(s) (ort; or trt: builds/caches an engine)")
+    src.add_argument("--engine", nargs="+", default=[], help="TensorRT engine file(s) built by runtime.build")
+    src.add_argument("--checkpoint", nargs="+", default=[], help="trained checkpoint(s) for the torch backend")
+    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
+                   help="backend(s) for the --onnx files (default ort); engines always use trt, checkpoints torch")
+    p.add_argument("--compare", action="store_true", help="print img/s ratios against the first model/backend")
+    p.add_argument("--iters", "--iterations", dest="iters", type=int, default=200, help="timed iterations (200)")
+    p.add_argument("--duration", type=float, default=0.0, help="time budget in s per run instead of --iters")
+    p.add_argument("--warmup", type=int, default=20, help="untimed warm-up iterations (20)")
+    p.add_argument("--batch", default="1", help="batch size or sweep, e.g. 1,4,8 (default 1)")
+    p.add_argument("--json", dest="json_path", default=None, help="result file (default runs/bench/bench-<time>.json)")
+    p.add_argument("--threads", type=int, default=0, help="ort: intra-op threads (0 = ORT default)")
+    p.add_argument("--providers", nargs="+", default=None, help="ort: execution providers (default CPU)")
+    p.add_argument("--plugins", action="append", default=[], help="trt: plugin library to load")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="trt: time plain enqueues instead of a captured CUDA graph")
+    p.add_argument("--precision", default="auto", help="trt with --onnx: precision for the engine build")
+    p.add_argument("--lowbit-cuda", action="store_true", help="torch: swap Linears for the low-bit CUDA kernels")
+    p.add_argument("--no-power", dest="power", action="store_false", help="do not read tegrastats on a Jetson")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if not (args.onnx or args.engine or args.checkpoint):
+        p.error("give --onnx, --engine or --checkpoint")
+    if args.iters < 1 and args.duration <= 0:
+        p.error("--iters must be >= 1 (or give --duration)")
+    args.batches = parse_batches(args.batch)
+    return args
+
+
+def targets_of(args):
+    """(backend, path) pairs in command-line order; the first is the comparison baseline."""
+    out = []
+    for path in args.onnx:
+        for kind in args.backend or ["ort"]:
+            if kind == "torch":
+                raise UserError("the torch backend runs a checkpoint: use --checkpoint runs/<x>/best.safetensors")
+            out.append((kind, path))
+    if args.backend and "trt" not in args.backend and args.engine:
+        raise UserError("engines run on the trt backend: add trt to --backend or drop --engine")
+    out += [("trt", p) for p in args.engine]
+    out += [("torch", p) for p in args.checkpoint]
+    return out
+
+
+def latency_stats(seconds):
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "min": float(ms.min()), "max": float(ms.max())}
+
+
+def _power_logger(enabled, log):
+    """tegrastats logger on a Jetson (None elsewhere or when tegrastats is missing)."""
+    if not enabled or not jetson_model():
+        return None
+    try:
+        from jetson.tegrastats import PowerLogger
+    except ImportError:
+        return None
+    try:
+        return PowerLogger()
+    except (OSError, RuntimeError) as e:
+        log("note: no power figures ({})".format(e))
+        return None
+
+
+def time_backend(backend, batch, iters, duration, warmup, seed=0, power=None):
+    """Warm up, then time ``iters`` runs (or ``duration`` seconds); returns the result record."""
+    c, h, w = [int(v) for v in backend.meta["input_size"]]
+    x = np.random.RandomState(seed).standard_normal((batch, c, h, w)).astype(np.float32)
+    backend.prepare(batch)
+    for _ in range(max(0, warmup)):
+        backend.run(x)
+    out = backend.run(x)
+    if not np.all(np.isfinite(out)):
+        raise UserError("{} produced non-finite outputs on random input".format(backend.path))
+    lat = []
+    if power is not None:
+        power.start()
+    t_start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        backend.run(x)
+        t1 = time.perf_counter()
+        lat.append(t1 - t0)
+        if duration > 0:
+            if t1 - t_start >= duration and len(lat) >= 10:
+                break
+        elif len(lat) >= iters:
+            break
+    total = time.perf_counter() - t_start
+    images = batch * len(lat)
+    rec = {"status": "ok", "batch": batch, "iterations": len(lat), "warmup": warmup, "seconds": total,
+           "images": images, "img_per_s": images / total, "latency_ms": latency_stats(lat),
+           "output_shape": list(out.shape), "memory": backend.memory(), "power": None}
+    if power is not None:
+        p = power.stop()
+        if p and p.get("mean_w"):
+            p["j_per_img"] = p["mean_w"] * total / images
+        rec["power"] = p
+    return rec
+
+
+def compare(runs):
+    """img/s and p50 ratios of every run against the baseline (first target) at the same batch."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return None
+    base_label = runs[0]["label"]
+    base = dict((r["batch"], r) for r in ok if r["label"] == base_label)
+    rows = []
+    for r in ok:
+        b = base.get(r["batch"])
+        if b is None:
+            continue
+        rows.append({"label": r["label"], "batch": r["batch"], "img_per_s": r["img_per_s"],
+                     "speedup": r["img_per_s"] / b["img_per_s"],
+                     "p50_ratio": r["latency_ms"]["p50"] / b["latency_ms"]["p50"]})
+    return {"baseline": base_label, "ratios": rows}
+
+
+def host_info(power_enabled):
+    info = {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+            "machine": platform.machine(), "gpu": None, "jetson": jetson_model(), "nvpmodel": None}
+    try:
+        info["gpu"] = gpu_info()
+    except Exception:  # noqa: BLE001 - the host description must never fail the bench
+        pass
+    if info["jetson"] and power_enabled:
+        try:
+            from jetson.tegrastats import nvpmodel_mode
+
+            info["nvpmodel"] = nvpmodel_mode()
+        except Exception:  # noqa: BLE001
+            pass
+    return info
+
+
+def _open(kind, path, args, max_batch, log):
+    if kind == "trt" and path.endswith(".onnx"):
+        from runtime import build
+
+        bargs = ["--onnx", path, "--precision", args.precision, "--max-batch", str(max_batch)]
+        for p in args.plugins:
+            bargs += ["--plugins", p]
+        try:
+            engine, _ = build.build(build.parse_args(bargs), log=log)
+        except UserError as e:
+            if "fixed batch" not in str(e):
+                raise
+            engine, _ = build.build(build.parse_args(bargs[:4] + bargs[6:]), log=log)
+        path = engine
+    return open_backend(kind, path, threads=args.threads, providers=args.providers, plugins=args.plugins,
+                        cuda_graph=args.cuda_graph, lowbit_cuda=args.lowbit_cuda, verbose=args.verbose, log=log)
+
+
+def fmt_run(r):
+    if r["status"] != "ok":
+        return "{} b{}: skipped ({})".format(r["label"], r["batch"], r["reason"])
+    lat = r["latency_ms"]
+    s = "{} b{}: {:.1f} img/s  latency mean {:.3f} p50 {:.3f} p90 {:.3f} p99 {:.3f} ms".format(
+        r["label"], r["batch"], r["img_per_s"], lat["mean"], lat["p50"], lat["p90"], lat["p99"])
+    if r.get("power") and r["power"].get("j_per_img") is not None:
+        s += "  {:.2f} W {:.4f} J/img".format(r["power"]["mean_w"], r["power"]["j_per_img"])
+    return s
+
+
+def run(args, log=print):
+    """Run every target x batch; write the JSON; return the result dict."""
+    targets = targets_of(args)
+    runs = []
+    total = len(targets) * len(args.batches)
+    n = 0
+    for kind, path in targets:
+        backend = _open(kind, path, args, max(args.batches), log)
+        try:
+            label = "{} {}".format(model_meta.label(backend.meta, path), kind)
+            if kind == "trt":
+                label += " " + str(backend.precision)
+            if any(r["label"] == label for r in runs):
+                label += " ({})".format(os.path.basename(path))
+            power = _power_logger(args.power, log)
+            for batch in args.batches:
+                n += 1
+                base = {"label": label, "backend": kind, "path": os.path.abspath(path),
+                        "model": backend.meta.get("model"), "format": backend.meta.get("format"),
+                        "bits": backend.meta.get("bits"), "precision": backend.precision, "batch": batch}
+                try:
+                    rec = time_backend(backend, batch, args.iters, args.duration, args.warmup, args.seed, power)
+                except BatchUnsupported as e:
+                    rec = {"status": "skipped", "reason": str(e)}
+                base.update(rec)
+                runs.append(base)
+                log("[{}/{}] {}".format(n, total, fmt_run(base)))
+        finally:
+            backend.close()
+    result = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": host_info(args.power),
+              "settings": {"iters": args.iters, "duration": args.duration, "warmup": args.warmup,
+                           "batches": args.batches, "cuda_graph": args.cuda_graph, "threads": args.threads,
+                           "latency": "per batch, host to host"},
+              "runs": runs, "compare": compare(runs) if (args.compare or len(targets) > 1) else None}
+    if result["compare"]:
+        log("{:<48} {:>6} {:>10} {:>8}".format("vs " + result["compare"]["baseline"], "batch", "img/s", "speedup"))
+        for row in result["compare"]["ratios"]:
+            log("{:<48} {:>6} {:>10.1f} {:>7.2f}x".format(row["label"], row["batch"], row["img_per_s"],
+                                                           row["speedup"]))
+    path = args.json_path or os.path.join("runs", "bench", "bench-{}.json".format(time.strftime("%Y%m%d-%H%M%S")))
+    write_json(path, result)
+    result["json_path"] = path
+    return result
+
+
+def summary_line(result):
+    ok = [r for r in result["runs"] if r["status"] == "ok"]
+    if not ok:
+        return "bench: no run completed ({} skipped) -> {}".format(len(result["runs"]), result["json_path"])
+    best = max(ok, key=lambda r: r["img_per_s"])
+    s = "bench: {} run(s); best {} b{}: {:.1f} img/s, p50 {:.3f} ms, p99 {:.3f} ms".format(
+        len(result["runs"]), best["label"], best["batch"], best["img_per_s"], best["latency_ms"]["p50"],
+        best["latency_ms"]["p99"])
+    if result.get("compare"):
+        sp = [r for r in result["compare"]["ratios"] if r["label"] == best["label"] and r["batch"] == best["batch"]]
+        if sp:
+            s += " ({:.2f}x {})".format(sp[0]["speedup"], result["compare"]["baseline"])
+    return s + " -> " + result["json_path"]
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    result = run(args)
+    print(summary_line(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

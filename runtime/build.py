@@ -1,0 +1,279 @@
+"""ONNX (qdq or lowbit export) -> serialized TensorRT engine + sidecar, cached by build key.
+
+    python3 -m runtime.build --onnx artifacts/deit_s_w4a4.qdq.onnx [--int8 --fp16] [--batch 1 --max-batch 8]
+    python3 -m runtime.build --onnx artifacts/deit_s_w4a4.lowbit.onnx --plugins build/plugins/libqvit_plugins.so
+
+Precision is decided from the graph and the GPU (see :func:`plan_precision`): QDQ graphs
+build INT8 (+FP16 where allowed); the lowbit format builds FP16 around the low-bit
+weight plugins -- the only fast option on TX2, which has no fast INT8.  The equivalent
+``trtexec`` line is printed first so results can be cross-checked with the usual tool.
+Python 3.6-compatible (JetPack 4.6).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qformat import LOWBIT_OP  # noqa: E402
+from qformat.errors import UserError, main_guard  # noqa: E402
+from qformat.io import atomic_write, sha256_file  # noqa: E402
+from runtime import engine_cache, model_meta, onnx_info, trt_compat  # noqa: E402
+from runtime.device import gpu_info, gpu_label  # noqa: E402
+
+PRECISIONS = ("auto", "fp32", "fp16", "int8", "best")
+TX2_INT8_MSG = ("this GPU has no fast INT8 (platform_has_fast_int8 is false, e.g. TX2): a QDQ engine would run "
+                "INT8 in slow emulation. Export the lowbit format instead (make export FORMAT=lowbit TARGET=tx2) "
+                "for an FP16 engine with low-bit weight plugins, or pass --allow-slow-int8 to build it anyway")
+
+
+def plan_precision(requested, has_qdq, is_lowbit, fast_int8, fast_fp16, int4_weights=False, int4_supported=False,
+                   allow_slow_int8=False, strongly_typed=False):
+    """Decide builder flags: ``{"fp16", "int8", "int4", "label", "notes"}``; raise on impossible asks."""
+    notes = []
+    if strongly_typed:
+        return {"fp16": False, "int8": False, "int4": False, "label": "typed",
+                "notes": ["strongly typed: every tensor keeps the type the ONNX gives it"]}
+    if int4_weights and not int4_supported:
+        raise UserError("this ONNX stores INT4 weights, which need TensorRT 10+: re-export for this device's "
+                        "target (e.g. --target orin-jp5 or tx2) or use a TensorRT 10 container")
+    if requested in ("fp32", "fp16") and has_qdq:
+        raise UserError("the graph has Q/DQ nodes, which TensorRT only builds with INT8 enabled: use --int8 "
+                        "(or export --format lowbit / fp32 for a {} engine)".format(requested.upper()))
+    int8 = has_qdq or requested in ("int8", "best")
+    if int8 and not fast_int8:
+        if not allow_slow_int8:
+            if has_qdq:
+                raise UserError(TX2_INT8_MSG)
+            notes.append("no fast INT8 on this GPU: building FP16 instead of INT8")
+            int8 = False
+        else:
+            notes.append("WARNING: building INT8 on a GPU without fast INT8 (slow emulation), as asked")
+    if requested == "fp32":
+        fp16 = False
+    elif requested == "fp16":
+        fp16 = True
+    else:  # auto / int8 / best: let TensorRT pick FP16 where it is faster and allowed
+        fp16 = fast_fp16 or requested == "best"
+    if is_lowbit and not fast_int8:
+        notes.append("FP16 engine + low-bit weight plugins ({}): this GPU has no fast INT8".format(LOWBIT_OP))
+    int4 = bool(int4_weights and int4_supported)
+    label = "int8" if int8 else ("fp16" if fp16 else "fp32")
+    if int4:
+        label += "+int4"
+    return {"fp16": fp16, "int8": int8, "int4": int4, "label": label, "notes": notes}
+
+
+def _shape_str(name, dims):
+    return "{}:{}".format(name, "x".join(str(int(d)) for d in dims))
+
+
+def trtexec_command(onnx, engine, plan, input_name=None, dims=None, batch=1, max_batch=1, workspace=1024,
+                    timing_cache=None, plugins=(), dla_core=None, gpu_fallback=True, memory_pool_api=True,
+                    strongly_typed=False):
+    """The ``trtexec`` line that builds the same engine (for cross-checking)."""
+    cmd = ["trtexec", "--onnx=" + onnx, "--saveEngine=" + engine]
+    if strongly_typed:
+        cmd.append("--stronglyTyped")
+    if plan.get("fp16"):
+        cmd.append("--fp16")
+    if plan.get("int8"):
+        cmd.append("--int8")
+    if plan.get("int4"):
+        cmd.append("--int4")
+    if input_name and dims and int(dims[0]) == -1:
+        rest = [int(d) for d in dims[1:]]
+        cmd += ["--minShapes=" + _shape_str(input_name, [1] + rest),
+                "--optShapes=" + _shape_str(input_name, [batch] + rest),
+                "--maxShapes=" + _shape_str(input_name, [max_batch] + rest)]
+    cmd.append("--memPoolSize=workspace:{}M".format(workspace) if memory_pool_api
+               else "--workspace={}".format(workspace))
+    if timing_cache:
+        cmd.append("--timingCacheFile=" + timing_cache)
+    for p in plugins:
+        cmd.append("--plugins=" + p)
+    if dla_core is not None:
+        cmd.append("--useDLACore={}".format(dla_core))
+        if gpu_fallback:
+            cmd.append("--allowGPUFallback")
+    return " ".join(cmd)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python3 -m runtime.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("--onnx", required=True, help="exported model (its sidecar <stem>.json must be beside it)")
+    p.add_argument("--saveEngine", "--engine", dest="engine", default=None,
+                   help="engine path (default: <onnx stem>.<precision>.b<batch>.<key>.engine, the cache)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: INT8 for QDQ graphs, FP16 otherwise / on GPUs without fast INT8")
+    p.add_argument("--fp16", action="store_const", const="fp16", dest="precision_flag", help="= --precision fp16")
+    p.add_argument("--int8", action="store_const", const="int8", dest="precision_flag", help="= --precision int8")
+    p.add_argument("--best", action="store_const", const="best", dest="precision_flag", help="= --precision best")
+    p.add_argument("--batch", type=int, default=1, help="optimal batch of the profile (default 1)")
+    p.add_argument("--max-batch", "--maxBatch", type=int, default=None, dest="max_batch",
+                   help="largest batch the engine accepts (dynamic-batch ONNX only; default = --batch)")
+    p.add_argument("--workspace", type=int, default=1024, help="builder workspace limit in MiB (default 1024)")
+    p.add_argument("--timingCacheFile", dest="timing_cache", default=None,
+                   help="timing cache to read/update (default: timing.<trt>.<gpu>.cache beside the engine)")
+    p.add_argument("--no-timing-cache", action="store_true", help="do not read or write a timing cache")
+    p.add_argument("--plugins", action="append", default=[],
+                   help="plugin library to load (repeatable; default: $QVIT_PLUGINS, colon-separated)")
+    p.add_argument("--useDLACore", dest="dla_core", type=int, default=None, help="DLA core (Jetson Orin/Xavier)")
+    p.add_argument("--no-gpu-fallback", dest="gpu_fallback", action="store_false",
+                   help="fail instead of running DLA-unsupported layers on the GPU")
+    p.add_argument("--strongly-typed", "--stronglyTyped", dest="strongly_typed", action="store_true",
+                   help="TensorRT 9.1+: keep the ONNX's tensor types, no precision flags")
+    p.add_argument("--allow-slow-int8", action="store_true", help="build INT8 even where it is not fast (TX2)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cached engine matches")
+    p.add_argument("--print-only", action="store_true",
+                   help="print the plan and the trtexec command, build nothing (needs no TensorRT)")
+    p.add_argument("--verbose", action="store_true", help="TensorRT verbose log")
+    args = p.parse_args(argv)
+    if not args.plugins and os.environ.get("QVIT_PLUGINS"):  # set by the Docker images
+        args.plugins = [p for p in os.environ["QVIT_PLUGINS"].split(":") if p]
+    if args.precision_flag:
+        args.precision = args.precision_flag
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
+    args.max_batch = max(args.max_batch or args.batch, args.batch)
+    return args
+
+
+def _parse_onnx(trt, network, logger, path, strip_local_fn):
+    parser = trt.OnnxParser(network, logger)
+    if strip_local_fn:
+        ok = parser.parse(onnx_info.without_local_lowbit_function(path), path)
+    elif hasattr(parser, "parse_from_file"):
+        ok = parser.parse_from_file(path)
+    else:
+        with open(path, "rb") as f:
+            ok = parser.parse(f.read(), path)
+    if not ok:
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        text = " | ".join(errors) or "unknown parser error"
+        if LOWBIT_OP in text or "plugin" in text.lower():
+            raise UserError("TensorRT cannot import {} ({}): {}".format(LOWBIT_OP, text, trt_compat.PLUGIN_HINT))
+        raise UserError("TensorRT's ONNX parser rejected {}: {}".format(path, text))
+    return parser
+
+
+def build(args, log=print):
+    """Build (or reuse from the cache) the engine for ``args``; returns ``(engine_path, sidecar)``."""
+    meta = model_meta.load_onnx_meta(args.onnx)
+    info = onnx_info.inspect(args.onnx)
+    has_qdq = bool(info["ops"] & set(onnx_info.QDQ_OPS))
+    is_lowbit = meta.get("format") == "lowbit" or LOWBIT_OP in info["ops"]
+    int4_weights = bool(info.get("int4_weights"))
+    dims = None
+    for name, d in info["inputs"]:
+        if name == meta["input_name"]:
+            dims = d
+    if dims and dims[0] != -1 and (args.batch != dims[0] or args.max_batch != dims[0]):
+        raise UserError("{} has a fixed batch of {}: use --batch {} or re-export with a dynamic batch axis".format(
+            args.onnx, dims[0], dims[0]))
+    def print_plan():
+        plan = plan_precision(args.precision, has_qdq, is_lowbit, True, True, int4_weights, True,
+                              args.allow_slow_int8, args.strongly_typed)
+        log("plan (assuming a GPU with fast INT8/FP16): {}".format(plan["label"]))
+        log(trtexec_command(args.onnx, args.engine or "model.engine", plan, meta["input_name"], dims, args.batch,
+                            args.max_batch, args.workspace, args.timing_cache, args.plugins, args.dla_core,
+                            args.gpu_fallback, strongly_typed=args.strongly_typed))
+
+    if args.print_only:
+        print_plan()
+        return None, None
+    try:
+        trt = trt_compat.import_trt()
+    except UserError:
+        print_plan()  # still useful: the same build with the trtexec binary
+        raise
+    caps = trt_compat.caps_of(trt)
+    log(caps.describe())
+    logger = trt_compat.make_logger(trt, args.verbose)
+    trt_compat.load_plugins(trt, logger, args.plugins)
+    if is_lowbit and not trt_compat.has_plugin_creator(trt, caps, LOWBIT_OP):
+        raise UserError("{} uses the {} custom op but its TensorRT plugin is not loaded: {}".format(
+            args.onnx, LOWBIT_OP, trt_compat.PLUGIN_HINT))
+    gpu = gpu_info() or {"name": "unknown", "compute_capability": "?"}
+    builder = trt.Builder(logger)
+    fast_int8 = trt_compat.platform_fast_int8(builder, caps)
+    fast_fp16 = trt_compat.platform_fast_fp16(builder, caps)
+    plan = plan_precision(args.precision, has_qdq, is_lowbit, fast_int8, fast_fp16, int4_weights, caps.int4,
+                          args.allow_slow_int8, args.strongly_typed)
+    for note in plan["notes"]:
+        log("note: " + note)
+
+    plugins = [{"path": os.path.abspath(p), "sha256": sha256_file(p)} for p in args.plugins]
+    onnx_sha = sha256_file(args.onnx)
+    key = engine_cache.cache_key(onnx_sha, caps.version_str, gpu.get("name"), gpu.get("compute_capability"),
+                                 plan["label"], args.batch, args.max_batch, [p["sha256"] for p in plugins],
+                                 {"dla": args.dla_core, "typed": args.strongly_typed})
+    engine_path = args.engine or engine_cache.default_engine_path(args.onnx, plan["label"], args.batch, key)
+    timing_cache = None if args.no_timing_cache else (args.timing_cache or os.path.join(
+        os.path.dirname(os.path.abspath(engine_path)), "timing.{}.{}.cache".format(
+            caps.version_str, gpu.get("compute_capability"))))
+    log(trtexec_command(args.onnx, engine_path, plan, meta["input_name"], dims, args.batch, args.max_batch,
+                        args.workspace, timing_cache, args.plugins, args.dla_core, args.gpu_fallback,
+                        caps.memory_pool_api, args.strongly_typed))
+    if not args.force and engine_cache.cached_engine(engine_path, key):
+        log("engine cache hit: {} (key {}; --force rebuilds)".format(engine_path, key))
+        return engine_path, engine_cache.read_engine_meta(engine_path)
+
+    network = trt_compat.create_network(trt, builder, caps, args.strongly_typed)
+    _parse_onnx(trt, network, logger, args.onnx, is_lowbit and info["has_local_lowbit_fn"] and info["exact"])
+    if is_lowbit and info["has_local_lowbit_fn"] and not info["exact"]:
+        log("note: the onnx package is absent, so the {} reference function stays in the graph; if the "
+            "engine is slow, `pip install onnx` so the builder can drop it in favour of the plugin".format(LOWBIT_OP))
+    config = builder.create_builder_config()
+    inp = network.get_input(0)
+    shape = [int(d) for d in inp.shape]
+    if shape[0] == -1:
+        profile = builder.create_optimization_profile()
+        rest = shape[1:]
+        profile.set_shape(inp.name, [1] + rest, [args.batch] + rest, [args.max_batch] + rest)
+        config.add_optimization_profile(profile)
+    elif shape[0] != args.batch:
+        raise UserError("{} has a fixed batch of {}: use --batch {}".format(args.onnx, shape[0], shape[0]))
+    trt_compat.set_workspace(trt, config, caps, args.workspace)
+    flags = trt_compat.set_precision(trt, config, caps, plan["fp16"], plan["int8"], plan["int4"])
+    if args.dla_core is not None:
+        trt_compat.configure_dla(trt, builder, config, args.dla_core, args.gpu_fallback)
+    if timing_cache:
+        trt_compat.load_timing_cache(config, timing_cache)
+
+    log("building {} engine for {} on {} (minutes on a Jetson)...".format(plan["label"], args.onnx, gpu_label(gpu)))
+    t0 = time.time()
+    blob = trt_compat.build_serialized(trt, builder, network, config, caps)
+    seconds = time.time() - t0
+    if timing_cache:
+        data = trt_compat.timing_cache_bytes(config)
+        if data:
+            atomic_write(timing_cache, data)
+    sidecar = model_meta.preprocess_subset(meta)
+    sidecar.update({
+        "cache_key": key, "tensorrt_version": caps.version_str, "gpu_name": gpu.get("name"),
+        "compute_capability": gpu.get("compute_capability"), "board": gpu.get("board"),
+        "onnx_sha256": onnx_sha, "onnx_path": os.path.abspath(args.onnx), "plugins": plugins,
+        "precision": plan["label"], "precision_flags": flags, "batch": args.batch,
+        "max_batch": args.max_batch if shape[0] == -1 else shape[0], "dla_core": args.dla_core,
+        "strongly_typed": bool(args.strongly_typed), "workspace_mib": args.workspace,
+        "build_seconds": round(seconds, 1), "notes": plan["notes"],
+    })
+    sidecar = engine_cache.write_engine(engine_path, blob, sidecar)
+    log("engine: {} ({:.1f} MB, {}, batch {}..{}) built in {:.0f} s".format(
+        engine_path, len(blob) / 1e6, plan["label"], 1 if shape[0] == -1 else shape[0], sidecar["max_batch"],
+        seconds))
+    return engine_path, sidecar
+
+
+@main_guard
+def main(argv=None):
+    build(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Live classification demo: camera / CSI / video / image folder -> top-k overlay with FPS.
+
+    python3 runtime/demo.py --onnx artifacts/vit_fmnist_w4a4.qdq.onnx --source 0
+    python3 runtime/demo.py --engine model.engine --source csi://0            # Jetson CSI camera
+    python3 runtime/demo.py --onnx m.onnx --source photos/ --headless --out annotated/
+    python3 runtime/demo.py --onnx m.onnx --source clip.mp4 --headless --out clip_annotated.mp4
+
+Preprocessing is the training transform from the sidecar (runtime/preprocess.py).
+A lost camera reconnects with back-off, a bad frame is skipped with a message, Ctrl-C
+(or q/Esc in the window) ends with a summary.  Python 3.6-compatible.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # `python3 runtime/demo.py`: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from qformat.errors import UserError, main_guard  # noqa: E402
+from qformat.io import atomic_write  # noqa: E402
+from runtime import model_meta  # noqa: E402
+from runtime.backends import BACKENDS, open_backend  # noqa: E402
+from runtime.overlay import annotate  # noqa: E402
+from runtime.preprocess import require_cv2, softmax, to_input, topk  # noqa: E402
+from runtime.sources import open_source  # noqa: E402
+
+VIDEO_EXTS = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+
+
+def save_png(path, img):
+    """Atomic PNG write (a killed demo never leaves a truncated screenshot)."""
+    cv2 = require_cv2()
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise UserError("cannot encode PNG for {}".format(path))
+    atomic_write(path, buf.tobytes())
+
+
+class Output:
+    """Headless sink: an annotated video (``.mp4``/``.avi``/``.mkv``) or a folder of PNGs."""
+
+    def __init__(self, path, fps=15.0):
+        self.path = path
+        self.fps = fps
+        self.ext = os.path.splitext(path)[1].lower()
+        self.writer = None
+        self.size = None
+        self.count = 0
+        if self.ext not in VIDEO_EXTS:
+            os.makedirs(path, exist_ok=True)
+
+    def write(self, img, tag):
+        cv2 = require_cv2()
+        self.count += 1
+        if self.ext not in VIDEO_EXTS:
+            save_png(os.path.join(self.path, "{}.png".format(tag)), img)
+            return
+        if self.writer is None:
+            d = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(d, exist_ok=True)
+            self.tmp = os.path.join(d, "." + os.path.basename(self.path) + ".part" + self.ext)
+            self.size = (img.shape[1], img.shape[0])
+            self.writer = cv2.VideoWriter(self.tmp, cv2.VideoWriter_fourcc(*VIDEO_EXTS[self.ext]), self.fps,
+                                          self.size)
+            if not self.writer.isOpened():
+                raise UserError("OpenCV cannot write {} video here: use --out <folder> for PNGs".format(self.ext))
+        if (img.shape[1], img.shape[0]) != self.size:
+            img = cv2.resize(img, self.size)
+        self.writer.write(img)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.release()
+            os.replace(self.tmp, self.path)  # the finished file appears in one step
+            self.writer = None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python3 runtime/demo.py", description=__doc__.split("\n\n")[0])
+    m = p.add_mutually_exclusive_group(required=True)
+    m.add_argument("--onnx", help="exported ONNX (ort backend)")
+    m.add_argument("--engine", help="TensorRT engine built by runtime.build (trt backend)")
+    m.add_argument("--checkpoint", help="trained checkpoint (torch backend)")
+    p.add_argument("--backend", choices=BACKENDS, default=None, help="default: from the file kind")
+    p.add_argument("--source", default="0",
+                   help="camera index, /dev/videoN, csi://N (Jetson), gst:<pipeline>, URL, video file or image folder")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--headless", action="store_true", help="no window: write annotated frames to --out")
+    p.add_argument("--out", default=None, help="headless output: video file (.mp4/.avi/.mkv) or folder of PNGs")
+    p.add_argument("--screenshot", default=None, help="also save the first annotated frame as this PNG")
+    p.add_argument("--max-frames", type=int, default=0, help="stop after N frames (0 = until the source ends)")
+    p.add_argument("--loop", action="store_true", help="restart a video / image folder at its end")
+    p.add_argument("--width", type=int, default=1280, help="CSI capture width")
+    p.add_argument("--height", type=int, default=720, help="CSI capture height")
+    p.add_argument("--fps", type=int, default=30, help="CSI capture rate, and the output video's rate")
+    p.add_argument("--retries", type=int, default=10, help="reconnect attempts for a lost camera")
+    p.add_argument("--plugins", action="append", default=[], help="trt: plugin library")
+    p.add_argument("--threads", type=int, default=0, help="ort: intra-op threads")
+    args = p.parse_args(argv)
+    if args.headless and not args.out and not args.screenshot:
+        p.error("--headless needs --out (video file or folder) or --screenshot")
+    if args.backend is None:
+        args.backend = "trt" if args.engine else ("torch" if args.checkpoint else "ort")
+    args.model = args.onnx or args.engine or args.checkpoint
+    return args
+
+
+def _open_window(cv2, name):
+    try:
+        cv2.namedWindow(name, cv2.WINDOW_NORMAL)
+    except cv2.error:
+        raise UserError("no display (or a headless OpenCV build): run with --headless --out <folder|video.mp4>"
+                        ) from None
+
+
+def run(args, log=print):
+    """The demo loop; returns the summary dict (also printed as one line)."""
+    cv2 = require_cv2()
+    backend = open_backend(args.backend, args.model, threads=args.threads, plugins=args.plugins, log=log)
+    meta = backend.meta
+    title = "{} [{}]".format(model_meta.label(meta, args.model), backend.name)
+    source = open_source(args.source, loop=args.loop, width=args.width, height=args.height, fps=args.fps,
+                         max_retries=args.retries, log=log)
+    out = Output(args.out, fps=args.fps) if (args.headless and args.out) else None
+    window = "qvit-edge demo"
+    if not args.headless:
+        _open_window(cv2, window)
+    frames, infer_ms, fps, interrupted = 0, [], None, False
+    last = time.perf_counter()
+    t_start = last
+    shot_saved = False
+    try:
+        backend.prepare(1)
+        for frame, tag in source:
+            try:
+                x = to_input(frame, meta)[None]
+            except ValueError as e:
+                source.bad_frames += 1
+                log("warning: bad frame {} skipped ({})".format(tag, e))
+                continue
+            t0 = time.perf_counter()
+            probs = softmax(backend.run(x))[0]
+            infer_ms.append((time.perf_counter() - t0) * 1e3)
+            now = time.perf_counter()
+            inst = 1.0 / max(now - last, 1e-6)
+            fps = inst if fps is None else 0.9 * fps + 0.1 * inst
+            last = now
+            top = topk(probs, meta.get("class_names"), args.topk)
+            img = annotate(frame, top, fps, title)
+            if args.screenshot and not shot_saved:
+                save_png(args.screenshot, img)
+                shot_saved = True
+            if out is not None:
+                out.write(img, tag)
+            if not args.headless:
+                cv2.imshow(window, img)
+                if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                    break
+            frames += 1
+            if frames == 1 or frames % 100 == 0:
+                log("{} {}: {} {:.1f}%".format(source.kind, tag, top[0][0], 100 * top[0][1]))
+            if args.max_frames and frames >= args.max_frames:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if out is not None:
+            out.close()
+        source.close()
+        backend.close()
+        if not args.headless:
+            cv2.destroyAllWindows()
+    seconds = time.perf_counter() - t_start
+    summary = {"frames": frames, "seconds": seconds, "fps": frames / seconds if seconds > 0 else 0.0,
+               "infer_ms_p50": float(np.percentile(infer_ms, 50)) if infer_ms else None,
+               "bad_frames": source.bad_frames, "reconnects": source.reconnects, "interrupted": interrupted,
+               "out": args.out, "screenshot": args.screenshot if shot_saved else None}
+    log("demo: {} frames in {:.1f} s ({:.1f} FPS, inference p50 {} ms), {} bad frame(s), {} reconnect(s){}{}".format(
+        frames, seconds, summary["fps"],
+        "{:.2f}".format(summary["infer_ms_p50"]) if infer_ms else "n/a", source.bad_frames, source.reconnects,
+        " -> " + args.out if out is not None else "", " (interrupted)" if interrupted else ""))
+    return summary
+
+
+@main_guard
+def main(argv=None):
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The model facts the runtime needs (input size, normalisation, class names, tensor names).
+
+They come from the exporter's sidecar beside ``<stem>.onnx``; an engine's sidecar carries
+a copy (:data:`PREPROCESS_KEYS`) so bench and demo need only the engine file on the
+device.  Validated once here so every consumer can trust the shapes.  Python 3.6-compatible.
+"""
+
+import os
+
+from qformat import SIDECAR_KEYS
+from qformat.errors import UserError
+from qformat.io import read_json, sidecar_path
+
+#: Sidecar keys copied into an engine's sidecar (everything bench/demo read).
+PREPROCESS_KEYS = ("model", "format", "target", "bits", "input_size", "mean", "std", "class_names",
+                   "input_name", "output_name")
+
+
+def validate(meta, where):
+    """Check the keys the runtime relies on; raise a UserError naming the file otherwise."""
+    missing = [k for k in PREPROCESS_KEYS if k not in meta]
+    if missing:
+        raise UserError("{} lacks {}: re-export the model (python3 -m export ...) to regenerate it".format(
+            where, ", ".join(missing)))
+    size = meta["input_size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(int(v) > 0 for v in size)):
+        raise UserError("{}: input_size must be [C, H, W], got {!r}".format(where, size))
+    c = int(size[0])
+    for key in ("mean", "std"):
+        if len(meta[key]) not in (1, c):
+            raise UserError("{}: {} has {} values for {} channels".format(where, key, len(meta[key]), c))
+    if any(float(s) == 0.0 for s in meta["std"]):
+        raise UserError("{}: std contains 0".format(where))
+    return meta
+
+
+def load_onnx_meta(onnx_path):
+    """The exporter sidecar of ``onnx_path`` (all of :data:`qformat.SIDECAR_KEYS` expected)."""
+    if not os.path.isfile(onnx_path):
+        raise UserError("ONNX file not found: {} (export one with `make export`)".format(onnx_path))
+    path = sidecar_path(onnx_path)
+    if not os.path.isfile(path):
+        raise UserError("{} has no sidecar {}: export with `python3 -m export` (it writes both)".format(
+            onnx_path, path))
+    meta = read_json(path, "model sidecar")
+    validate(meta, path)
+    missing = [k for k in SIDECAR_KEYS if k not in meta]
+    if missing:  # only the preprocessing keys are required; the rest is provenance
+        meta.setdefault("_warnings", []).append("sidecar lacks " + ", ".join(missing))
+    return meta
+
+
+def preprocess_subset(meta):
+    """The part of a model sidecar copied into an engine sidecar."""
+    return dict((k, meta[k]) for k in PREPROCESS_KEYS if k in meta)
+
+
+def label(meta, path=None):
+    """``deit_s w4a4 qdq`` -- how results and logs name a model."""
+    bits = meta.get("bits") or {}
+    if isinstance(bits, dict) and "weight" in bits:
+        tag = "w{}a{}".format(bits.get("weight"), bits.get("act", bits.get("weight")))
+    else:
+        tag = ""
+    parts = [str(meta.get("model") or (os.path.basename(path) if path else "model")), tag, str(meta.get("format", ""))]
+    return " ".join(p for p in parts if p)

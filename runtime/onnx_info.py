@@ -1,0 +1,60 @@
+"""What the builder must know about an ONNX file before TensorRT parses it.
+
+Which ops it uses (Q/DQ -> INT8 flag; ``QvitLowBitLinear`` -> the plugin must be loaded),
+whether the batch axis is dynamic (-> an optimization profile), and a copy without the
+model-local reference function of the custom op: some TensorRT parsers prefer a local
+function over a registered plugin, which would inline the slow reference instead of the
+kernel.  Uses the ``onnx`` package when present; without it (bare Jetson) it falls back
+to scanning the protobuf bytes for op names, which are stored as plain strings.
+Python 3.6-compatible.
+"""
+
+from qformat import LOWBIT_OP
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+INT4_TYPES = (21, 22)  # TensorProto.UINT4, TensorProto.INT4 (absent from old onnx releases)
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        return None
+    return onnx
+
+
+def inspect(path):
+    """``{"ops", "inputs": [(name, dims)], "has_local_lowbit_fn", "int4_weights", "exact"}``."""
+    onnx = _onnx()
+    if onnx is None:
+        with open(path, "rb") as f:
+            blob = f.read()
+        ops = set(op for op in QDQ_OPS + (LOWBIT_OP,) if op.encode("ascii") in blob)
+        return {"ops": ops, "inputs": [], "has_local_lowbit_fn": LOWBIT_OP in ops, "int4_weights": False,
+                "exact": False}
+    model = onnx.load(path, load_external_data=False)
+    ops = set(n.op_type for n in model.graph.node)
+    for fn in model.functions:
+        ops.update(n.op_type for n in fn.node)
+    inits = set(i.name for i in model.graph.initializer)
+    inputs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = []
+        for d in vi.type.tensor_type.shape.dim:
+            dims.append(int(d.dim_value) if d.HasField("dim_value") else -1)
+        inputs.append((vi.name, dims))
+    local = any(fn.name == LOWBIT_OP for fn in model.functions)
+    int4 = any(i.data_type in INT4_TYPES for i in model.graph.initializer)
+    return {"ops": ops, "inputs": inputs, "has_local_lowbit_fn": local, "int4_weights": int4, "exact": True}
+
+
+def without_local_lowbit_function(path):
+    """Serialized model bytes with the ``QvitLowBitLinear`` local function removed (plugin-only)."""
+    onnx = _onnx()
+    model = onnx.load(path, load_external_data=False)
+    keep = [fn for fn in model.functions if fn.name != LOWBIT_OP]
+    del model.functions[:]
+    model.functions.extend(keep)
+    return model.SerializeToString()

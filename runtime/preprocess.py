@@ -1,0 +1,75 @@
+"""Camera/photo frame -> network input, exactly the training transform read from the sidecar.
+
+Training sees pixels resized to ``input_size``, grayscale when ``C == 1``, scaled to
+[0, 1] and normalised with the sidecar's ``mean``/``std``; doing anything else on the
+device silently costs accuracy, so this is the only place that converts frames.
+OpenCV is imported lazily (bench needs none of it).  Python 3.6-compatible.
+"""
+
+import numpy as np
+
+
+def require_cv2():
+    try:
+        import cv2
+    except ImportError:
+        from qformat.errors import UserError
+
+        raise UserError("OpenCV is needed for images/cameras: pip install opencv-python-headless "
+                        "(Jetson: apt-get install python3-opencv)") from None
+    return cv2
+
+
+def to_input(frame_bgr, meta):
+    """uint8 BGR (or gray) ``HxW[xC]`` frame -> float32 ``[C, H, W]`` normalised tensor."""
+    cv2 = require_cv2()
+    c, h, w = [int(v) for v in meta["input_size"]]
+    img = np.asarray(frame_bgr)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError("bad frame shape {}".format(img.shape))
+    if img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    if img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    if c == 1:
+        # same ITU-R 601 weights as PIL's convert("L") used by torchvision's Grayscale
+        gray = img[:, :, 0] if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        chw = _resize(cv2, gray, w, h)[None, :, :]
+    else:
+        rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        chw = _resize(cv2, rgb, w, h).transpose(2, 0, 1)
+    x = chw.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(meta["mean"], dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(meta["std"], dtype=np.float32).reshape(-1, 1, 1)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def _resize(cv2, img, w, h):
+    if img.shape[1] == w and img.shape[0] == h:
+        return img
+    # INTER_AREA when shrinking ~ torchvision's antialiased bilinear; bilinear when enlarging
+    shrink = img.shape[1] > w or img.shape[0] > h
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def batch_of(frames, meta):
+    """Stack several frames into ``[N, C, H, W]``."""
+    return np.stack([to_input(f, meta) for f in frames])
+
+
+def softmax(logits):
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def topk(probs, class_names, k=5):
+    """``[(name, prob), ...]`` best first for one probability vector."""
+    p = np.asarray(probs).reshape(-1)
+    k = max(1, min(int(k), p.size))
+    idx = np.argsort(-p, kind="stable")[:k]
+    names = list(class_names or [])
+    return [(names[i] if i < len(names) else "class {}".format(i), float(p[i])) for i in idx]

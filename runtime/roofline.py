@@ -1,0 +1,171 @@
+"""PROJECTION (not a measurement): roofline upper bounds for DeiT-T/S/B at 8/4/3/2 bits on TX2 and Orin.
+
+Until the bench runs on real Jetsons, this bounds what to expect: per model, the
+compute time (MACs / device peak) and the weight-streaming time (quantized weight
+bytes / DRAM bandwidth); img/s <= 1 / max(both).  What it shows: at 224x224 every
+weight is reused by 197 tokens, so even at batch 1 DeiT is compute-bound at datasheet
+peaks -- 2-4-bit weights lower the weight-bandwidth ceiling's cost 2-4x (and the memory
+footprint), but the projected img/s is set by INT8 (Orin) / FP16 (TX2) math, which
+TensorRT does not run faster below 8 bits.  Activation traffic, softmax/LayerNorm time
+and kernel efficiency are ignored, so measured numbers will be well below the bound.
+
+    python3 runtime/roofline.py [--markdown] [--png docs/roofline.png]
+"""
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qformat.io import atomic_write  # noqa: E402
+
+IMG, PATCH, CLASSES, DEPTH, MLP = 224, 16, 1000, 12, 4
+#: DeiT widths/heads (Touvron et al. 2021, Table 1)
+MODELS = {"deit_t": (192, 3), "deit_s": (384, 6), "deit_b": (768, 12)}
+BITS = (8, 4, 3, 2)
+#: Dense peaks.  Sources:
+#:  TX2: Jetson TX2 Series Module Data Sheet (DS-08256): 256-core Pascal @ 1.30 GHz -> 1.33 TFLOPS FP16
+#:       (665 GFLOPS FP32); 128-bit LPDDR4 at 1866 MHz = 59.7 GB/s.  No fast INT8 (TensorRT
+#:       platform_has_fast_int8 is false on sm_62), so compute is FP16.
+#:  Orin: Jetson AGX Orin Series Data Sheet (DS-10662) / Technical Brief v1.2: GPU INT8 sparse
+#:       170 TOPS (64GB, 1.3 GHz) and 108 TOPS (32GB, 930 MHz) -> dense half of that; 256-bit
+#:       LPDDR5 204.8 GB/s.  Orin Nano 8GB (DS-11105): 40 sparse INT8 TOPS -> 20 dense, 68 GB/s.
+DEVICES = {
+    "tx2": {"name": "Jetson TX2", "ops": 1.33e12, "math": "FP16", "bw": 59.7e9},
+    "orin_nano_8gb": {"name": "Orin Nano 8GB", "ops": 20e12, "math": "INT8", "bw": 68e9},
+    "orin_agx_32gb": {"name": "AGX Orin 32GB", "ops": 54e12, "math": "INT8", "bw": 204.8e9},
+    "orin_agx_64gb": {"name": "AGX Orin 64GB", "ops": 85e12, "math": "INT8", "bw": 204.8e9},
+}
+
+
+def layers(model):
+    """``[(name, macs, weight_params, out_features, quantized_with)]`` for one 224x224 image."""
+    d, _heads = MODELS[model]
+    n = (IMG // PATCH) ** 2 + 1  # patches + class token
+    out = [("patch_embed", (n - 1) * 3 * PATCH * PATCH * d, 3 * PATCH * PATCH * d, d, "embed")]
+    for i in range(DEPTH):
+        out += [("b{}.qkv".format(i), n * d * 3 * d, d * 3 * d, 3 * d, "weight"),
+                ("b{}.attn".format(i), 2 * n * n * d, 0, 0, "act"),  # QK^T and AV, no weights
+                ("b{}.proj".format(i), n * d * d, d * d, d, "weight"),
+                ("b{}.fc1".format(i), n * d * MLP * d, d * MLP * d, MLP * d, "weight"),
+                ("b{}.fc2".format(i), n * MLP * d * d, MLP * d * d, d, "weight")]
+    out.append(("head", d * CLASSES, d * CLASSES, CLASSES, "head"))
+    return out
+
+
+def other_params(model):
+    """FP16 parameters outside the Linears: biases, LayerNorms, position/class embeddings."""
+    d, _ = MODELS[model]
+    n = (IMG // PATCH) ** 2 + 1
+    per_block = (3 * d + d + MLP * d + d) + 4 * d  # biases + 2 LayerNorms
+    return DEPTH * per_block + n * d + d + 2 * d + d + CLASSES
+
+
+def footprint(model, bits, edge_bits=8):
+    """``(macs, weight_bytes, params)``: block Linears at ``bits``, patch-embed/head at ``edge_bits``."""
+    macs = weight_bytes = params = 0
+    for _name, m, w, nout, kind in layers(model):
+        macs += m
+        params += w
+        if w:
+            b = bits if kind == "weight" else edge_bits
+            weight_bytes += w * b / 8.0 + nout * 2  # codes + FP16 per-channel scale
+    extra = other_params(model)
+    return macs, weight_bytes + extra * 2, params + extra
+
+
+def project(device, model, bits, batch=1):
+    dev = DEVICES[device]
+    macs, wbytes, _ = footprint(model, bits)
+    t_compute = 2.0 * macs / dev["ops"]  # per image
+    t_weights = wbytes / dev["bw"]  # per batch (weights streamed once per batch)
+    t = max(batch * t_compute, t_weights)
+    return {"device": device, "model": model, "bits": bits, "batch": batch, "gmacs": macs / 1e9,
+            "weight_mb": wbytes / 1e6, "compute_img_s": 1.0 / t_compute, "weight_bw_img_s": batch / t_weights,
+            "img_s": batch / t, "bound": "compute" if batch * t_compute >= t_weights else "weights"}
+
+
+def table(batches=(1, 8)):
+    return [project(dev, m, b, bs) for dev in DEVICES for m in MODELS for b in BITS for bs in batches]
+
+
+def markdown(rows):
+    """Pivot: one row per model x bits; per device the projected img/s at batch 1 and the weight-bandwidth ceiling."""
+    devs = list(DEVICES)
+    head = "| model | bits | GMACs | weights MB | " + " | ".join(DEVICES[d]["name"] for d in devs) + " |"
+    lines = ["PROJECTION (roofline upper bound from datasheet peaks, not measured): img/s at batch 1, "
+             "and in brackets the weight-bandwidth ceiling W (the compute ceiling is the binding one "
+             "wherever img/s < W).", "", head, "|" + "---|" * (4 + len(devs))]
+    idx = dict(((r["device"], r["model"], r["bits"], r["batch"]), r) for r in rows)
+    for m in MODELS:
+        for b in BITS:
+            r1 = idx[(devs[0], m, b, 1)]
+            cells = ["{:.0f} (W {:.0f})".format(idx[(d, m, b, 1)]["img_s"], idx[(d, m, b, 1)]["weight_bw_img_s"])
+                     for d in devs]
+            lines.append("| {} | {} | {:.2f} | {:.1f} | {} |".format(m, b, r1["gmacs"], r1["weight_mb"],
+                                                                     " | ".join(cells)))
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    """img/s vs bits per device (log scale), one line per model; written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DEVICES), figsize=(4 * len(DEVICES), 3.6), sharey=True)
+    colors = dict(zip(MODELS, ("tab:blue", "tab:orange", "tab:green")))
+    for ax, dev in zip(axes, DEVICES):
+        for m in MODELS:
+            pts = [r for r in rows if r["device"] == dev and r["model"] == m and r["batch"] == 1]
+            bits = [r["bits"] for r in pts]
+            ax.plot(bits, [r["weight_bw_img_s"] for r in pts], "--", color=colors[m], alpha=0.6)
+            ax.plot(bits, [r["compute_img_s"] for r in pts], ":", color=colors[m], alpha=0.6)
+            ax.plot(bits, [r["img_s"] for r in pts], "-o", color=colors[m], label=m)
+        ax.set_title("{} ({} {:.3g} T, {:.0f} GB/s)".format(DEVICES[dev]["name"], DEVICES[dev]["math"],
+                                                           DEVICES[dev]["ops"] / 1e12, DEVICES[dev]["bw"] / 1e9),
+                     fontsize=9)
+        ax.set_xlabel("weight bits")
+        ax.set_xticks(list(BITS))
+        ax.invert_xaxis()
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("img/s at batch 1 (-- weight BW, .. compute)")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("PROJECTION: roofline upper bounds for DeiT at 224x224 (not measured)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python3 runtime/roofline.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--png", default=None, help="also write the plot (e.g. docs/roofline.png)")
+    p.add_argument("--markdown", action="store_true", help="print the README table")
+    args = p.parse_args(argv)
+    rows = table()
+    if args.markdown:
+        print(markdown(rows), end="")
+    else:
+        print("PROJECTION (roofline upper bound, not measured)")
+        print("{:<15} {:<7} {:>4} {:>5} {:>7} {:>10} {:>10} {:>10} {:>8}".format(
+            "device", "model", "bits", "batch", "wMB", "compute/s", "weights/s", "img/s", "bound"))
+        for r in rows:
+            print("{:<15} {:<7} {:>4} {:>5} {:>7.1f} {:>10.0f} {:>10.0f} {:>10.0f} {:>8}".format(
+                r["device"], r["model"], r["bits"], r["batch"], r["weight_mb"], r["compute_img_s"],
+                r["weight_bw_img_s"], r["img_s"], r["bound"]))
+    if args.png:
+        print("plot -> " + plot(rows, args.png))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The device-side runtime stays Python 3.6-compatible (JetPack 4.6's TensorRT bindings are for 3.6)."""
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE_FILES = ["runtime/" + f for f in (
+    "build.py", "bench.py", "demo.py", "trt_compat.py", "engine_cache.py", "backends.py", "cuda_mem.py", "device.py",
+    "model_meta.py", "onnx_info.py", "preprocess.py", "sources.py", "overlay.py", "roofline.py")]
+
+
+def test_device_files_exist():
+    missing = [f for f in DEVICE_FILES if not os.path.isfile(os.path.join(ROOT, f))]
+    assert not missing
+
+
+@pytest.mark.skipif(shutil.which("vermin") is None, reason="vermin not installed")
+def test_vermin_python36():
+    files = DEVICE_FILES + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "jetson", "*.py")))
+    r = subprocess.run(["vermin", "-t=3.6-", "--no-tips", "--violations", "--eval-annotations"] + files, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_no_py37_plus_idioms():
+    """What vermin can miss: postponed annotations, dataclasses, builtin generics in comments are fine."""
+    for f in DEVICE_FILES:
+        text = open(os.path.join(ROOT, f)).read()
+        assert "from __future__ import annotations" not in text, f
+        assert "import dataclasses" not in text and "from dataclasses" not in text, f
+        assert "capture_output=" not in text and "text=True" not in text, f  # subprocess 3.7+

@@ -1,0 +1,342 @@
+"""Version gates of runtime/trt_compat.py against fake ``tensorrt`` modules (8.2.1, 8.6.1, 10.3.0).
+
+The fakes expose only the API of their version (no ``set_memory_pool_limit`` on 8.2, no
+``build_engine``/``platform_has_fast_int8`` on 10), so calling the wrong path fails here
+rather than on a Jetson.  ``make_fake_trt`` is reused by the builder and engine tests.
+"""
+
+import types
+
+import numpy as np
+import pytest
+
+from qformat import LOWBIT_OP
+from qformat.errors import UserError
+from runtime import trt_compat
+from runtime.build import plan_precision
+from runtime.trt_compat import TrtCaps, parse_version
+
+VERSIONS = ("8.2.1", "8.6.1", "10.3.0")
+
+
+def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 32), registered=()):
+    """A stand-in ``tensorrt`` module exposing (only) the API of ``version``; calls land in ``trt.calls``."""
+    v = parse_version(version)
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.calls = []
+    trt.registered = set(registered)
+    calls = trt.calls
+
+    class Logger:
+        WARNING, INFO, VERBOSE = 2, 3, 4
+
+        def __init__(self, severity=2):
+            self.severity = severity
+
+    trt.Logger = Logger
+    flags = {"EXPLICIT_BATCH": 0}
+    if v >= (9, 1):
+        flags["STRONGLY_TYPED"] = 1
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(**flags)
+    bflags = {"FP16": "FP16", "INT8": "INT8", "GPU_FALLBACK": "GPU_FALLBACK"}
+    if v >= (10, 0):
+        bflags["INT4"] = "INT4"
+    trt.BuilderFlag = types.SimpleNamespace(**bflags)
+    if v >= (8, 4):
+        trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.DeviceType = types.SimpleNamespace(GPU="GPU", DLA="DLA")
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.nptype = lambda dt: np.float32
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return b"TC" + self.data[:0]
+
+    class Config:
+        def __init__(self):
+            self.flags = []
+            self.cache = None
+            if v < (8, 4):
+                self.max_workspace_size = 0
+
+        def set_flag(self, f):
+            self.flags.append(f)
+            calls.append(("set_flag", f))
+
+        def add_optimization_profile(self, p):
+            calls.append(("profile", p.shapes))
+
+        def create_timing_cache(self, data):
+            return TimingCache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+
+        def get_timing_cache(self):
+            return self.cache
+
+    if v >= (8, 4):
+        def set_memory_pool_limit(self, pool, nbytes):
+            calls.append(("set_memory_pool_limit", pool, nbytes))
+        Config.set_memory_pool_limit = set_memory_pool_limit
+
+    class Tensor:
+        def __init__(self, name, shape):
+            self.name, self.shape = name, shape
+
+    class Network:
+        def __init__(self, flags):
+            self.flags = flags
+            self.num_inputs = 1
+
+        def get_input(self, i):
+            return Tensor("input", list(input_shape))
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes = (name, list(lo), list(opt), list(hi))
+
+    class Builder:
+        num_DLA_cores = dla_cores
+
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            calls.append(("create_network", flags))
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            calls.append(("build_serialized_network", tuple(config.flags)))
+            return b"FAKE-ENGINE-" + version.encode()
+
+    if v < (10, 0):
+        Builder.platform_has_fast_int8 = fast_int8
+        Builder.platform_has_fast_fp16 = True
+
+        def build_engine(self, network, config):  # exists on 8.x, must not be used there
+            raise AssertionError("build_engine called on TensorRT {}".format(version))
+        Builder.build_engine = build_engine
+    trt.Builder = Builder
+
+    class Error:
+        def __init__(self, text):
+            self.text = text
+
+        def __str__(self):
+            return self.text
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.errors = []
+
+        def _check(self, data):
+            if LOWBIT_OP.encode() in data and LOWBIT_OP not in trt.registered:
+                self.errors.append(Error("No importer registered for op: " + LOWBIT_OP))
+            return not self.errors
+
+        def parse(self, data, path=None):
+            calls.append(("parse", len(data), LOWBIT_OP.encode() + b"\x12" in data))
+            trt.parsed_bytes = data
+            return self._check(data)
+
+        def parse_from_file(self, path):
+            calls.append(("parse_from_file", path))
+            with open(path, "rb") as f:
+                return self._check(f.read())
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    trt.OnnxParser = OnnxParser
+
+    class Registry:
+        pass
+
+    if v >= (10, 0):
+        Registry.get_creator = lambda self, n, ver, ns: object() if n in trt.registered else None
+    else:
+        Registry.get_plugin_creator = lambda self, n, ver, ns: object() if n in trt.registered else None
+    trt.get_plugin_registry = lambda: Registry()
+    trt.init_libnvinfer_plugins = lambda logger, ns: calls.append(("init_libnvinfer_plugins", ns))
+
+    class Engine:
+        device_memory_size = 1 << 20
+
+    if v >= (8, 5):
+        Engine.num_io_tensors = 2
+        Engine.get_tensor_name = lambda self, i: ["input", "logits"][i]
+        Engine.get_tensor_mode = lambda self, n: "INPUT" if n == "input" else "OUTPUT"
+        Engine.get_tensor_shape = lambda self, n: (-1, 3, 32, 32) if n == "input" else (-1, 10)
+        Engine.get_tensor_dtype = lambda self, n: "FLOAT"
+        Engine.get_tensor_profile_shape = lambda self, n, p: [(1, 3, 32, 32), (1, 3, 32, 32), (8, 3, 32, 32)]
+    else:
+        Engine.num_bindings = 2
+        Engine.get_binding_name = lambda self, i: ["input", "logits"][i]
+        Engine.binding_is_input = lambda self, i: i == 0
+        Engine.get_binding_shape = lambda self, i: (-1, 3, 32, 32) if i == 0 else (-1, 10)
+        Engine.get_binding_dtype = lambda self, i: "FLOAT"
+        Engine.get_profile_shape = lambda self, p, i: [(1, 3, 32, 32), (1, 3, 32, 32), (4, 3, 32, 32)]
+    trt.Engine = Engine
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return Engine() if data.startswith(b"FAKE-ENGINE") else None
+
+    trt.Runtime = Runtime
+    return trt
+
+
+@pytest.mark.parametrize("version,pool,io,flag,int4,typed", [
+    ("8.2.1", False, False, True, False, False),
+    ("8.6.1", True, True, True, False, False),
+    ("10.3.0", True, True, False, True, True),
+])
+def test_caps_from_version(version, pool, io, flag, int4, typed):
+    caps = TrtCaps(version).check_supported()
+    assert (caps.memory_pool_api, caps.tensor_io_api, caps.explicit_batch_flag, caps.int4, caps.strongly_typed) == (
+        pool, io, flag, int4, typed)
+    assert caps.build_serialized
+    assert version in caps.describe()
+
+
+def test_old_version_is_refused():
+    with pytest.raises(UserError, match="too old"):
+        TrtCaps("7.1.3").check_supported()
+
+
+def test_parse_version():
+    assert parse_version("10.3.0.26") == (10, 3, 0)
+    assert parse_version("8.6.1.post1") == (8, 6, 1)
+    assert parse_version("9") == (9, 0, 0)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_builder_helpers_take_the_versions_path(version):
+    trt = make_fake_trt(version)
+    caps = trt_compat.caps_of(trt)
+    builder = trt.Builder(trt.Logger())
+    net = trt_compat.create_network(trt, builder, caps)
+    assert net.flags == (1 if caps.explicit_batch_flag else 0)
+    config = builder.create_builder_config()
+    trt_compat.set_workspace(trt, config, caps, 256)
+    if caps.memory_pool_api:
+        assert ("set_memory_pool_limit", "WORKSPACE", 256 << 20) in trt.calls
+    else:
+        assert config.max_workspace_size == 256 << 20
+    assert trt_compat.set_precision(trt, config, caps, fp16=True, int8=True) == ["fp16", "int8"]
+    assert trt_compat.build_serialized(trt, builder, net, config, caps).startswith(b"FAKE-ENGINE")
+    assert trt_compat.platform_fast_int8(builder, caps) is True
+    if caps.int4:
+        trt_compat.set_precision(trt, config, caps, int4=True)
+        assert "INT4" in config.flags
+    else:
+        with pytest.raises(UserError, match="INT4 needs TensorRT 10"):
+            trt_compat.set_precision(trt, config, caps, int4=True)
+    if caps.strongly_typed:
+        assert trt_compat.create_network(trt, builder, caps, strongly_typed=True).flags == 2
+    else:
+        with pytest.raises(UserError, match="9.1"):
+            trt_compat.create_network(trt, builder, caps, strongly_typed=True)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_runtime_io_helpers(version):
+    trt = make_fake_trt(version)
+    caps = trt_compat.caps_of(trt)
+    engine = trt.Engine()
+    io = trt_compat.engine_io(trt, engine, caps)
+    assert [(t["name"], t["is_input"]) for t in io] == [("input", True), ("logits", False)]
+    assert trt_compat.profile_max_batch(engine, caps, io) == (8 if caps.tensor_io_api else 4)
+    assert trt_compat.device_memory_size(engine) == 1 << 20
+
+    class Ctx:
+        def __init__(self):
+            self.log = []
+
+        def __getattr__(self, name):
+            return lambda *a: self.log.append((name,) + a) or True
+
+    ctx = Ctx()
+    trt_compat.set_input_shape(ctx, caps, io[0], (2, 3, 32, 32))
+    bindings = trt_compat.bind_addresses(ctx, caps, io, {"input": 100, "logits": 200})
+    trt_compat.execute_async(ctx, caps, bindings, 7)
+    names = [c[0] for c in ctx.log]
+    if caps.tensor_io_api:
+        assert names == ["set_input_shape", "set_tensor_address", "set_tensor_address", "execute_async_v3"]
+    else:
+        assert bindings == [100, 200]
+        assert names == ["set_binding_shape", "execute_async_v2"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_plugin_registry_lookup(version):
+    trt = make_fake_trt(version, registered=[LOWBIT_OP])
+    caps = trt_compat.caps_of(trt)
+    assert trt_compat.has_plugin_creator(trt, caps, LOWBIT_OP)
+    assert not trt_compat.has_plugin_creator(trt, caps, "Nope")
+
+
+def test_missing_plugin_library_names_make_plugins(tmp_path):
+    trt = make_fake_trt("10.3.0")
+    with pytest.raises(UserError, match="make plugins"):
+        trt_compat.load_plugins(trt, trt.Logger(), [str(tmp_path / "libqvit_plugins.so")])
+
+
+def test_dla_needs_a_dla():
+    trt = make_fake_trt("8.6.1", dla_cores=0)
+    b = trt.Builder(trt.Logger())
+    with pytest.raises(UserError, match="no DLA"):
+        trt_compat.configure_dla(trt, b, b.create_builder_config(), 0)
+    trt = make_fake_trt("8.6.1", dla_cores=2)
+    b = trt.Builder(trt.Logger())
+    cfg = b.create_builder_config()
+    trt_compat.configure_dla(trt, b, cfg, 1)
+    assert cfg.default_device_type == "DLA" and cfg.DLA_core == 1 and "GPU_FALLBACK" in cfg.flags
+
+
+# ------------------------------------------------------------------ precision planning
+
+
+def test_qdq_on_tx2_refuses_slow_int8():
+    with pytest.raises(UserError, match="no fast INT8.*lowbit"):
+        plan_precision("auto", has_qdq=True, is_lowbit=False, fast_int8=False, fast_fp16=True)
+    plan = plan_precision("auto", True, False, False, True, allow_slow_int8=True)
+    assert plan["int8"] and any("slow" in n for n in plan["notes"])
+
+
+def test_lowbit_on_tx2_is_fp16_with_plugins():
+    plan = plan_precision("auto", has_qdq=False, is_lowbit=True, fast_int8=False, fast_fp16=True)
+    assert (plan["fp16"], plan["int8"], plan["label"]) == (True, False, "fp16")
+    assert any("FP16 engine + low-bit weight plugins" in n for n in plan["notes"])
+    # asking for INT8 on TX2 without Q/DQ falls back to FP16 and says so
+    plan = plan_precision("int8", False, True, False, True)
+    assert not plan["int8"] and any("FP16 instead of INT8" in n for n in plan["notes"])
+
+
+def test_qdq_on_orin_is_int8_fp16_and_int4_gated():
+    plan = plan_precision("auto", True, False, True, True)
+    assert (plan["int8"], plan["fp16"], plan["label"]) == (True, True, "int8")
+    with pytest.raises(UserError, match="INT4 weights"):
+        plan_precision("auto", True, False, True, True, int4_weights=True, int4_supported=False)
+    assert plan_precision("auto", True, False, True, True, True, True)["label"] == "int8+int4"
+    with pytest.raises(UserError, match="--int8"):
+        plan_precision("fp16", True, False, True, True)
+    assert plan_precision("auto", False, False, True, True, strongly_typed=True)["label"] == "typed"
