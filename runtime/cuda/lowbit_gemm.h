@@ -1,0 +1,47 @@
+// lowbit_gemm.h -- host API of the packed 2/3/4-bit GEMM kernels (QvitLowBitLinear math).
+//
+//   xq  = clip(rint(x / act_scale), act_lo, act_hi)        (x int8: clip(x, lo, hi))
+//   acc = xq @ unpack(w).T                                  exact int32
+//   y   = acc * (act_scale * weight_scale[n]) + bias[n]     (y int32: acc itself, debug)
+//
+// Used by the TensorRT plugin (qvit_lowbit_plugin.cpp) and the PyTorch test extension
+// (torch_ext.cpp).  C++14; needs only the CUDA runtime headers.
+#ifndef QVIT_LOWBIT_GEMM_H
+#define QVIT_LOWBIT_GEMM_H
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "lowbit_host.h"
+
+namespace qvit {
+
+struct LowBitGemmArgs {
+  int m = 0;     // rows of x (all leading dims flattened)
+  int n = 0;     // out_features
+  int k = 0;     // in_features
+  int bits = 0;  // weight bits: 2, 3 or 4
+  const void* x = nullptr;  // [m, k] row-major
+  int x_dtype = QVIT_DTYPE_F32;  // F32 / F16 / I8 (I8 = already on the act grid, scale act_scale)
+  void* y = nullptr;             // [m, n] row-major
+  int y_dtype = QVIT_DTYPE_F32;  // F32 / F16 / I32 (raw accumulators, tests)
+  const uint32_t* w = nullptr;   // repacked words [repacked_rows(n), ldw] (qvit_repack_weights)
+  int ldw = 0;                   // repacked_words(k, bits)
+  const float* weight_scale = nullptr;  // [n]
+  const float* bias = nullptr;          // [n] or nullptr
+  float act_scale = 1.0f;
+  int act_lo = -128;
+  int act_hi = 127;
+  void* workspace = nullptr;  // >= qvit_workspace_size(m, k, kernel) bytes, 256-byte aligned
+  size_t workspace_bytes = 0;
+};
+
+// Enqueue one GEMM with an explicit kernel (QVIT_KERNEL_*; pick it with qvit_select_kernel).
+// Returns cudaErrorInvalidValue for bad arguments, otherwise the launch status.
+cudaError_t lowbit_gemm(const LowBitGemmArgs& args, int kernel, cudaStream_t stream);
+
+}  // namespace qvit
+
+#endif  // QVIT_LOWBIT_GEMM_H

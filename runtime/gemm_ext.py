@@ -1,0 +1,419 @@
+"""PyTorch front-end of the packed 2/3/4-bit GEMM kernels (runtime/cuda), built JIT on first use.
+
+Why: the same CUDA kernels as the TensorRT plugin, testable and benchmarkable without TensorRT,
+and swappable for a ``nn.Linear`` in bench's torch backend (:class:`LowBitLinearCUDA`).
+
+Semantics are exactly the ``QvitLowBitLinear`` node (:func:`qformat.lowbit_linear_reference`)::
+
+    xq = clip(round_half_even(x / act_scale), act_lo, act_hi)   (int8 x: already codes, only clipped)
+    y  = (xq @ unpack(packed).T) * (act_scale * weight_scale) + bias
+
+Weights stay in the qformat packed layout; :func:`prepare` / :func:`repack` only pad them once
+(rows to 64, words per row to cover ``round_up(K, 64)`` values and a multiple of 4) with
+code-of-zero words -- the same padding as ``qvit_repack_weights`` in runtime/cuda/lowbit_host.cpp.
+Everything except the kernel launch (argument checks, repack) runs on the CPU.
+"""
+
+import os
+import threading
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+import qformat
+from qformat.errors import UserError
+
+try:  # torch is optional at import time so the numpy helpers work everywhere
+    import torch
+    from torch import nn
+except ImportError:  # pragma: no cover - the project pins torch
+    torch = None
+    nn = None
+
+#: Element type codes (runtime/cuda/lowbit_host.h QVIT_DTYPE_*).
+DTYPE_F32, DTYPE_F16, DTYPE_I8, DTYPE_I32 = 0, 1, 2, 3
+#: Math paths (QVIT_PATH_*).
+PATHS = {"auto": 0, "a8": 1, "a16": 2}
+#: Kernels (QVIT_KERNEL_*).
+KERNELS = {"a16_gemv": 1, "a16_tiled": 2, "a8_mma": 3, "a8_dp4a": 4, "a8_int": 5}
+KERNEL_NAMES = {v: k for k, v in KERNELS.items()}
+#: Repack padding (qvit_lowbit_format.h kRepackRowAlign / kRepackKAlign / kRepackWordAlign).
+REPACK_ROW_ALIGN = 64
+REPACK_K_ALIGN = 64
+REPACK_WORD_ALIGN = 4
+
+CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
+EXT_SOURCES = ("torch_ext.cpp", "lowbit_gemm.cu", "lowbit_host.cpp")
+EXT_NAME = "qvit_lowbit_ext"
+
+
+class LowBitArgumentError(UserError, ValueError):
+    """Bad arguments to the low-bit GEMM (shapes, bits, act grid, path)."""
+
+
+# ----------------------------------------------------------------------------- numpy side
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def zero_word(bits: int) -> int:
+    """A packed word whose every slot holds the code of q = 0 (the padding word)."""
+    per = qformat.values_per_word(bits)
+    code0 = -qformat.qrange(bits, signed=True)[0]
+    word = 0
+    for i in range(per):
+        word |= code0 << (bits * i)
+    return word
+
+
+def repacked_rows(n: int) -> int:
+    """Rows of the repacked matrix: N padded to a multiple of the 64-row tile."""
+    return _round_up(int(n), REPACK_ROW_ALIGN)
+
+
+def repacked_words(k: int, bits: int) -> int:
+    """Words per repacked row: cover round_up(K, 64) values, then a multiple of 4 words (16 B)."""
+    return _round_up(qformat.packed_words(_round_up(int(k), REPACK_K_ALIGN), bits), REPACK_WORD_ALIGN)
+
+
+def check_bits(bits: Any) -> int:
+    """Weight bits as int, or raise naming the packed widths."""
+    try:
+        b = qformat.check_bits(bits, "bits")
+        qformat.values_per_word(b)
+    except qformat.FormatError as e:
+        raise LowBitArgumentError(str(e)) from None
+    return b
+
+
+def check_act_params(act_scale: Any, act_lo: Any, act_hi: Any) -> None:
+    """The activation grid must be a positive finite scale and an INT8 sub-range."""
+    s = float(act_scale)
+    if not (np.isfinite(s) and s > 0):
+        raise LowBitArgumentError("act_scale must be a positive finite float, got {!r}".format(act_scale))
+    lo, hi = int(act_lo), int(act_hi)
+    if lo != act_lo or hi != act_hi:
+        raise LowBitArgumentError("act_lo/act_hi must be integers, got {!r}/{!r}".format(act_lo, act_hi))
+    if not -128 <= lo <= hi <= 127:
+        raise LowBitArgumentError("[act_lo, act_hi] = [{}, {}] must lie within INT8 [-128, 127]".format(lo, hi))
+
+
+def check_path(path: str) -> int:
+    """Path name -> QVIT_PATH_* code."""
+    if path not in PATHS:
+        raise LowBitArgumentError("path must be one of {}, got {!r}".format("/".join(sorted(PATHS)), path))
+    return PATHS[path]
+
+
+def check_kernel(kernel: Optional[str]) -> Optional[int]:
+    """Kernel name -> QVIT_KERNEL_* code (None = choose automatically)."""
+    if kernel is None:
+        return None
+    if kernel not in KERNELS:
+        raise LowBitArgumentError("kernel must be one of {}, got {!r}".format("/".join(sorted(KERNELS)), kernel))
+    return KERNELS[kernel]
+
+
+def _as_packed(packed: Any, bits: int, in_features: int) -> np.ndarray:
+    arr = packed.detach().cpu().numpy() if torch is not None and isinstance(packed, torch.Tensor) else packed
+    arr = np.ascontiguousarray(np.asarray(arr))
+    if arr.dtype not in (np.int32, np.uint32):
+        raise LowBitArgumentError("packed weights must be int32/uint32 words, got {}".format(arr.dtype))
+    if arr.ndim != 2:
+        raise LowBitArgumentError("packed weights must be [N, words], got shape {}".format(arr.shape))
+    words = qformat.packed_words(in_features, bits)
+    if arr.shape[1] != words:
+        raise LowBitArgumentError("packed weights have {} words per row; K={} at {} bits needs {}".format(
+            arr.shape[1], in_features, bits, words))
+    return arr.view(np.uint32)
+
+
+def repack(packed: Any, bits: int, in_features: int) -> np.ndarray:
+    """One-time kernel repack: ``uint32[N, W]`` -> ``uint32[repacked_rows(N), repacked_words(K)]``.
+
+    Padding only (code-of-zero words), so the layout stays the qformat contract bit for bit.
+    """
+    b = check_bits(bits)
+    k = int(in_features)
+    if k <= 0:
+        raise LowBitArgumentError("in_features must be positive, got {}".format(in_features))
+    src = _as_packed(packed, b, k)
+    n = src.shape[0]
+    if n <= 0:
+        raise LowBitArgumentError("packed weights have no rows")
+    out = np.full((repacked_rows(n), repacked_words(k, b)), zero_word(b), dtype=np.uint32)
+    out[:n, : src.shape[1]] = src
+    return out
+
+
+def _vector(v: Any, n: int, what: str, default: float = 0.0) -> np.ndarray:
+    if v is None:
+        return np.full((n,), default, dtype=np.float32)
+    arr = v.detach().cpu().numpy() if torch is not None and isinstance(v, torch.Tensor) else v
+    arr = np.asarray(arr, dtype=np.float32).reshape(-1)
+    if arr.shape[0] != n:
+        raise LowBitArgumentError("{} must have out_features={} values, got {}".format(what, n, arr.shape[0]))
+    return np.ascontiguousarray(arr)
+
+
+# ----------------------------------------------------------------------------- extension
+
+_EXT = None
+_EXT_LOCK = threading.Lock()
+
+
+def require_cuda() -> None:
+    """Raise a one-line UserError when torch or a CUDA GPU is missing."""
+    if torch is None:
+        raise UserError("the low-bit GEMM extension needs PyTorch (pip install torch)")
+    if not torch.cuda.is_available():
+        raise UserError("the low-bit GEMM kernels need a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def load_extension(verbose: bool = False) -> Any:
+    """Build (first call, cached by torch under ~/.cache/torch_extensions) and return the extension."""
+    global _EXT
+    require_cuda()
+    with _EXT_LOCK:
+        if _EXT is None:
+            from torch.utils.cpp_extension import load
+
+            _EXT = load(
+                name=EXT_NAME,
+                sources=[os.path.join(CUDA_DIR, s) for s in EXT_SOURCES],
+                extra_include_paths=[CUDA_DIR],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3"],
+                verbose=verbose or bool(os.environ.get("QVIT_EXT_VERBOSE")),
+            )
+    return _EXT
+
+
+_CC_CACHE = {}  # type: Dict[int, tuple]
+
+
+def _capability(device: Any) -> tuple:
+    idx = torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    if idx not in _CC_CACHE:
+        _CC_CACHE[idx] = torch.cuda.get_device_capability(idx)
+    return _CC_CACHE[idx]
+
+
+def _dtype_code(t: Any) -> int:
+    codes = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.int8: DTYPE_I8}
+    if t.dtype not in codes:
+        raise LowBitArgumentError("x must be float32, float16 or int8 (act codes), got {}".format(t.dtype))
+    return codes[t.dtype]
+
+
+def select_kernel(m: int, n: int, k: int, bits: int, x_dtype: Any = None, path: str = "auto",
+                  device: Any = "cuda") -> str:
+    """Name of the kernel ``lowbit_linear`` runs for this problem on ``device``."""
+    ext = load_extension()
+    cc = _capability(device)
+    code = DTYPE_F16 if x_dtype is None else _dtype_code(torch.empty(0, dtype=x_dtype))
+    kid = ext.select_kernel(int(m), int(n), int(k), check_bits(bits), code, check_path(path), cc[0], cc[1])
+    if kid == 0:
+        raise LowBitArgumentError("no kernel for m={} n={} k={} bits={} path={}".format(m, n, k, bits, path))
+    return KERNEL_NAMES[kid]
+
+
+class PreparedWeights:
+    """Repacked weights + scales + bias on one device: the one-time engine-build step."""
+
+    def __init__(self, w: Any, weight_scale: Any, bias: Any, bits: int, in_features: int, out_features: int) -> None:
+        self.w = w
+        self.weight_scale = weight_scale
+        self.bias = bias
+        self.bits = bits
+        self.in_features = in_features
+        self.out_features = out_features
+
+
+def prepare_numpy(packed: Any, weight_scale: Any, bias: Any, bits: int, in_features: int) -> Dict[str, Any]:
+    """Validated host arrays for the kernels (CPU only): repacked words, float32 scale and bias."""
+    b = check_bits(bits)
+    w = repack(packed, b, in_features)
+    n = _as_packed(packed, b, int(in_features)).shape[0]
+    if weight_scale is None:
+        raise LowBitArgumentError("weight_scale is required (float32 [out_features])")
+    ws = _vector(weight_scale, n, "weight_scale")
+    if not np.all(np.isfinite(ws)):
+        raise LowBitArgumentError("weight_scale must be finite")
+    return {"w": w, "weight_scale": ws, "bias": _vector(bias, n, "bias"), "bits": b,
+            "in_features": int(in_features), "out_features": n}
+
+
+def prepare(packed: Any, weight_scale: Any, bias: Any, bits: int, in_features: int,
+            device: Any = "cuda") -> PreparedWeights:
+    """Repack once and upload; pass the result as ``packed`` to :func:`lowbit_linear` in loops."""
+    host = prepare_numpy(packed, weight_scale, bias, bits, in_features)
+    require_cuda()
+    dev = torch.device(device)
+    return PreparedWeights(
+        torch.from_numpy(host["w"].view(np.int32)).to(dev),
+        torch.from_numpy(host["weight_scale"]).to(dev),
+        torch.from_numpy(host["bias"]).to(dev),
+        host["bits"], host["in_features"], host["out_features"])
+
+
+def _run(x: Any, prep: PreparedWeights, act_scale: float, act_lo: int, act_hi: int, path: str,
+         kernel: Optional[str], out_code: int) -> Any:
+    check_act_params(act_scale, act_lo, act_hi)
+    path_code = check_path(path)
+    kid = check_kernel(kernel)
+    if torch is None or not isinstance(x, torch.Tensor):
+        raise LowBitArgumentError("x must be a torch.Tensor")
+    if x.dim() < 1 or x.shape[-1] != prep.in_features:
+        raise LowBitArgumentError("x last dim must be in_features={}, got shape {}".format(
+            prep.in_features, tuple(x.shape)))
+    xcode = _dtype_code(x)
+    require_cuda()
+    if not x.is_cuda:
+        raise LowBitArgumentError("x must be a CUDA tensor (got device {})".format(x.device))
+    ext = load_extension()
+    x2d = x.reshape(-1, prep.in_features).contiguous()
+    if kid is None:
+        cc = _capability(x.device)
+        kid = ext.select_kernel(x2d.shape[0], prep.out_features, prep.in_features, prep.bits, xcode, path_code,
+                                cc[0], cc[1])
+        if kid == 0:
+            raise LowBitArgumentError("no kernel for this problem (bits={}, path={})".format(prep.bits, path))
+    y = ext.gemm(x2d, prep.w, prep.weight_scale, prep.bias, prep.bits, prep.out_features, float(act_scale),
+                 int(act_lo), int(act_hi), kid, out_code)
+    return y.reshape(tuple(x.shape[:-1]) + (prep.out_features,))
+
+
+def _prepared(x: Any, packed: Any, weight_scale: Any, bias: Any, bits: Any) -> PreparedWeights:
+    if isinstance(packed, PreparedWeights):
+        return packed
+    if torch is None or not isinstance(x, torch.Tensor):
+        raise LowBitArgumentError("x must be a torch.Tensor")
+    host = prepare_numpy(packed, weight_scale, bias, bits, x.shape[-1])  # validates on the CPU first
+    require_cuda()
+    dev = x.device
+    return PreparedWeights(torch.from_numpy(host["w"].view(np.int32)).to(dev),
+                           torch.from_numpy(host["weight_scale"]).to(dev), torch.from_numpy(host["bias"]).to(dev),
+                           host["bits"], host["in_features"], host["out_features"])
+
+
+def lowbit_linear(x: Any, packed: Any, weight_scale: Any, bias: Any, bits: Any, act_scale: float, act_lo: int,
+                  act_hi: int, path: str = "auto", kernel: Optional[str] = None, out_dtype: Any = None) -> Any:
+    """``QvitLowBitLinear`` on a CUDA tensor ``x[..., K]`` -> ``[..., N]``.
+
+    ``packed``: qformat words ``[N, ceil(K / per_word)]`` (repacked on every call -- use :func:`prepare`
+    in loops) or a :class:`PreparedWeights`.  ``path``: "auto" | "a8" | "a16"; ``kernel`` forces one
+    kernel by name (tests).  Output dtype: ``out_dtype`` or x's float dtype (float32 for int8 x).
+    """
+    check_path(path)
+    check_kernel(kernel)
+    check_act_params(act_scale, act_lo, act_hi)
+    prep = _prepared(x, packed, weight_scale, bias, bits)
+    if out_dtype is None:
+        out_dtype = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
+    out_codes = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16}
+    if out_dtype not in out_codes:
+        raise LowBitArgumentError("out_dtype must be float32 or float16, got {}".format(out_dtype))
+    return _run(x, prep, act_scale, act_lo, act_hi, path, kernel, out_codes[out_dtype])
+
+
+def lowbit_linear_acc(x: Any, packed: Any, bits: Any, act_scale: float, act_lo: int, act_hi: int,
+                      path: str = "auto", kernel: Optional[str] = None) -> Any:
+    """Debug entry: the exact int32 accumulators ``xq @ q.T`` (``[..., N]``) of the chosen kernel."""
+    check_path(path)
+    check_kernel(kernel)
+    check_act_params(act_scale, act_lo, act_hi)
+    if isinstance(packed, PreparedWeights):
+        prep = packed
+    else:
+        n = _as_packed(packed, check_bits(bits), x.shape[-1]).shape[0]
+        prep = _prepared(x, packed, np.ones(n, np.float32), None, bits)
+    return _run(x, prep, act_scale, act_lo, act_hi, path, kernel, DTYPE_I32)
+
+
+# ----------------------------------------------------------------------------- nn.Module
+
+if nn is not None:
+
+    class LowBitLinearCUDA(nn.Module):
+        """A ``QvitLowBitLinear`` layer on the CUDA kernels; drop-in for ``nn.Linear`` at inference.
+
+        Built from the node's attributes; weights are repacked once here and kept as buffers
+        (so ``.to(device)`` moves them and ``state_dict`` carries them).
+        """
+
+        def __init__(self, packed: Any, weight_scale: Any, bias: Any, bits: int, in_features: int,
+                     act_scale: float, act_lo: int, act_hi: int, path: str = "auto",
+                     kernel: Optional[str] = None) -> None:
+            super().__init__()
+            check_act_params(act_scale, act_lo, act_hi)
+            check_path(path)
+            check_kernel(kernel)
+            host = prepare_numpy(packed, weight_scale, bias, bits, in_features)
+            self.bits = host["bits"]
+            self.in_features = host["in_features"]
+            self.out_features = host["out_features"]
+            self.act_scale = float(act_scale)
+            self.act_lo = int(act_lo)
+            self.act_hi = int(act_hi)
+            self.path = path
+            self.kernel = kernel
+            self.register_buffer("weight_repacked", torch.from_numpy(host["w"].view(np.int32).copy()))
+            self.register_buffer("weight_scale", torch.from_numpy(host["weight_scale"].copy()))
+            self.register_buffer("bias", torch.from_numpy(host["bias"].copy()))
+
+        @classmethod
+        def from_linear(cls, linear: Any, bits: int, act_scale: float, act_lo: int = -128, act_hi: int = 127,
+                        path: str = "auto") -> "LowBitLinearCUDA":
+            """Quantize an ``nn.Linear`` per output channel (max-abs scale) the qformat way (bench)."""
+            b = check_bits(bits)
+            w = linear.weight.detach().float().cpu().numpy()
+            qmax = qformat.qrange(b, signed=True)[1]
+            scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / qmax
+            q = qformat.quantize_weight(w, scale, b)
+            bias = None if linear.bias is None else linear.bias.detach().float().cpu().numpy()
+            mod = cls(qformat.pack(q, b), scale.astype(np.float32), bias, b, w.shape[1], act_scale, act_lo, act_hi,
+                      path=path)
+            return mod.to(linear.weight.device)
+
+        def prepared(self) -> PreparedWeights:
+            return PreparedWeights(self.weight_repacked, self.weight_scale, self.bias, self.bits, self.in_features,
+                                   self.out_features)
+
+        def forward(self, x: Any) -> Any:
+            out = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
+            return lowbit_linear(x, self.prepared(), None, None, self.bits, self.act_scale, self.act_lo,
+                                 self.act_hi, path=self.path, kernel=self.kernel, out_dtype=out)
+
+        def extra_repr(self) -> str:
+            return "in_features={}, out_features={}, bits={}, act=[{}, {}]*{:g}, path={}".format(
+                self.in_features, self.out_features, self.bits, self.act_lo, self.act_hi, self.act_scale, self.path)
+
+
+def swap_linears(module: Any, bits: int = 4, act_scale: Optional[float] = None, act_lo: int = -128,
+                 act_hi: int = 127, path: str = "auto") -> Any:
+    """Replace every ``nn.Linear`` under ``module`` by :class:`LowBitLinearCUDA` (in place; returns ``module``).
+
+    A Linear that carries the node attributes as ``lowbit_attrs`` (dict keyed by qformat.LOWBIT_ATTRS)
+    is converted exactly from them; any other Linear is quantized per channel with ``bits`` and needs
+    ``act_scale`` (the activation grid is not in a plain Linear).
+    """
+    if nn is None:
+        raise UserError("swap_linears needs PyTorch")
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            attrs = getattr(child, "lowbit_attrs", None)
+            if attrs:
+                new = LowBitLinearCUDA(attrs["weight_packed"], attrs["weight_scale"], attrs.get("bias"),
+                                       attrs["bits"], attrs["in_features"], attrs["act_scale"], attrs["act_lo"],
+                                       attrs["act_hi"], path=path).to(child.weight.device)
+            elif act_scale is None:
+                raise UserError("swap_linears: {} has no lowbit_attrs; pass act_scale (and bits)".format(name))
+            else:
+                new = LowBitLinearCUDA.from_linear(child, bits, act_scale, act_lo, act_hi, path=path)
+            setattr(module, name, new)
+        else:
+            swap_linears(child, bits, act_scale, act_lo, act_hi, path)
+    return module

@@ -1,0 +1,350 @@
+"""Compile-only checks of runtime/cuda: nvcc per arch, g++ host code, plugin vs a TensorRT API shim.
+
+Why: this CI has nvcc but neither a GPU nor TensorRT, so the kernels, the plugin and the
+C++ mirror of the qformat contract are checked by compiling (and, for host-only code, running)
+them.  Each .cu is compiled once per arch per session (session fixtures).
+"""
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qformat
+from runtime import gemm_ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_DIR = os.path.join(ROOT, "runtime", "cuda")
+SHIM_DIR = os.path.join(ROOT, "tests", "trt_api_subset")
+KERNELS_CU = os.path.join(CUDA_DIR, "lowbit_gemm.cu")
+HOST_CPP = os.path.join(CUDA_DIR, "lowbit_host.cpp")
+PLUGIN_CPP = os.path.join(CUDA_DIR, "qvit_lowbit_plugin.cpp")
+GXX = shutil.which("g++")
+needs_gxx = pytest.mark.skipif(GXX is None, reason="needs g++")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _unimport_gemm_ext():
+    """Leave no ``runtime.gemm_ext`` behind: other tests simulate its absence via sys.modules."""
+    yield
+    import runtime
+
+    sys.modules.pop("runtime.gemm_ext", None)
+    if "gemm_ext" in vars(runtime):
+        delattr(runtime, "gemm_ext")
+
+
+def _run(cmd, cwd=None):
+    """Run a compiler; fail with its output (not a bare CalledProcessError)."""
+    p = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        pytest.fail("command failed ({}):\n{}\n{}".format(p.returncode, " ".join(cmd), p.stdout[-6000:]))
+    return p.stdout
+
+
+def _cuda_include():
+    nvcc = shutil.which("nvcc")
+    cands = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    if nvcc:
+        cands.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in cands:
+        if c and os.path.isfile(os.path.join(c, "include", "cuda_runtime_api.h")):
+            return os.path.join(c, "include")
+    return None
+
+
+def _nvcc_archs():
+    out = subprocess.run(["nvcc", "--list-gpu-arch"], stdout=subprocess.PIPE, text=True).stdout
+    return set(re.findall(r"compute_(\d+)", out))
+
+
+# ----------------------------------------------------------------------------- host-only (g++)
+
+@pytest.fixture(scope="session")
+def format_dump(tmp_path_factory):
+    """Every constant of qvit_lowbit_format.h / lowbit_host.h, printed by a compiled program."""
+    if GXX is None:
+        pytest.skip("needs g++")
+    d = tmp_path_factory.mktemp("fmt")
+    src = d / "dump.cpp"
+    src.write_text(r"""
+#include <cstdio>
+#include "qvit_lowbit_format.h"
+#include "lowbit_host.h"
+using namespace qvit;
+int main() {
+  std::printf("{\"format_version\": %d, \"word_bits\": %d, \"min_bits\": %d, \"max_bits\": %d,",
+              kFormatVersion, kWordBits, kMinPackedBits, kMaxPackedBits);
+  std::printf("\"op\": \"%s\", \"domain\": \"%s\", \"opset\": %d, \"version\": \"%s\", \"namespace\": \"%s\",",
+              kLowbitOp, kLowbitDomain, kLowbitOpset, kLowbitPluginVersion, kLowbitPluginNamespace);
+  std::printf("\"attrs\": [");
+  for (int i = 0; i < kNumLowbitAttrs; ++i) std::printf("%s\"%s\"", i ? ", " : "", lowbit_attr_name(i));
+  std::printf("], \"per_word\": {");
+  for (int b = 2; b <= 4; ++b) std::printf("%s\"%d\": [%d, %u, %u, %d, %d]", b > 2 ? ", " : "", b,
+      values_per_word(b), code_of_zero(b), zero_word(b), qmin(b), qmax(b));
+  std::printf("}, \"repack\": [%d, %d, %d],", kRepackRowAlign, kRepackKAlign, kRepackWordAlign);
+  std::printf("\"dtypes\": [%d, %d, %d, %d], \"paths\": [%d, %d, %d],", QVIT_DTYPE_F32, QVIT_DTYPE_F16,
+              QVIT_DTYPE_I8, QVIT_DTYPE_I32, QVIT_PATH_AUTO, QVIT_PATH_A8, QVIT_PATH_A16);
+  std::printf("\"kernels\": {");
+  for (int k = 1; k < QVIT_NUM_KERNELS; ++k) std::printf("%s\"%s\": %d", k > 1 ? ", " : "", qvit_kernel_name(k), k);
+  std::printf("}}\n");
+  return 0;
+}
+""")
+    exe = str(d / "dump")
+    _run([GXX, "-std=c++14", "-Wall", "-Wextra", "-Werror", "-I", CUDA_DIR, str(src), HOST_CPP, "-o", exe])
+    return json.loads(_run([exe]))
+
+
+def test_format_header_matches_qformat(format_dump):
+    """The C++ constants are qformat's: layout, node/plugin identity, attribute names and order."""
+    f = format_dump
+    assert f["format_version"] == qformat.FORMAT_VERSION
+    assert f["word_bits"] == qformat.WORD_BITS
+    assert list(range(f["min_bits"], f["max_bits"] + 1)) == list(qformat.PACKED_BITS)
+    assert f["op"] == qformat.LOWBIT_OP
+    assert f["domain"] == qformat.LOWBIT_DOMAIN
+    assert f["opset"] == qformat.LOWBIT_OPSET
+    assert f["version"] == qformat.LOWBIT_PLUGIN_VERSION
+    assert f["namespace"] == qformat.LOWBIT_PLUGIN_NAMESPACE
+    assert tuple(f["attrs"]) == qformat.LOWBIT_ATTRS
+    for b in qformat.PACKED_BITS:
+        per, code0, zword, qmin, qmax = f["per_word"][str(b)]
+        assert per == qformat.values_per_word(b)
+        assert (qmin, qmax) == qformat.qrange(b, signed=True)
+        assert code0 == -qmin  # offset binary: code = q + 2^(b-1)
+        assert zword == int(qformat.pack(np.zeros((1, per), np.int8), b)[0, 0]) == gemm_ext.zero_word(b)
+
+
+def test_python_codes_match_host_header(format_dump):
+    """gemm_ext's kernel/dtype/path codes and repack alignment equal lowbit_host.h / the format header."""
+    f = format_dump
+    assert f["kernels"] == gemm_ext.KERNELS
+    assert f["dtypes"] == [gemm_ext.DTYPE_F32, gemm_ext.DTYPE_F16, gemm_ext.DTYPE_I8, gemm_ext.DTYPE_I32]
+    assert f["paths"] == [gemm_ext.PATHS["auto"], gemm_ext.PATHS["a8"], gemm_ext.PATHS["a16"]]
+    assert f["repack"] == [gemm_ext.REPACK_ROW_ALIGN, gemm_ext.REPACK_K_ALIGN, gemm_ext.REPACK_WORD_ALIGN]
+
+
+@pytest.fixture(scope="session")
+def host_lib(tmp_path_factory):
+    """lowbit_host.cpp as a shared library (ctypes): the C++ repack / kernel choice, run on the CPU."""
+    if GXX is None:
+        pytest.skip("needs g++")
+    so = str(tmp_path_factory.mktemp("host") / "libqvit_host.so")
+    _run([GXX, "-std=c++14", "-O1", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-I", CUDA_DIR, HOST_CPP,
+          "-o", so])
+    lib = ctypes.CDLL(so)
+    lib.qvit_repack_weights.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.qvit_workspace_size.restype = ctypes.c_size_t
+    lib.qvit_kernel_name.restype = ctypes.c_char_p
+    return lib
+
+
+@pytest.mark.parametrize("bits", qformat.PACKED_BITS)
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 10), (37, 45), (64, 64), (65, 391), (130, 1536)])
+def test_cpp_repack_equals_numpy(host_lib, bits, n, k):
+    """The plugin's one-time repack (C++) and gemm_ext.repack (numpy) produce identical words."""
+    rng = np.random.default_rng(n * 1000 + k + bits)
+    lo, hi = qformat.qrange(bits)
+    packed = qformat.pack(rng.integers(lo, hi + 1, size=(n, k)), bits)
+    want = gemm_ext.repack(packed, bits, k)
+    assert host_lib.qvit_repacked_rows(n) == want.shape[0]
+    assert host_lib.qvit_repacked_words(k, bits) == want.shape[1]
+    got = np.zeros_like(want)
+    assert host_lib.qvit_repack_weights(packed.ctypes.data, n, k, bits, got.ctypes.data) == 0
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cpp_repack_rejects_bad_args(host_lib):
+    buf = np.zeros((64, 64), np.uint32)
+    assert host_lib.qvit_repack_weights(buf.ctypes.data, 1, 8, 5, buf.ctypes.data) == -1
+    assert host_lib.qvit_repack_weights(buf.ctypes.data, 0, 8, 4, buf.ctypes.data) == -1
+    assert host_lib.qvit_repacked_words(8, 8) == 0
+
+
+@pytest.mark.parametrize("m,x_dtype,path,cc,want", [
+    (1, "f16", "auto", (6, 2), "a16_gemv"),      # batch-1 latency path everywhere
+    (16, "f16", "auto", (8, 7), "a16_gemv"),
+    (197, "f16", "auto", (6, 2), "a16_tiled"),   # TX2 GP10B: no fast int8 -> A16
+    (197, "f16", "auto", (5, 3), "a16_tiled"),   # Nano
+    (197, "f16", "auto", (6, 1), "a8_dp4a"),     # Pascal dGPU
+    (197, "f32", "auto", (7, 2), "a8_mma"),      # Xavier
+    (6304, "f16", "auto", (7, 5), "a8_mma"),     # Turing
+    (6304, "f16", "auto", (8, 7), "a8_mma"),     # Orin
+    (197, "f16", "a8", (6, 2), "a8_int"),        # forced A8 on TX2: generic int32, not dp4a
+    (197, "f16", "a8", (7, 0), "a8_dp4a"),
+    (1, "f16", "a8", (8, 7), "a8_mma"),
+    (197, "f16", "a16", (8, 7), "a16_tiled"),
+    (17, "f16", "a16", (8, 7), "a16_tiled"),
+    (197, "i8", "auto", (8, 7), "a8_mma"),
+])
+def test_kernel_selection(host_lib, m, x_dtype, path, cc, want):
+    code = {"f32": 0, "f16": 1, "i8": 2}[x_dtype]
+    kid = host_lib.qvit_select_kernel(m, 384, 384, 4, code, gemm_ext.PATHS[path], cc[0], cc[1])
+    assert host_lib.qvit_kernel_name(kid).decode() == want
+
+
+def test_kernel_selection_rejects_bad_args(host_lib):
+    assert host_lib.qvit_select_kernel(1, 384, 384, 5, 1, 0, 8, 7) == 0   # bits
+    assert host_lib.qvit_select_kernel(1, 0, 384, 4, 1, 0, 8, 7) == 0     # n
+    assert host_lib.qvit_select_kernel(1, 384, 384, 4, 3, 0, 8, 7) == 0   # int32 input
+    assert host_lib.qvit_select_kernel(1, 384, 384, 4, 1, 9, 8, 7) == 0   # path
+    assert host_lib.qvit_kernel_name(0).decode() == "invalid"
+
+
+def test_workspace_size(host_lib):
+    a8 = gemm_ext.KERNELS["a8_mma"]
+    assert host_lib.qvit_workspace_size(197, 384, a8) == 296 * 256  # 197 * 384 = 75648 -> multiple of 256
+    assert host_lib.qvit_workspace_size(3, 45, a8) == 256  # 3 * 64 = 192 -> 256
+    assert host_lib.qvit_workspace_size(197, 384, gemm_ext.KERNELS["a16_gemv"]) == 0
+    assert host_lib.qvit_workspace_size(0, 384, a8) == 0
+
+
+@needs_gxx
+def test_host_cpp_syntax():
+    _run([GXX, "-std=c++14", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", "-I", CUDA_DIR, HOST_CPP])
+
+
+def _real_trt_include():
+    for d in (os.path.join(os.environ.get("TENSORRT_ROOT", ""), "include"), "/usr/include/x86_64-linux-gnu",
+              "/usr/include/aarch64-linux-gnu", "/usr/include"):
+        if d and os.path.isfile(os.path.join(d, "NvInfer.h")):
+            return d
+    return None
+
+
+@needs_gxx
+@pytest.mark.parametrize("trt_major", [8, 10])
+def test_plugin_cpp_syntax(trt_major):
+    """The plugin compiles (C++14, -Werror) against real TensorRT headers, else the API-subset shim (8.2 / 10)."""
+    cuda_inc = _cuda_include()
+    if cuda_inc is None:
+        pytest.skip("needs the CUDA toolkit headers (cuda_runtime_api.h)")
+    real = _real_trt_include()
+    if real is not None and trt_major == 10:
+        pytest.skip("real TensorRT headers found: checked once against them")
+    inc = real if real is not None else SHIM_DIR
+    _run([GXX, "-std=c++14", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", "-DQVIT_SHIM_TRT_MAJOR={}".format(
+        trt_major), "-I", inc, "-I", CUDA_DIR, "-I", cuda_inc, PLUGIN_CPP])
+
+
+def test_shim_is_labelled_and_unused_by_real_build():
+    with open(os.path.join(SHIM_DIR, "NvInfer.h")) as f:
+        assert "COMPILE-CHECK SHIM" in f.read(400)
+    with open(os.path.join(CUDA_DIR, "CMakeLists.txt")) as f:
+        assert "trt_api_subset" not in f.read()
+
+
+# ----------------------------------------------------------------------------- nvcc
+
+NVCC_ARCHS = ("75", "87")
+
+
+@pytest.fixture(scope="session", params=NVCC_ARCHS)
+def nvcc_build(request, tmp_path_factory):
+    """lowbit_gemm.cu compiled once per arch (object + kept PTX)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    arch = request.param
+    d = tmp_path_factory.mktemp("sm" + arch)
+    out = _run(["nvcc", "-std=c++14", "-O3", "-c", "-arch=sm_" + arch, "-Werror", "all-warnings", "-keep",
+                "--keep-dir", str(d), "-Xptxas", "-v", "-o", str(d / "lowbit_gemm.o"), KERNELS_CU])
+    ptx = (d / "lowbit_gemm.ptx").read_text()
+    return {"arch": arch, "ptxas": out, "ptx": ptx, "obj": d / "lowbit_gemm.o"}
+
+
+@pytest.mark.nvcc
+def test_kernels_compile(nvcc_build):
+    assert nvcc_build["obj"].stat().st_size > 0
+    assert "spill stores" in nvcc_build["ptxas"]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", nvcc_build["ptxas"])]
+    assert max(spills) == 0, "register spills in some kernel"
+
+
+@pytest.mark.nvcc
+def test_int8_tensor_core_and_dp4a_emitted(nvcc_build):
+    """sm_75/sm_87 get the WMMA int8 MMA and the dp4a SIMT path (dp4a code is checked here: CUDA 13 has no sm_61)."""
+    ptx = nvcc_build["ptx"]
+    assert "wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32" in ptx
+    assert "dp4a.s32.s32" in ptx
+
+
+@pytest.mark.nvcc
+def test_sm61_dp4a_path_compiles(tmp_path):
+    if "61" not in _nvcc_archs():
+        pytest.skip("this nvcc cannot target sm_61 (CUDA >= 13); dp4a PTX is checked in the sm_75/87 builds")
+    _run(["nvcc", "-std=c++14", "-c", "-arch=sm_61", "-o", str(tmp_path / "g61.o"), KERNELS_CU])
+
+
+def _strip_arch_guarded(src):
+    """Source with the `#if defined(QVIT_DEVICE_HAS_IMMA|DP4A)` branches removed (their #else kept)."""
+    out, stack = [], []
+    for line in src.splitlines():
+        s = line.strip()
+        if s.startswith("#if"):
+            guarded = "QVIT_DEVICE_HAS_IMMA" in s or "QVIT_DEVICE_HAS_DP4A" in s or "__CUDA_ARCH__" in s
+            stack.append(guarded)
+            continue
+        if s.startswith("#else") or s.startswith("#elif"):
+            stack[-1] = False
+            continue
+        if s.startswith("#endif"):
+            stack.pop()
+            continue
+        if not any(stack):
+            out.append(line)
+    return "\n".join(out)
+
+
+def test_a16_path_has_no_sm70_only_code_outside_guards():
+    """sm_62 (TX2) can't be compiled by CUDA 13: make sure only arch-guarded code uses sm_61+/sm_70+ features."""
+    with open(KERNELS_CU) as f:
+        src = f.read()
+    code = re.sub(r"/\*.*?\*/", "", re.sub(r"//[^\n]*", "", src), flags=re.S)
+    free = _strip_arch_guarded(code)
+    for token in ("wmma::", "nvcuda", "__dp4a", "mma.sync", "ldmatrix", "cp.async", "__reduce_", "__match_any",
+                  "__nanosleep", "__hmul2", "__hfma2", "asm(", "asm volatile"):
+        assert token not in free, "{} outside an arch guard".format(token)
+    assert "wmma::mma_sync" in src and "__dp4a" in src  # the guarded paths exist
+
+
+@pytest.mark.nvcc
+def test_cmake_configures_kernels_only(tmp_path):
+    if shutil.which("cmake") is None:
+        pytest.skip("needs cmake")
+    out = _run(["cmake", "-S", CUDA_DIR, "-B", str(tmp_path / "b"), "-DQVIT_KERNELS_ONLY=ON",
+                "-DQVIT_CUDA_ARCHS=87"])
+    assert "archs 87" in out
+    p = subprocess.run(["cmake", "-S", CUDA_DIR, "-B", str(tmp_path / "t"), "-DTENSORRT_ROOT=" + str(tmp_path)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if _real_trt_include() is None:
+        assert p.returncode != 0 and "QVIT_KERNELS_ONLY" in p.stdout
+
+
+@pytest.mark.nvcc
+@pytest.mark.slow
+def test_torch_extension_binding_syntax():
+    """torch_ext.cpp compiles against the installed torch headers (g++ -fsyntax-only, ~20 s)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils import cpp_extension
+
+    cuda_inc = _cuda_include()
+    if GXX is None or cuda_inc is None:
+        pytest.skip("needs g++ and the CUDA headers")
+    import sysconfig
+
+    incs = cpp_extension.include_paths()
+    all_h = os.path.join(incs[0], "torch", "csrc", "api", "include", "torch", "all.h")
+    std = "-std=c++20" if os.path.isfile(all_h) and "C++20" in open(all_h).read() else "-std=c++17"
+    cmd = [GXX, std, "-fsyntax-only", "-DTORCH_EXTENSION_NAME=qvit_lowbit_ext", "-I", CUDA_DIR, "-I", cuda_inc,
+           "-I", sysconfig.get_paths()["include"]]
+    for i in incs:
+        cmd += ["-I", i]
+    _run(cmd + [os.path.join(CUDA_DIR, "torch_ext.cpp")])
+    assert torch is not None

@@ -1,0 +1,303 @@
+"""The low-bit GEMM kernels against the qformat reference; CPU-side pieces of gemm_ext / bench_gemm.
+
+Why: integer results must be bit-exact (int32 accumulators compared exactly) and float outputs
+must match ``qformat.lowbit_linear_reference``; GPU tests are marked ``cuda`` and skip cleanly,
+everything numpy-side (repack, argument checks, the no-GPU error paths) runs here too.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qformat
+from qformat.errors import UserError
+from runtime import bench_gemm, gemm_ext
+
+torch = pytest.importorskip("torch")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _unimport_gemm_ext():
+    """Leave no ``runtime.gemm_ext`` behind: other tests simulate its absence via sys.modules."""
+    yield
+    import runtime
+
+    sys.modules.pop("runtime.gemm_ext", None)
+    if "gemm_ext" in vars(runtime):
+        delattr(runtime, "gemm_ext")
+
+
+def _problem(m, n, k, bits, seed=0, act_lo=-128, act_hi=127):
+    """Random packed weights, scales, bias and activations that exercise clipping and ties."""
+    rng = np.random.default_rng(seed)
+    lo, hi = qformat.qrange(bits)
+    q = rng.integers(lo, hi + 1, size=(n, k)).astype(np.int8)
+    packed = qformat.pack(q, bits)
+    ws = rng.uniform(0.005, 0.05, size=n).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32)
+    act_scale = np.float32(0.05)
+    x = (rng.normal(size=(m, k)) * 3.0).astype(np.float32)
+    x[:, ::7] = (np.round(x[:, ::7] / act_scale) + 0.5) * act_scale  # near half-way points
+    return q, packed, ws, bias, float(act_scale), act_lo, act_hi, x
+
+
+def _acc_reference(x, q, act_scale, act_lo, act_hi):
+    """Exact int64 accumulators of the node: clip(rint(x / s), lo, hi) @ q.T."""
+    xq = np.clip(qformat.round_half_even(x / np.float32(act_scale)), act_lo, act_hi).astype(np.int64)
+    return xq @ q.astype(np.int64).T
+
+
+# ----------------------------------------------------------------------------- CPU: repack
+
+@pytest.mark.parametrize("bits", qformat.PACKED_BITS)
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 17), (37, 45), (64, 390), (130, 391)])
+def test_repack_is_padding_only(bits, n, k):
+    q, packed, *_ = _problem(2, n, k, bits, seed=n + k)
+    rep = gemm_ext.repack(packed, bits, k)
+    assert rep.dtype == np.uint32
+    assert rep.shape == (gemm_ext.repacked_rows(n), gemm_ext.repacked_words(k, bits))
+    assert rep.shape[0] % 64 == 0 and rep.shape[1] % 4 == 0
+    per = qformat.values_per_word(bits)
+    assert rep.shape[1] * per >= -(-k // 64) * 64  # a row covers round_up(K, 64) values
+    np.testing.assert_array_equal(rep[:n, : packed.shape[1]], packed)
+    full = qformat.unpack(rep, bits, rep.shape[1] * per)  # whole rows read as the contract says
+    np.testing.assert_array_equal(full[:n, :k], q)
+    assert not full[:n, k:].any() and not full[n:].any()  # all padding decodes to q = 0
+
+
+def test_zero_word_is_code_of_zero():
+    for b in qformat.PACKED_BITS:
+        per = qformat.values_per_word(b)
+        assert gemm_ext.zero_word(b) == int(qformat.pack(np.zeros((1, per), np.int8), b)[0, 0])
+    assert gemm_ext.zero_word(2) == 0xAAAAAAAA and gemm_ext.zero_word(4) == 0x88888888
+
+
+def test_repack_accepts_int32_bitcast_and_tensors():
+    _, packed, *_ = _problem(1, 3, 20, 4)
+    a = gemm_ext.repack(packed.view(np.int32), 4, 20)
+    b = gemm_ext.repack(torch.from_numpy(packed.view(np.int32)), 4, 20)
+    np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- CPU: validation
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"bits": 5}, "packed weights exist"),
+    ({"bits": 8}, "packed weights exist"),
+    ({"bits": True}, "integer"),
+    ({"act_scale": 0.0}, "act_scale"),
+    ({"act_scale": float("nan")}, "act_scale"),
+    ({"act_lo": -129}, "INT8"),
+    ({"act_lo": 3, "act_hi": 2}, "INT8"),
+    ({"act_lo": 0.5}, "integers"),
+    ({"path": "fast"}, "path"),
+    ({"kernel": "a4_magic"}, "kernel"),
+    ({"weight_scale": np.ones(3, np.float32)}, "weight_scale"),
+    ({"bias": np.ones(2, np.float32)}, "bias"),
+    ({"weight_scale": None}, "weight_scale"),
+])
+def test_lowbit_linear_validates_on_cpu(kwargs, match):
+    """Bad arguments fail with a one-line LowBitArgumentError before any CUDA work."""
+    _, packed, ws, bias, s, lo, hi, x = _problem(2, 5, 24, 4)
+    args = {"packed": packed, "weight_scale": ws, "bias": bias, "bits": 4, "act_scale": s, "act_lo": lo,
+            "act_hi": hi, "path": "auto", "kernel": None}
+    args.update(kwargs)
+    with pytest.raises(gemm_ext.LowBitArgumentError, match=match):
+        gemm_ext.lowbit_linear(torch.from_numpy(x), **args)
+
+
+def test_packed_shape_must_match_k():
+    _, packed, ws, bias, s, lo, hi, _ = _problem(2, 5, 24, 4)
+    with pytest.raises(gemm_ext.LowBitArgumentError, match="words per row"):
+        gemm_ext.lowbit_linear(torch.zeros(2, 40), packed, ws, bias, 4, s, lo, hi)
+    with pytest.raises(gemm_ext.LowBitArgumentError, match="int32/uint32"):
+        gemm_ext.repack(packed.astype(np.int64), 4, 24)
+
+
+def test_errors_are_user_errors():
+    assert issubclass(gemm_ext.LowBitArgumentError, UserError)
+    assert issubclass(gemm_ext.LowBitArgumentError, ValueError)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU error path")
+def test_no_gpu_is_a_clear_error():
+    _, packed, ws, bias, s, lo, hi, x = _problem(2, 5, 24, 3)
+    with pytest.raises(UserError, match="CUDA GPU"):
+        gemm_ext.lowbit_linear(torch.from_numpy(x), packed, ws, bias, 3, s, lo, hi)
+    with pytest.raises(UserError, match="CUDA GPU"):
+        gemm_ext.prepare(packed, ws, bias, 3, 24)
+    with pytest.raises(UserError, match="CUDA GPU"):
+        gemm_ext.load_extension()
+
+
+def test_module_builds_on_cpu_and_holds_repacked_buffers():
+    q, packed, ws, bias, s, lo, hi, x = _problem(2, 70, 33, 2)
+    mod = gemm_ext.LowBitLinearCUDA(packed, ws, bias, 2, 33, s, lo, hi, path="a16")
+    assert mod.weight_repacked.dtype == torch.int32
+    assert tuple(mod.weight_repacked.shape) == (128, gemm_ext.repacked_words(33, 2))
+    np.testing.assert_array_equal(mod.weight_repacked.numpy().view(np.uint32),
+                                  gemm_ext.repack(packed, 2, 33))
+    assert "bits=2" in repr(mod)
+    if not HAS_CUDA:
+        with pytest.raises(UserError, match="CUDA GPU"):
+            mod(torch.from_numpy(x))
+
+
+def test_module_from_linear_quantizes_per_channel():
+    lin = torch.nn.Linear(20, 6)
+    mod = gemm_ext.LowBitLinearCUDA.from_linear(lin, 4, act_scale=0.1)
+    w = lin.weight.detach().numpy()
+    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 7
+    q = qformat.quantize_weight(w, scale, 4)
+    rep = mod.weight_repacked.numpy().view(np.uint32)
+    np.testing.assert_array_equal(qformat.unpack(rep[:6, : qformat.packed_words(20, 4)], 4, 20), q)
+    np.testing.assert_allclose(mod.weight_scale.numpy(), scale.astype(np.float32))
+
+
+def test_swap_linears_replaces_nested_linears():
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(8, 4)))
+    with pytest.raises(UserError, match="act_scale"):
+        gemm_ext.swap_linears(net)
+    _, packed, ws, bias, s, lo, hi, _ = _problem(1, 8, 16, 3)
+    net[0].lowbit_attrs = {"weight_packed": packed, "weight_scale": ws, "bias": bias, "bits": 3,
+                           "in_features": 16, "act_scale": s, "act_lo": lo, "act_hi": hi}
+    out = gemm_ext.swap_linears(net, bits=2, act_scale=0.1)
+    assert out is net
+    assert isinstance(net[0], gemm_ext.LowBitLinearCUDA) and net[0].bits == 3
+    assert isinstance(net[1][1], gemm_ext.LowBitLinearCUDA) and net[1][1].bits == 2
+
+
+# ----------------------------------------------------------------------------- CPU: bench_gemm
+
+def test_bench_without_gpu_exits_2_with_one_line():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "runtime", "bench_gemm.py"), "--iters", "1"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
+    assert lines == [lines[-1]] and lines[-1].startswith("error: bench_gemm needs a CUDA GPU")
+    assert "Traceback" not in p.stderr
+
+
+def test_bench_argument_errors_exit_2():
+    with pytest.raises(SystemExit) as e:
+        bench_gemm.main(["--bits", "5"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        bench_gemm.main(["--models", "vit_huge", "--iters", "1"])
+    assert e.value.code == 2
+
+
+def test_bench_shapes_and_bytes():
+    shapes = bench_gemm.layer_shapes(["deit_s", "deit_b"])
+    assert ("deit_s", "qkv", 384, 1152) in shapes and ("deit_b", "fc2", 3072, 768) in shapes
+    assert len(shapes) == 8
+    assert bench_gemm.lowbit_bytes(1, 8, 16, 4) == 1 * 16 * 2 + 8 * 2 * 4 + 8 * 8 + 8 * 2
+    assert bench_gemm.M_VALUES == (1, 16, 197, 6304)
+
+
+def test_bench_targets_and_table():
+    def row(backend, m, ms):
+        return bench_gemm._row("deit_s", "fc1", m, 1536, 384, backend, 4, "k", ms, 1000)
+
+    rows = [row("cublas_fp16", 1, 0.030), row("lowbit_w4a16", 1, 0.009), row("lowbit_w2a16", 1, 0.008),
+            row("lowbit_w3a16", 1, 0.010), row("cublas_int8", 6304, 0.10), row("lowbit_w4a8", 6304, 0.12),
+            row("cublas_int8", 16, None)]
+    res = {t["target"]: t["ok"] for t in bench_gemm.check_targets(rows)}
+    assert res["deit_s/fc1 M=1: W4 >= 3x FP16"] is True
+    assert res["deit_s/fc1 M=1: W2 faster than W4"] is True
+    assert res["deit_s/fc1 M=1: W3 faster than W4"] is False
+    assert res["deit_s/fc1 M=6304: W4A8 >= 0.8x INT8"] is True
+    table = bench_gemm.format_table(rows)
+    assert "n/a" in table and "lowbit_w4a8" in table
+
+
+def test_bench_model_e2e_hook_is_a_clean_error():
+    with pytest.raises(SystemExit) as e:
+        bench_gemm.main(["--model-e2e", "deit_s"])
+    assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- GPU: kernels
+
+SHAPES = [(1, 37, 45), (3, 130, 67), (16, 96, 391), (17, 64, 64), (197, 71, 389), (70, 200, 1536)]
+
+
+def _kernels_for_device():
+    if not HAS_CUDA:
+        return []
+    cc = torch.cuda.get_device_capability()
+    ks = ["a16_gemv", "a16_tiled", "a8_int"]
+    if cc >= (6, 1):
+        ks.append("a8_dp4a")
+    if cc >= (7, 2):
+        ks.append("a8_mma")
+    return ks
+
+
+ALL_KERNELS = ["a16_gemv", "a16_tiled", "a8_int", "a8_dp4a", "a8_mma"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+@pytest.mark.parametrize("bits", qformat.PACKED_BITS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_accumulators_bit_exact(kernel, bits, m, n, k):
+    if kernel not in _kernels_for_device():
+        pytest.skip("{} not available on this GPU".format(kernel))
+    q, packed, _, _, s, _, _, x = _problem(m, n, k, bits, seed=m + n + k + bits, act_lo=-100, act_hi=120)
+    xt = torch.from_numpy(x).cuda()
+    acc = gemm_ext.lowbit_linear_acc(xt, packed, bits, s, -100, 120, kernel=kernel)
+    assert acc.dtype == torch.int32 and tuple(acc.shape) == (m, n)
+    np.testing.assert_array_equal(acc.cpu().numpy(), _acc_reference(x, q, s, -100, 120))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+@pytest.mark.parametrize("bits", qformat.PACKED_BITS)
+@pytest.mark.parametrize("m,n,k", SHAPES[::2])
+def test_float_output_matches_reference(kernel, bits, m, n, k):
+    if kernel not in _kernels_for_device():
+        pytest.skip("{} not available on this GPU".format(kernel))
+    _, packed, ws, bias, s, lo, hi, x = _problem(m, n, k, bits, seed=3 * m + k)
+    ref = qformat.lowbit_linear_reference(x, packed, ws, bias, bits, s, lo, hi)
+    xt = torch.from_numpy(x).cuda()
+    y = gemm_ext.lowbit_linear(xt, packed, ws, bias, bits, s, lo, hi, kernel=kernel)
+    assert y.dtype == torch.float32
+    np.testing.assert_allclose(y.cpu().numpy(), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+    y16 = gemm_ext.lowbit_linear(xt.half(), packed, ws, bias, bits, s, lo, hi, kernel=kernel)
+    ref16 = qformat.lowbit_linear_reference(xt.half().float().cpu().numpy(), packed, ws, bias, bits, s, lo, hi)
+    assert y16.dtype == torch.float16
+    np.testing.assert_allclose(y16.float().cpu().numpy(), ref16, rtol=2e-3, atol=2e-3 * float(np.abs(ref16).max()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["auto", "a8", "a16"])
+def test_int8_input_and_paths_agree(path):
+    q, packed, ws, bias, s, lo, hi, x = _problem(40, 48, 100, 3, seed=7)
+    xq = np.clip(np.rint(x / np.float32(s)), lo, hi).astype(np.int8)
+    ref = qformat.lowbit_linear_reference(x, packed, ws, bias, 3, s, lo, hi)
+    y = gemm_ext.lowbit_linear(torch.from_numpy(xq).cuda(), packed, ws, bias, 3, s, lo, hi, path=path)
+    np.testing.assert_allclose(y.cpu().numpy(), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+@pytest.mark.cuda
+def test_module_forward_and_prepare_reuse():
+    _, packed, ws, bias, s, lo, hi, x = _problem(2 * 197, 384, 384, 4, seed=11)
+    ref = qformat.lowbit_linear_reference(x, packed, ws, bias, 4, s, lo, hi).reshape(2, 197, 384)
+    mod = gemm_ext.LowBitLinearCUDA(packed, ws, bias, 4, 384, s, lo, hi).cuda()
+    y = mod(torch.from_numpy(x).reshape(2, 197, 384).cuda())
+    assert tuple(y.shape) == (2, 197, 384)
+    np.testing.assert_allclose(y.cpu().numpy(), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+    prep = gemm_ext.prepare(packed, ws, bias, 4, 384)
+    for m in (1, 5, 16):
+        got = gemm_ext.lowbit_linear(torch.from_numpy(x[:m]).cuda(), prep, None, None, 4, s, lo, hi)
+        np.testing.assert_allclose(got.cpu().numpy(), ref.reshape(-1, 384)[:m], rtol=1e-5,
+                                   atol=1e-5 * float(np.abs(ref).max()))
+    empty = gemm_ext.lowbit_linear(torch.zeros(0, 384, device="cuda"), prep, None, None, 4, s, lo, hi)
+    assert tuple(empty.shape) == (0, 384)
