@@ -231,6 +231,31 @@ LOWBIT_ATTRS = (
 )
 
 
+def lowbit_attrs(weight_int, weight_scale, bias, bits, act_scale, act_lo, act_hi, act_bits):
+    """The ``QvitLowBitLinear`` attributes, in :data:`LOWBIT_ATTRS` order (numpy values).
+
+    One builder for the exporter (ONNX attributes) and the PyTorch CUDA extension (kernel
+    arguments), so the node and the kernels cannot drift apart.
+    """
+    q = np.asarray(weight_int)
+    if q.ndim != 2:
+        raise FormatError("weight_int must be [N, K], got shape {}".format(q.shape))
+    n, k = q.shape
+    lo, hi = int(act_lo), int(act_hi)
+    if hi - lo != (1 << check_bits(act_bits, "act_bits")) - 1 or lo < -128 or hi > 127:
+        raise FormatError("input bounds [{}, {}] are not a {}-bit INT8 range".format(lo, hi, act_bits))
+    attrs = (
+        ("bits", int(bits)), ("in_features", int(k)), ("out_features", int(n)),
+        ("weight_packed", pack(q, bits).view(np.int32)),
+        ("weight_scale", np.asarray(weight_scale, np.float32).reshape(n)),
+        ("bias", np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(n)),
+        ("act_scale", float(np.float32(act_scale))), ("act_lo", lo), ("act_hi", hi), ("act_bits", int(act_bits)),
+        ("plugin_version", LOWBIT_PLUGIN_VERSION), ("plugin_namespace", LOWBIT_PLUGIN_NAMESPACE),
+    )
+    assert tuple(a for a, _ in attrs) == LOWBIT_ATTRS
+    return dict(attrs)
+
+
 def lowbit_linear_reference(x, weight_packed, weight_scale, bias, bits, act_scale, act_lo, act_hi):
     """numpy reference of ``QvitLowBitLinear`` (float64 accumulate; tests and kernels check against it)."""
     x = np.asarray(x, dtype=np.float32)

@@ -394,26 +394,34 @@ if nn is not None:
 
 def swap_linears(module: Any, bits: int = 4, act_scale: Optional[float] = None, act_lo: int = -128,
                  act_hi: int = 127, path: str = "auto") -> Any:
-    """Replace every ``nn.Linear`` under ``module`` by :class:`LowBitLinearCUDA` (in place; returns ``module``).
+    """Replace Linears under ``module`` by :class:`LowBitLinearCUDA` (in place; returns ``module``).
 
-    A Linear that carries the node attributes as ``lowbit_attrs`` (dict keyed by qformat.LOWBIT_ATTRS)
-    is converted exactly from them; any other Linear is quantized per channel with ``bits`` and needs
-    ``act_scale`` (the activation grid is not in a plain Linear).
+    A converted model (``train.quant.convert``): every ``QuantLinear`` with 2/3/4-bit weights is
+    swapped exactly from its ``lowbit_attrs()`` (the exporter's node attributes, qformat.lowbit_attrs);
+    8-bit and float layers stay as they are.  A plain float model: every ``nn.Linear`` is quantized
+    per channel with ``bits`` and needs ``act_scale`` (the activation grid is not in a plain Linear).
     """
     if nn is None:
         raise UserError("swap_linears needs PyTorch")
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            attrs = getattr(child, "lowbit_attrs", None)
-            if attrs:
-                new = LowBitLinearCUDA(attrs["weight_packed"], attrs["weight_scale"], attrs.get("bias"),
-                                       attrs["bits"], attrs["in_features"], attrs["act_scale"], attrs["act_lo"],
-                                       attrs["act_hi"], path=path).to(child.weight.device)
-            elif act_scale is None:
-                raise UserError("swap_linears: {} has no lowbit_attrs; pass act_scale (and bits)".format(name))
-            else:
-                new = LowBitLinearCUDA.from_linear(child, bits, act_scale, act_lo, act_hi, path=path)
-            setattr(module, name, new)
-        else:
-            swap_linears(child, bits, act_scale, act_lo, act_hi, path)
+    converted = any(hasattr(m, "weight_int") for m in module.modules())
+    if not converted and act_scale is None:
+        raise UserError("swap_linears: the model is not a converted qvit-edge model; pass act_scale (and bits)")
+    _swap(module, converted, bits, act_scale, act_lo, act_hi, path)
     return module
+
+
+def _swap(module: Any, converted: bool, bits: int, act_scale: Optional[float], act_lo: int, act_hi: int,
+          path: str) -> None:
+    for name, child in list(module.named_children()):
+        if not isinstance(child, nn.Linear):
+            _swap(child, converted, bits, act_scale, act_lo, act_hi, path)
+            continue
+        if converted:
+            if not hasattr(child, "weight_int") or child.w_quant.bits not in qformat.PACKED_BITS:
+                continue
+            a = child.lowbit_attrs()
+            new = LowBitLinearCUDA(a["weight_packed"].view(np.uint32), a["weight_scale"], a["bias"], a["bits"],
+                                   a["in_features"], a["act_scale"], a["act_lo"], a["act_hi"], path=path)
+            setattr(module, name, new.to(child.weight_int.device))
+        else:
+            setattr(module, name, LowBitLinearCUDA.from_linear(child, bits, act_scale, act_lo, act_hi, path=path))

@@ -159,17 +159,38 @@ def test_module_from_linear_quantizes_per_channel():
     np.testing.assert_allclose(mod.weight_scale.numpy(), scale.astype(np.float32))
 
 
-def test_swap_linears_replaces_nested_linears():
+def test_swap_linears_plain_model_needs_act_scale():
     net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(8, 4)))
     with pytest.raises(UserError, match="act_scale"):
         gemm_ext.swap_linears(net)
-    _, packed, ws, bias, s, lo, hi, _ = _problem(1, 8, 16, 3)
-    net[0].lowbit_attrs = {"weight_packed": packed, "weight_scale": ws, "bias": bias, "bits": 3,
-                           "in_features": 16, "act_scale": s, "act_lo": lo, "act_hi": hi}
     out = gemm_ext.swap_linears(net, bits=2, act_scale=0.1)
     assert out is net
-    assert isinstance(net[0], gemm_ext.LowBitLinearCUDA) and net[0].bits == 3
-    assert isinstance(net[1][1], gemm_ext.LowBitLinearCUDA) and net[1][1].bits == 2
+    assert isinstance(net[0], gemm_ext.LowBitLinearCUDA) and net[1][1].bits == 2
+
+
+def test_swap_linears_converted_model_uses_the_exporters_attributes():
+    """A converted QAT model: 3-bit block Linears become kernels built from the same attributes
+    the exporter writes (qformat.lowbit_attrs); the 8-bit head stays a QuantLinear."""
+    from train.config import QuantConfig
+    from train.models import create_model
+    from train.quant import QuantLinear, calibrate, convert, prepare
+
+    torch.manual_seed(0)
+    model = create_model("vit_fmnist")
+    prepare(model, QuantConfig(w_bits=3, a_bits=3))
+    calibrate(model, [torch.randn(4, 1, 28, 28)])
+    convert(model)
+    qkv = model.blocks[0].attn.qkv
+    attrs = qkv.lowbit_attrs()
+    gemm_ext.swap_linears(model)
+    new = model.blocks[0].attn.qkv
+    assert isinstance(new, gemm_ext.LowBitLinearCUDA) and new.bits == 3
+    assert (new.act_scale, new.act_lo, new.act_hi) == (attrs["act_scale"], attrs["act_lo"], attrs["act_hi"])
+    np.testing.assert_array_equal(new.weight_scale.numpy(), attrs["weight_scale"])
+    k = attrs["in_features"]
+    rep = new.weight_repacked.numpy().view(np.uint32)[: attrs["out_features"], : qformat.packed_words(k, 3)]
+    np.testing.assert_array_equal(rep, attrs["weight_packed"].view(np.uint32))
+    assert isinstance(model.head, QuantLinear)
 
 
 # ----------------------------------------------------------------------------- CPU: bench_gemm

@@ -81,6 +81,19 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.a_quant(x), self.quant_weight(), self.bias)
 
+    def lowbit_attrs(self) -> dict[str, Any]:
+        """This converted layer as ``QvitLowBitLinear`` attributes (qformat.lowbit_attrs)."""
+        import qformat
+
+        aq = self.a_quant
+        if not self.converted or aq.scale.numel() != 1:
+            raise UserError(f"{self.__class__.__name__}: the low-bit kernel needs a converted layer with a "
+                            "per-tensor input scale (granularity='deploy')")
+        lo, hi = (int(t.reshape(-1)[0]) for t in aq.int_bounds())
+        bias = None if self.bias is None else self.bias.detach().cpu().numpy()
+        return qformat.lowbit_attrs(self.weight_int.cpu().numpy(), self.weight_scale.cpu().numpy(), bias,
+                                    self.w_quant.bits, float(aq.scale), lo, hi, aq.bits)
+
 
 class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     """Patch-embedding convolution with a quantized weight and input (8-bit by default)."""
