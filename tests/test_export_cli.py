@@ -1,0 +1,135 @@
+"""``python -m export`` end to end: files, sidecar, checkpoint handling and one-line errors."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import qformat
+from export.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small trained-format checkpoint: prepared + calibrated vit_fmnist at 3 bits (not converted)."""
+    from train.checkpoint import save_checkpoint
+    from train.config import QuantConfig
+    from train.data import FMNIST_CLASSES, eval_images
+    from train.models import create_model, model_spec
+    from train.quant import calibrate, prepare
+
+    spec = model_spec("vit_fmnist")
+    torch.manual_seed(0)
+    m = create_model("vit_fmnist").eval()
+    cfg = QuantConfig.for_method("qvit", 3)
+    prepare(m, cfg)
+    x, _ = eval_images(16, split="train", model="vit_fmnist")
+    calibrate(m, [x])
+    meta = {"model": "vit_fmnist", "quant": cfg.to_dict(), "input_size": list(spec.input_size),
+            "mean": list(spec.mean), "std": list(spec.std), "class_names": list(FMNIST_CLASSES),
+            "num_classes": 10, "metrics": {"top1": 0.5}}
+    d = tmp_path_factory.mktemp("ckpt")
+    return save_checkpoint(str(d / "best"), m, meta)
+
+
+def test_checkpoint_export_writes_graph_and_sidecar(checkpoint, tmp_path, capsys):
+    rc = main(["--checkpoint", checkpoint, "--format", "lowbit", "--target", "ort", "--out", str(tmp_path),
+               "--parity-n", "16"])
+    assert rc == 0
+    path = tmp_path / "vit_fmnist_w3a3.lowbit.onnx"
+    assert path.is_file() and capsys.readouterr().out.strip() == str(path)
+    side = json.loads((tmp_path / "vit_fmnist_w3a3.lowbit.json").read_text())
+    assert set(qformat.SIDECAR_KEYS) <= set(side)
+    assert side["metrics"] == {"top1": 0.5} and side["bits"]["weight"] == 3 and side["opset"] == 17
+    assert side["parity"]["passed"] and side["parity"]["top1_agree"] == 1.0
+    assert side["input_name"] == "input" and side["output_name"] == "logits"
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m, full_check=True)
+    assert [i.name for i in m.graph.input] == ["input"] and len(m.functions) == 1
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_fresh_export_for_tensorrt_target(tmp_path):
+    rc = main(["--model", "swin_fmnist", "--bits", "4", "--format", "qdq", "--target", "tx2", "--out", str(tmp_path),
+               "--parity-n", "8"])
+    assert rc == 0
+    m = onnx.load(str(tmp_path / "swin_fmnist_w4a4.qdq.onnx"))
+    assert m.opset_import[0].version == 13
+    assert "LayerNormalization" not in {n.op_type for n in m.graph.node}
+    side = json.loads((tmp_path / "swin_fmnist_w4a4.qdq.json").read_text())
+    assert side["target"] == "tx2" and side["fp32_layers"]
+
+
+def _error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--checkpoint", "/nonexistent/best.safetensors"], "checkpoint not found"),
+    (["--model", "vit_fmnist"], "--checkpoint CKPT, or --model NAME --bits B"),
+    (["--model", "vit_fmnist", "--bits", "4", "--target", "tx2", "--opset", "21"], "use --opset 13"),
+    (["--model", "nope", "--bits", "4"], "unknown model"),
+])
+def test_one_line_errors(argv, match, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--out", str(tmp_path)])
+    assert e.value.code == 2
+    line = _error(capsys)
+    assert line.startswith("error: ") and match in line
+
+
+def test_bits_disagreeing_with_checkpoint(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", checkpoint, "--bits", "4", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "disagrees with the checkpoint" in _error(capsys)
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(bad), "--out", str(tmp_path)])
+    assert e.value.code == 2 and "corrupt" in _error(capsys)
+
+
+def test_parity_failure_exits_1_and_keeps_canonical_name_free(checkpoint, tmp_path, capsys):
+    rc = main(["--checkpoint", checkpoint, "--format", "qdq", "--out", str(tmp_path), "--parity-n", "8",
+               "--atol", "-1"])
+    assert rc == 1
+    assert "parity check failed" in _error(capsys)
+    assert not (tmp_path / "vit_fmnist_w3a3.qdq.onnx").exists()
+    assert (tmp_path / "vit_fmnist_w3a3.qdq.parity-failed.onnx").exists()
+
+
+def test_calib_dir_images(checkpoint, tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["--checkpoint", checkpoint, "--format", "fp32", "--out", str(out), "--calib-dir", str(d)]) == 0
+    side = json.loads((out / "vit_fmnist_w3a3.fp32.json").read_text())
+    assert side["parity"]["n"] == 3 and side["format"] == "fp32"
+
+
+@pytest.mark.parametrize("name", ["vit_fmnist", "swin_fmnist"])
+def test_dynamic_batch(name):
+    from export.exporter import build_graph
+    from export.parity import ort_session
+    from export.source import fresh
+
+    m, meta = fresh(name, 4, calib_n=8)
+    sess = ort_session(build_graph(m, meta["input_size"], "lowbit", "ort", log=lambda s: None).ort)
+    gen = torch.Generator().manual_seed(0)
+    for b in (1, 3):
+        x = torch.randn(b, *meta["input_size"], generator=gen)
+        y = sess.run(None, {"input": x.numpy()})[0]
+        assert y.shape == (b, 10)
+        np.testing.assert_allclose(y, m(x).numpy(), atol=1e-2)
