@@ -15,7 +15,7 @@ STAMP   := .make/installed
 .PHONY: help quickstart test install data train ablation export engine bench demo plugins bench-gemm lint clean
 
 help:
-	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU), export, check parity, bench"
+	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU, ~15 min), export fp32/qdq/lowbit with parity, bench"
 	@echo "make test                  install and run the test suite (what .ci/run calls)"
 	@echo "make train MODEL=.. BITS=..  quantization-aware training (python -m train --help)"
 	@echo "make ablation BUDGET=small FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"
@@ -40,9 +40,9 @@ $(STAMP): pyproject.toml
 
 # ---------------------------------------------------------------- the two front-door commands
 quickstart: install data
-	$(PY) -m train --model vit_fmnist --bits 4 --method qvit --epochs $(or $(EPOCHS),3) --fp-epochs $(or $(EPOCHS),3) --out runs/quickstart
-	$(PY) -m export --checkpoint runs/quickstart/best.safetensors --format qdq --target ort --out $(OUT)
-	$(PY) runtime/bench.py --onnx $(OUT)/vit_fmnist_w4a4.qdq.onnx --backend ort --iters 50
+	$(PY) -m train --model vit_fmnist --bits 4 --method qvit --fp-epochs $(or $(FP_EPOCHS),3) --epochs $(or $(EPOCHS),1) --out runs/quickstart
+	for f in fp32 qdq lowbit; do $(PY) -m export --checkpoint runs/quickstart/last.safetensors --format $$f --target ort --out $(OUT) || exit $$?; done
+	$(PY) runtime/bench.py --backend ort --compare --batch 32 --iters 30 --onnx $(OUT)/vit_fmnist_w4a4.fp32.onnx $(OUT)/vit_fmnist_w4a4.qdq.onnx $(OUT)/vit_fmnist_w4a4.lowbit.onnx
 
 test: install data
 	$(PY) -m pytest -q tests
@@ -75,7 +75,7 @@ bench-gemm:
 
 lint:
 	ruff check .
-	vermin -t=3.6- --no-tips --violations qformat runtime/*.py
+	vermin -t=3.6- --no-tips --violations qformat runtime/*.py jetson/*.py
 
 clean:
 	rm -rf build .make .pytest_cache

@@ -81,14 +81,9 @@ def load_images(n: int, meta: dict, calib_dir: str | None = None) -> torch.Tenso
 def ort_session(model: onnx.ModelProto, threads: int | None = None):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    # ORT rewrites DQ(weights) -> MatMul whose activation is not a DQ output (per-channel input
-    # scales) into MatMulNBits, which by default re-quantizes the activations to int8 on the fly
-    # (accuracy level 4): not the trained arithmetic.  Level 1 keeps the fp32 compute.
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    from runtime.backends import ort_session_options
+
+    so = ort_session_options(ort, threads)
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types

@@ -27,7 +27,9 @@ integer, an asymmetric quantizer is *exactly* a zero-point-0 quantizer whose int
 clip bounds are shifted to ``[lo, hi] = [qmin - z, qmax - z]``.  That is how the exporter
 writes LSQ+ offsets for TensorRT (which needs zero-point 0): a float ``Clip(lo*s, hi*s)``
 in front of a zero-point-0 INT8 QuantizeLinear.  ``z`` is therefore limited so that
-``[lo, hi]`` fits in INT8: see :func:`zero_point_range`.
+``[lo, hi]`` fits in INT8: see :func:`zero_point_range`.  The one exception is an *unsigned
+8-bit* tensor (``[0, 255]``): it needs UINT8, which ONNX Runtime runs and TensorRT does not,
+so TensorRT-bound models keep the softmax output at 7 bits or fewer.
 
 Rounding is round-half-to-even everywhere (``torch.round``, ``numpy.rint``, ONNX
 QuantizeLinear, TensorRT), so a trained model and its exported graph agree bit for bit.
@@ -120,8 +122,8 @@ def round_half_even(x):
 
 def quantize_weight(w, scale, bits):
     """Per-output-channel symmetric integer codes of ``w[N, ...]`` (int8 array)."""
-    w = np.asarray(w, dtype=np.float64)
-    s = np.asarray(scale, dtype=np.float64).reshape((-1,) + (1,) * (w.ndim - 1))
+    w = np.asarray(w, dtype=np.float32)  # float32 division, as in training and in ONNX/TensorRT
+    s = np.asarray(scale, dtype=np.float32).reshape((-1,) + (1,) * (w.ndim - 1))
     qmin, qmax = qrange(bits, signed=True)
     return np.clip(round_half_even(w / s), qmin, qmax).astype(np.int8)
 
@@ -208,6 +210,8 @@ def unpack(packed, bits, k):
 #
 # ``act_lo``/``act_hi`` are the zero-point-0 bounds from :func:`int_bounds` (LSQ+ offset
 # folded in); ``act_bits`` only documents the width (``act_hi - act_lo = 2^act_bits - 1``).
+# The input scale is per-tensor: an integer GEMM cannot apply per-input-channel scales, so
+# models trained with per-channel Linear inputs (granularity "paper") export as ``qdq`` only.
 
 LOWBIT_OP = "QvitLowBitLinear"
 LOWBIT_DOMAIN = "qvit.edge"

@@ -55,6 +55,21 @@ class Backend:
         pass
 
 
+def ort_session_options(ort, threads=0):
+    """The one ONNX Runtime set-up every stage uses (bench, demo, the exporter's parity check).
+
+    ORT rewrites DQ(weights) -> MatMul whose activation is not a DQ output (per-channel input
+    scales) into MatMulNBits, which by default re-quantizes the activations to int8 on the fly
+    (accuracy level 4): not the trained arithmetic.  Level 1 keeps the fp32 compute.
+    """
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return opts
+
+
 class OrtBackend(Backend):
     """ONNX Runtime on the exported graph (CPU by default; the reference for the other two)."""
 
@@ -67,9 +82,7 @@ class OrtBackend(Backend):
             raise UserError("the ort backend needs onnxruntime: pip install onnxruntime") from None
         self.path = onnx_path
         self.meta = model_meta.load_onnx_meta(onnx_path)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
+        opts = ort_session_options(ort, threads)
         available = ort.get_available_providers()
         providers = list(providers or ["CPUExecutionProvider"])
         bad = [p for p in providers if p not in available]

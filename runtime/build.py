@@ -239,6 +239,10 @@ def build(args, log=print):
         raise UserError("{} has a fixed batch of {}: use --batch {}".format(args.onnx, shape[0], shape[0]))
     trt_compat.set_workspace(trt, config, caps, args.workspace)
     flags = trt_compat.set_precision(trt, config, caps, plan["fp16"], plan["int8"], plan["int4"])
+    if plan["fp16"] and not args.strongly_typed:
+        n = trt_compat.pin_fp32_layers(trt, network, config, meta.get("fp32_layers") or [])
+        if n:
+            log("kept {} LayerNorm/IRM layers in FP32 (FP16 variance overflows)".format(n))
     if args.dla_core is not None:
         trt_compat.configure_dla(trt, builder, config, args.dla_core, args.gpu_fallback)
     if timing_cache:

@@ -162,6 +162,36 @@ def set_precision(trt, config, caps, fp16=False, int8=False, int4=False):
     return flags
 
 
+def pin_fp32_layers(trt, network, config, names):
+    """Keep the layers the exporter marked ``fp32_layers`` (LayerNorm / IRM statistics) in FP32.
+
+    In an FP16 engine a LayerNorm's variance overflows (TX2's TensorRT 8.2 has no fused
+    LayerNormalization op to do it safely).  The ONNX parser names a layer after its node,
+    sometimes with a suffix, so names match by prefix.  PREFER_PRECISION_CONSTRAINTS (8.2+)
+    lets TensorRT fall back rather than fail; older builds only know STRICT_TYPES.
+    Returns the number of layers pinned.
+    """
+    wanted = tuple(str(n) for n in names if n)
+    if not wanted:
+        return 0
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if not any(layer.name == n or layer.name.startswith(n + " ") or layer.name.startswith(n + "_")
+                   for n in wanted):
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        pinned += 1
+    if pinned:
+        flag = getattr(trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS", None) or \
+            getattr(trt.BuilderFlag, "STRICT_TYPES", None)
+        if flag is not None:
+            config.set_flag(flag)
+    return pinned
+
+
 def configure_dla(trt, builder, config, core, gpu_fallback=True):
     """Run layers on DLA core ``core`` (Orin), falling back to the GPU for the rest."""
     n = int(getattr(builder, "num_DLA_cores", 0))

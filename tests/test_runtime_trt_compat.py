@@ -340,3 +340,25 @@ def test_qdq_on_orin_is_int8_fp16_and_int4_gated():
     with pytest.raises(UserError, match="--int8"):
         plan_precision("fp16", True, False, True, True)
     assert plan_precision("auto", False, False, True, True, strongly_typed=True)["label"] == "typed"
+
+
+def test_pin_fp32_layers_matches_exporter_names_and_sets_constraint_flag():
+    class Layer:
+        def __init__(self, name):
+            self.name, self.precision, self.num_outputs, self.out = name, None, 2, {}
+
+        def set_output_type(self, j, t):
+            self.out[j] = t
+
+    layers = [Layer("blocks.0.norm1/ReduceMean"), Layer("blocks.0.norm1/ReduceMean_1"), Layer("blocks.0.attn.qkv"),
+              Layer("blocks.0.norm1/Sqrt (Unnamed)")]
+    network = types.SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
+    flags = []
+    config = types.SimpleNamespace(set_flag=flags.append)
+    for expect in ("PREFER_PRECISION_CONSTRAINTS", "STRICT_TYPES"):  # TensorRT 8.2+, older
+        flags.clear()
+        trt = types.SimpleNamespace(float32="f32", BuilderFlag=types.SimpleNamespace(**{expect: expect}))
+        n = trt_compat.pin_fp32_layers(trt, network, config, ["blocks.0.norm1/ReduceMean", "blocks.0.norm1/Sqrt"])
+        assert n == 3 and flags == [expect]
+        assert layers[2].precision is None and layers[0].out == {0: "f32", 1: "f32"}
+    assert trt_compat.pin_fp32_layers(trt, network, config, []) == 0
