@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,17 +26,6 @@ HOST_CPP = os.path.join(CUDA_DIR, "lowbit_host.cpp")
 PLUGIN_CPP = os.path.join(CUDA_DIR, "qvit_lowbit_plugin.cpp")
 GXX = shutil.which("g++")
 needs_gxx = pytest.mark.skipif(GXX is None, reason="needs g++")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _unimport_gemm_ext():
-    """Leave no ``runtime.gemm_ext`` behind: other tests simulate its absence via sys.modules."""
-    yield
-    import runtime
-
-    sys.modules.pop("runtime.gemm_ext", None)
-    if "gemm_ext" in vars(runtime):
-        delattr(runtime, "gemm_ext")
 
 
 def _run(cmd, cwd=None):

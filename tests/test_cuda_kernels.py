@@ -21,17 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _unimport_gemm_ext():
-    """Leave no ``runtime.gemm_ext`` behind: other tests simulate its absence via sys.modules."""
-    yield
-    import runtime
-
-    sys.modules.pop("runtime.gemm_ext", None)
-    if "gemm_ext" in vars(runtime):
-        delattr(runtime, "gemm_ext")
-
-
 def _problem(m, n, k, bits, seed=0, act_lo=-128, act_hi=127):
     """Random packed weights, scales, bias and activations that exercise clipping and ties."""
     rng = np.random.default_rng(seed)
