@@ -24,6 +24,7 @@ METHOD_ROWS = (("baseline", "Baseline"), ("irm", "+IRM"), ("dgd", "+DGD"), ("qvi
 BUDGETS = {
     "tiny": dict(fp_epochs=1, epochs=1, max_train_batches=20, max_eval_batches=10),  # smoke (FP: full epoch)
     "small": dict(fp_epochs=10, epochs=1, max_train_batches=250, max_eval_batches=None),  # CPU, ~1 h
+    "medium": dict(fp_epochs=10, epochs=2, max_train_batches=None, max_eval_batches=None),  # CPU, ~5 min a row
     "full": dict(fp_epochs=30, epochs=10, max_train_batches=None, max_eval_batches=None),  # GPU
 }
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp-lr", type=float, default=2e-3, help="peak lr of the FP teacher")
     p.add_argument("--out", default="runs/ablation_small")
+    p.add_argument("--fp-dir", default=None, help="reuse the FP teacher run in this folder (default: OUT/fp)")
     p.add_argument("--extra", default="", help="extra flags for every python -m train run (quoted)")
     return p
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = ["--max-train-batches", str(budget["max_train_batches"])] if budget["max_train_batches"] else []
 
     t0 = time.time()
-    fp_dir = os.path.join(args.out, "fp")
+    fp_dir = args.fp_dir or os.path.join(args.out, "fp")
     fp = _last_top1(fp_dir)
     if fp is None:
         print(f"[ablation] FP teacher: {budget['fp_epochs']} epochs -> {fp_dir}", flush=True)
