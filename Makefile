@@ -15,7 +15,7 @@ STAMP   := .make/installed
 .PHONY: help quickstart test install data train ablation export engine bench demo plugins bench-gemm lint clean
 
 help:
-	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU, ~15 min), export fp32/qdq/lowbit with parity, bench"
+	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU, ~10 min), export fp32/qdq/lowbit with parity, bench"
 	@echo "make test                  install and run the test suite (what .ci/run calls)"
 	@echo "make train MODEL=.. BITS=..  quantization-aware training (python -m train --help)"
 	@echo "make ablation BUDGET=small FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"
