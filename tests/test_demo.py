@@ -119,7 +119,8 @@ def test_camera_gone_for_good_is_a_clear_error(model, monkeypatch, tmp_path):
     monkeypatch.setattr(cv2, "VideoCapture", Dead)
     monkeypatch.setattr(time, "sleep", lambda s: None)
     with pytest.raises(UserError, match="gone after 3 reconnect attempts"):
-        demo.run(_args(model, "--source", "/dev/video7", "--out", str(tmp_path / "x"), "--retries", "3"), log=lambda *a: None)
+        demo.run(_args(model, "--source", "/dev/video7", "--out", str(tmp_path / "x"), "--retries", "3"),
+                 log=lambda *a: None)
 
 
 def test_ctrl_c_exits_with_summary(model, photo_dir, monkeypatch, tmp_path):
