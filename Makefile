@@ -71,7 +71,7 @@ plugins:
 	cmake --build build/plugins -j
 
 bench-gemm:
-	$(PY) runtime/bench_gemm.py
+	$(PY) -m runtime.torchtools.bench_gemm
 
 lint:
 	ruff check .

@@ -240,12 +240,12 @@ class TorchBackend(Backend):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if lowbit_cuda:
             try:
-                from runtime import gemm_ext
+                from runtime.torchtools import gemm_ext
             except ImportError as e:
-                raise UserError("--lowbit-cuda needs runtime/gemm_ext.py and its CUDA extension ({})".format(
+                raise UserError("--lowbit-cuda needs runtime/torchtools/gemm_ext.py and its CUDA extension ({})".format(
                     e)) from None
             if not hasattr(gemm_ext, "swap_linears"):
-                raise UserError("runtime.gemm_ext has no swap_linears(): update the kernels package")
+                raise UserError("runtime.torchtools.gemm_ext has no swap_linears(): update the kernels package")
             bits = meta.get("bits") or {}
             wbits = bits.get("weight", 4) if isinstance(bits, dict) else 4
             model = gemm_ext.swap_linears(model, bits=wbits) or model

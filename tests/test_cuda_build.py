@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import qformat
-from runtime import gemm_ext
+from runtime.torchtools import gemm_ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "runtime", "cuda")

@@ -14,7 +14,7 @@ import pytest
 
 import qformat
 from qformat.errors import UserError
-from runtime import bench_gemm, gemm_ext
+from runtime.torchtools import bench_gemm, gemm_ext
 
 torch = pytest.importorskip("torch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,8 +186,8 @@ def test_swap_linears_converted_model_uses_the_exporters_attributes():
 
 def test_bench_without_gpu_exits_2_with_one_line():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "runtime", "bench_gemm.py"), "--iters", "1"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "runtime.torchtools.bench_gemm", "--iters", "1"],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
     assert lines == [lines[-1]] and lines[-1].startswith("error: bench_gemm needs a CUDA GPU")

@@ -126,10 +126,10 @@ def test_torch_backend_with_monkeypatched_loader(tmp_path, monkeypatch):
     assert [r["status"] for r in res["runs"]] == ["ok", "ok"]
     assert res["runs"][0]["backend"] == "torch" and res["runs"][1]["output_shape"] == [2, 4]
     assert np.isfinite(res["runs"][0]["img_per_s"])
-    import runtime
+    import runtime.torchtools
 
-    monkeypatch.setitem(sys.modules, "runtime.gemm_ext", None)
-    monkeypatch.delattr(runtime, "gemm_ext", raising=False)  # an earlier test may have imported it
-    with pytest.raises(Exception, match="--lowbit-cuda needs runtime/gemm_ext.py"):
+    monkeypatch.setitem(sys.modules, "runtime.torchtools.gemm_ext", None)
+    monkeypatch.delattr(runtime.torchtools, "gemm_ext", raising=False)  # an earlier test may have imported it
+    with pytest.raises(Exception, match="--lowbit-cuda needs runtime/torchtools/gemm_ext.py"):
         bench.run(bench.parse_args(["--checkpoint", str(ckpt), "--lowbit-cuda", "--iters", "1",
                                     "--json", str(tmp_path / "u.json")]), log=lambda *a: None)

@@ -42,7 +42,7 @@ REPACK_ROW_ALIGN = 64
 REPACK_K_ALIGN = 64
 REPACK_WORD_ALIGN = 4
 
-CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
+CUDA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda")
 EXT_SOURCES = ("torch_ext.cpp", "lowbit_gemm.cu", "lowbit_host.cpp")
 EXT_NAME = "qvit_lowbit_ext"
 

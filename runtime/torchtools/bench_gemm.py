@@ -15,12 +15,8 @@ import argparse
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `python runtime/bench_gemm.py` from a checkout
-    sys.path.insert(0, _ROOT)
-
-from qformat import io as qio  # noqa: E402
-from qformat.errors import UserError, main_guard  # noqa: E402
+from qformat import io as qio
+from qformat.errors import UserError, main_guard
 
 MODELS = {"deit_s": 384, "deit_b": 768}
 M_VALUES = (1, 16, 197, 197 * 32)
@@ -205,7 +201,7 @@ def main(argv=None):
         return run_model_e2e(args)
     shapes = layer_shapes(args.models)
     torch = require_gpu()
-    from runtime import gemm_ext
+    from runtime.torchtools import gemm_ext
 
     gemm_ext.load_extension()
     rows = []
