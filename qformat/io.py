@@ -8,6 +8,7 @@ Python 3.6-compatible: the runtime reads sidecars on the Jetson.
 import hashlib
 import json
 import os
+import subprocess
 import tempfile
 
 from .errors import UserError
@@ -69,3 +70,18 @@ def sha256_file(path, chunk=1 << 20):
                 break
             h.update(b)
     return h.hexdigest()
+
+
+#: The checkout this package lives in (for :func:`code_revision`).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def code_revision(repo=REPO_ROOT):
+    """Short git revision of the checkout at ``repo``, or "unknown" (e.g. an installed wheel)."""
+    try:
+        out = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=repo, stderr=subprocess.DEVNULL,
+                                      timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    rev = out.decode("ascii", "replace").strip()
+    return rev or "unknown"

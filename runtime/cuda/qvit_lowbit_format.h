@@ -23,7 +23,7 @@
 
 namespace qvit {
 
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;  // 2: mixed widths per output-row group
 constexpr int kWordBits = 32;
 constexpr int kMinPackedBits = 2;
 constexpr int kMaxPackedBits = 4;  // PACKED_BITS = (2, 3, 4): contiguous range
@@ -49,13 +49,16 @@ enum LowbitAttr : int {
   kAttrActBits,
   kAttrPluginVersion,
   kAttrPluginNamespace,
+  kAttrGroupSize,  // mixed-width nodes only: output rows per group
+  kAttrGroupBits,  // mixed-width nodes only: int32 [ceil(N / group_size)] widths; weight_packed is 1-D rows
   kNumLowbitAttrs
 };
 
 inline const char* lowbit_attr_name(int i) {
   static const char* const kNames[kNumLowbitAttrs] = {
       "bits",      "in_features", "out_features", "weight_packed", "weight_scale",   "bias",
-      "act_scale", "act_lo",      "act_hi",       "act_bits",      "plugin_version", "plugin_namespace"};
+      "act_scale", "act_lo",      "act_hi",       "act_bits",      "plugin_version", "plugin_namespace",
+      "group_size", "group_bits"};
   return (i >= 0 && i < kNumLowbitAttrs) ? kNames[i] : nullptr;
 }
 
