@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 from typing import Any, Optional
 
 import torch
@@ -23,17 +22,6 @@ from qformat.io import atomic_write, read_json, write_json
 FORMAT = "qvit-edge-checkpoint"
 VERSION = 1
 _HEADER_KEY = "qvit_meta"
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def code_revision() -> str:
-    """Short git revision of this checkout, or "unknown" (e.g. an installed wheel)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def stem_of(path: str) -> str:
