@@ -10,15 +10,19 @@ weight plugins -- the only fast option on TX2, which has no fast INT8.  The equi
 Python 3.6-compatible (JetPack 4.6).
 """
 
-import argparse
 import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:
+    import qformat  # noqa: F401
+except ImportError:  # `python3 runtime/<script>.py` where the package is neither installed nor on PYTHONPATH
+    sys.stderr.write("error: cannot import qformat: pip install -e . in the repository, or export "
+                     "PYTHONPATH=<repository root>\n")
+    sys.exit(2)
 
 from qformat import LOWBIT_OP  # noqa: E402
+from qformat.cli import parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
 from qformat.io import atomic_write, sha256_file  # noqa: E402
 from runtime import engine_cache, model_meta, onnx_info, trt_compat  # noqa: E402
@@ -102,8 +106,8 @@ def trtexec_command(onnx, engine, plan, input_name=None, dims=None, batch=1, max
     return " ".join(cmd)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python3 -m runtime.build", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None, prog="python3 -m runtime.build"):
+    p = parser(prog, __doc__.split("\n\n")[0])
     p.add_argument("--onnx", required=True, help="exported model (its sidecar <stem>.json must be beside it)")
     p.add_argument("--saveEngine", "--engine", dest="engine", default=None,
                    help="engine path (default: <onnx stem>.<precision>.b<batch>.<key>.engine, the cache)")
@@ -160,52 +164,60 @@ def _parse_onnx(trt, network, logger, path, strip_local_fn):
     return parser
 
 
-def build(args, log=print):
-    """Build (or reuse from the cache) the engine for ``args``; returns ``(engine_path, sidecar)``."""
-    meta = model_meta.load_onnx_meta(args.onnx)
-    info = onnx_info.inspect(args.onnx)
-    has_qdq = bool(info["ops"] & set(onnx_info.QDQ_OPS))
-    is_lowbit = meta.get("format") == "lowbit" or LOWBIT_OP in info["ops"]
-    int4_weights = bool(info.get("int4_weights"))
-    dims = None
-    for name, d in info["inputs"]:
-        if name == meta["input_name"]:
-            dims = d
-    if dims and dims[0] != -1 and (args.batch != dims[0] or args.max_batch != dims[0]):
-        raise UserError("{} has a fixed batch of {}: use --batch {} or re-export with a dynamic batch axis".format(
-            args.onnx, dims[0], dims[0]))
-    def print_plan():
-        plan = plan_precision(args.precision, has_qdq, is_lowbit, True, True, int4_weights, True,
-                              args.allow_slow_int8, args.strongly_typed)
-        log("plan (assuming a GPU with fast INT8/FP16): {}".format(plan["label"]))
-        log(trtexec_command(args.onnx, args.engine or "model.engine", plan, meta["input_name"], dims, args.batch,
-                            args.max_batch, args.workspace, args.timing_cache, args.plugins, args.dla_core,
-                            args.gpu_fallback, strongly_typed=args.strongly_typed))
+class _Graph:
+    """What the builder reads from the ONNX file and its sidecar before any TensorRT call."""
 
-    if args.print_only:
-        print_plan()
-        return None, None
+    def __init__(self, args):
+        self.meta = model_meta.load_onnx_meta(args.onnx)
+        self.info = onnx_info.inspect(args.onnx)
+        self.has_qdq = bool(self.info["ops"] & set(onnx_info.QDQ_OPS))
+        self.is_lowbit = self.meta.get("format") == "lowbit" or LOWBIT_OP in self.info["ops"]
+        self.int4_weights = bool(self.info.get("int4_weights"))
+        self.dims = None
+        for name, d in self.info["inputs"]:
+            if name == self.meta["input_name"]:
+                self.dims = d
+        dims = self.dims
+        if dims and dims[0] != -1 and (args.batch != dims[0] or args.max_batch != dims[0]):
+            raise UserError("{} has a fixed batch of {}: use --batch {} or re-export with a dynamic batch axis".format(
+                args.onnx, dims[0], dims[0]))
+
+    def plan(self, args, fast_int8=True, fast_fp16=True, int4_supported=True):
+        return plan_precision(args.precision, self.has_qdq, self.is_lowbit, fast_int8, fast_fp16, self.int4_weights,
+                              int4_supported, args.allow_slow_int8, args.strongly_typed)
+
+    def trtexec(self, args, engine, plan, timing_cache, memory_pool_api=True):
+        return trtexec_command(args.onnx, engine, plan, self.meta["input_name"], self.dims, args.batch, args.max_batch,
+                               args.workspace, timing_cache, args.plugins, args.dla_core, args.gpu_fallback,
+                               memory_pool_api, args.strongly_typed)
+
+
+def _print_plan(args, g, log):
+    plan = g.plan(args)
+    log("plan (assuming a GPU with fast INT8/FP16): {}".format(plan["label"]))
+    log(g.trtexec(args, args.engine or "model.engine", plan, args.timing_cache))
+
+
+def _open_trt(args, g, log):
+    """(tensorrt, caps, logger) with the plugins loaded; refuses targets and graphs this TensorRT cannot build."""
     try:
         trt = trt_compat.import_trt()
     except UserError:
-        print_plan()  # still useful: the same build with the trtexec binary
+        _print_plan(args, g, log)  # still useful: the same build with the trtexec binary
         raise
     caps = trt_compat.caps_of(trt)
     log(caps.describe())
+    caps.check_target(g.meta.get("target"), log)
     logger = trt_compat.make_logger(trt, args.verbose)
     trt_compat.load_plugins(trt, logger, args.plugins)
-    if is_lowbit and not trt_compat.has_plugin_creator(trt, caps, LOWBIT_OP):
+    if g.is_lowbit and not trt_compat.has_plugin_creator(trt, caps, LOWBIT_OP):
         raise UserError("{} uses the {} custom op but its TensorRT plugin is not loaded: {}".format(
             args.onnx, LOWBIT_OP, trt_compat.PLUGIN_HINT))
-    gpu = gpu_info() or {"name": "unknown", "compute_capability": "?"}
-    builder = trt.Builder(logger)
-    fast_int8 = trt_compat.platform_fast_int8(builder, caps)
-    fast_fp16 = trt_compat.platform_fast_fp16(builder, caps)
-    plan = plan_precision(args.precision, has_qdq, is_lowbit, fast_int8, fast_fp16, int4_weights, caps.int4,
-                          args.allow_slow_int8, args.strongly_typed)
-    for note in plan["notes"]:
-        log("note: " + note)
+    return trt, caps, logger
 
+
+def _cache_paths(args, caps, gpu, plan):
+    """(cache key, engine path, timing-cache path, plugin records, ONNX sha256)."""
     plugins = [{"path": os.path.abspath(p), "sha256": sha256_file(p)} for p in args.plugins]
     onnx_sha = sha256_file(args.onnx)
     key = engine_cache.cache_key(onnx_sha, caps.version_str, gpu.get("name"), gpu.get("compute_capability"),
@@ -215,18 +227,21 @@ def build(args, log=print):
     timing_cache = None if args.no_timing_cache else (args.timing_cache or os.path.join(
         os.path.dirname(os.path.abspath(engine_path)), "timing.{}.{}.cache".format(
             caps.version_str, gpu.get("compute_capability"))))
-    log(trtexec_command(args.onnx, engine_path, plan, meta["input_name"], dims, args.batch, args.max_batch,
-                        args.workspace, timing_cache, args.plugins, args.dla_core, args.gpu_fallback,
-                        caps.memory_pool_api, args.strongly_typed))
-    if not args.force and engine_cache.cached_engine(engine_path, key):
-        log("engine cache hit: {} (key {}; --force rebuilds)".format(engine_path, key))
-        return engine_path, engine_cache.read_engine_meta(engine_path)
+    return key, engine_path, timing_cache, plugins, onnx_sha
 
+
+def _network(trt, builder, logger, caps, args, g, log):
     network = trt_compat.create_network(trt, builder, caps, args.strongly_typed)
-    _parse_onnx(trt, network, logger, args.onnx, is_lowbit and info["has_local_lowbit_fn"] and info["exact"])
-    if is_lowbit and info["has_local_lowbit_fn"] and not info["exact"]:
+    info = g.info
+    _parse_onnx(trt, network, logger, args.onnx, g.is_lowbit and info["has_local_lowbit_fn"] and info["exact"])
+    if g.is_lowbit and info["has_local_lowbit_fn"] and not info["exact"]:
         log("note: the onnx package is absent, so the {} reference function stays in the graph; if the "
             "engine is slow, `pip install onnx` so the builder can drop it in favour of the plugin".format(LOWBIT_OP))
+    return network
+
+
+def _configure(trt, builder, caps, network, args, g, plan, timing_cache, log):
+    """Builder config: batch profile, workspace, precision flags, FP32 pins, DLA, timing cache."""
     config = builder.create_builder_config()
     inp = network.get_input(0)
     shape = [int(d) for d in inp.shape]
@@ -240,14 +255,36 @@ def build(args, log=print):
     trt_compat.set_workspace(trt, config, caps, args.workspace)
     flags = trt_compat.set_precision(trt, config, caps, plan["fp16"], plan["int8"], plan["int4"])
     if plan["fp16"] and not args.strongly_typed:
-        n = trt_compat.pin_fp32_layers(trt, network, config, meta.get("fp32_layers") or [])
+        n = trt_compat.pin_fp32_layers(trt, network, config, g.meta.get("fp32_layers") or [])
         if n:
             log("kept {} LayerNorm/IRM layers in FP32 (FP16 variance overflows)".format(n))
     if args.dla_core is not None:
         trt_compat.configure_dla(trt, builder, config, args.dla_core, args.gpu_fallback)
     if timing_cache:
         trt_compat.load_timing_cache(config, timing_cache)
+    return config, shape, flags
 
+
+def build(args, log=print):
+    """Build (or reuse from the cache) the engine for ``args``; returns ``(engine_path, sidecar)``."""
+    g = _Graph(args)
+    if args.print_only:
+        _print_plan(args, g, log)
+        return None, None
+    trt, caps, logger = _open_trt(args, g, log)
+    gpu = gpu_info() or {"name": "unknown", "compute_capability": "?"}
+    builder = trt.Builder(logger)
+    plan = g.plan(args, trt_compat.platform_fast_int8(builder, caps), trt_compat.platform_fast_fp16(builder, caps),
+                  caps.int4)
+    for note in plan["notes"]:
+        log("note: " + note)
+    key, engine_path, timing_cache, plugins, onnx_sha = _cache_paths(args, caps, gpu, plan)
+    log(g.trtexec(args, engine_path, plan, timing_cache, caps.memory_pool_api))
+    if not args.force and engine_cache.cached_engine(engine_path, key):
+        log("engine cache hit: {} (key {}; --force rebuilds)".format(engine_path, key))
+        return engine_path, engine_cache.read_engine_meta(engine_path)
+    network = _network(trt, builder, logger, caps, args, g, log)
+    config, shape, flags = _configure(trt, builder, caps, network, args, g, plan, timing_cache, log)
     log("building {} engine for {} on {} (minutes on a Jetson)...".format(plan["label"], args.onnx, gpu_label(gpu)))
     t0 = time.time()
     blob = trt_compat.build_serialized(trt, builder, network, config, caps)
@@ -256,7 +293,7 @@ def build(args, log=print):
         data = trt_compat.timing_cache_bytes(config)
         if data:
             atomic_write(timing_cache, data)
-    sidecar = model_meta.preprocess_subset(meta)
+    sidecar = model_meta.preprocess_subset(g.meta)
     sidecar.update({
         "cache_key": key, "tensorrt_version": caps.version_str, "gpu_name": gpu.get("name"),
         "compute_capability": gpu.get("compute_capability"), "board": gpu.get("board"),
@@ -274,8 +311,8 @@ def build(args, log=print):
 
 
 @main_guard
-def main(argv=None):
-    build(parse_args(argv))
+def main(argv=None, prog="python3 -m runtime.build"):
+    build(parse_args(argv, prog))
     return 0
 
 

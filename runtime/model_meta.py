@@ -7,7 +7,7 @@ device.  Validated once here so every consumer can trust the shapes.  Python 3.6
 
 import os
 
-from qformat import SIDECAR_KEYS
+from qformat import SIDECAR_KEYS, FormatError, check_format_version
 from qformat.errors import UserError
 from qformat.io import read_json, sidecar_path
 
@@ -44,6 +44,11 @@ def load_onnx_meta(onnx_path):
             onnx_path, path))
     meta = read_json(path, "model sidecar")
     validate(meta, path)
+    if "format_version" in meta:  # version 1 and 2 sidecars are read alike; a newer one is refused
+        try:
+            check_format_version(meta["format_version"], path)
+        except FormatError as e:
+            raise UserError(str(e)) from None
     missing = [k for k in SIDECAR_KEYS if k not in meta]
     if missing:  # only the preprocessing keys are required; the rest is provenance
         meta.setdefault("_warnings", []).append("sidecar lacks " + ", ".join(missing))

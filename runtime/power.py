@@ -9,7 +9,9 @@ Formats differ by generation, so parsing is tested on sample lines:
   AGX Orin has no input rail: ``VDD_GPU_SOC 2394mW/2394mW VDD_CPU_CV 399mW/399mW VIN_SYS_5V0 2623mW/2623mW``
 
 The board input (VDD_IN, POM_5V_IN) is used when present; otherwise the sum of the
-rails (labelled as such -- it misses regulator losses).  Python 3.6-compatible.
+rails (labelled as such -- it misses regulator losses).  Part of the runtime's device core
+(bench logs power with it); ``python3 -m jetson.tegrastats`` is its command line.
+Python 3.6-compatible.
 
     python3 -m jetson.tegrastats --seconds 10      # log and print mean power
 """
