@@ -35,8 +35,8 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
     fn.add_argument("--no-function", dest="function", action="store_false",
                     help="lowbit: plugin-only graph (default for TensorRT targets)")
     p.add_argument("--no-int4", dest="int4", action="store_false",
-                   help="keep 4-bit weights in INT8 containers at opset 21 too (TensorRT 10 supports INT4 weights "
-                        "for weight-only quantization; use this if your build rejects INT8 x INT4)")
+                   help="keep 4-bit weights in INT8 containers where the target has INT4 (--list-targets); "
+                        "use this if your TensorRT build rejects INT8 x INT4")
     par = p.add_argument_group("parity")
     par.add_argument("--parity-n", type=int, default=32, help="images for the parity check (0 = skip)")
     par.add_argument("--atol", type=float, default=1e-3)

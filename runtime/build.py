@@ -21,7 +21,7 @@ except ImportError:  # `python3 runtime/<script>.py` where the package is neithe
                      "PYTHONPATH=<repository root>\n")
     sys.exit(2)
 
-from qformat import LOWBIT_OP  # noqa: E402
+from qformat import LOWBIT_OP, targets  # noqa: E402
 from qformat.cli import parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
 from qformat.io import atomic_write, sha256_file  # noqa: E402
@@ -42,8 +42,10 @@ def plan_precision(requested, has_qdq, is_lowbit, fast_int8, fast_fp16, int4_wei
         return {"fp16": False, "int8": False, "int4": False, "label": "typed",
                 "notes": ["strongly typed: every tensor keeps the type the ONNX gives it"]}
     if int4_weights and not int4_supported:
-        raise UserError("this ONNX stores INT4 weights, which need TensorRT 10+: re-export for this device's "
-                        "target (e.g. --target orin-jp5 or tx2) or use a TensorRT 10 container")
+        raise UserError("this ONNX stores INT4 weights, which need TensorRT {}.{}+: re-export for this device's "
+                        "target (one without INT4: {}) or use a newer TensorRT".format(
+                            targets.TRT_FEATURES["int4"][0], targets.TRT_FEATURES["int4"][1],
+                            ", ".join(t.name for t in targets.TARGETS if t.tensorrt and not t.int4)))
     if requested in ("fp32", "fp16") and has_qdq:
         raise UserError("the graph has Q/DQ nodes, which TensorRT only builds with INT8 enabled: use --int8 "
                         "(or export --format lowbit / fp32 for a {} engine)".format(requested.upper()))
@@ -129,7 +131,8 @@ def parse_args(argv=None, prog="python3 -m runtime.build"):
     p.add_argument("--no-gpu-fallback", dest="gpu_fallback", action="store_false",
                    help="fail instead of running DLA-unsupported layers on the GPU")
     p.add_argument("--strongly-typed", "--stronglyTyped", dest="strongly_typed", action="store_true",
-                   help="TensorRT 9.1+: keep the ONNX's tensor types, no precision flags")
+                   help="keep the ONNX's tensor types, no precision flags (TensorRT {}.{}+)".format(
+                       *targets.TRT_FEATURES["strongly_typed"]))
     p.add_argument("--allow-slow-int8", action="store_true", help="build INT8 even where it is not fast (TX2)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cached engine matches")
     p.add_argument("--print-only", action="store_true",

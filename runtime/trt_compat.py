@@ -18,6 +18,10 @@ MIN_VERSION = targets.TRT_MIN
 PLUGIN_HINT = "build it with `make plugins` and pass --plugins build/plugins/libqvit_plugins.so"
 
 
+def _release(version):
+    return "{}.{}".format(*version)
+
+
 def import_trt():
     """``import tensorrt`` or a one-line error saying how to get it."""
     try:
@@ -123,7 +127,8 @@ def create_network(trt, builder, caps, strongly_typed=False):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     if strongly_typed:
         if not caps.strongly_typed:
-            raise UserError("--strongly-typed needs TensorRT 9.1+, this is {}".format(caps.version_str))
+            raise UserError("--strongly-typed needs TensorRT {}+, this is {}".format(
+                _release(targets.TRT_FEATURES["strongly_typed"]), caps.version_str))
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return builder.create_network(flags)
 
@@ -175,8 +180,8 @@ def set_precision(trt, config, caps, fp16=False, int8=False, int4=False):
         flags.append("int8")
     if int4:
         if not caps.int4:
-            raise UserError("INT4 needs TensorRT 10+, this is {}: build with --int8 or --fp16".format(
-                caps.version_str))
+            raise UserError("INT4 needs TensorRT {}+, this is {}: build with --int8 or --fp16".format(
+                _release(targets.TRT_FEATURES["int4"]), caps.version_str))
         flag = getattr(trt.BuilderFlag, "INT4", None)
         if flag is not None:  # plugin INT4 I/O; INT4 DQ weights need no flag
             config.set_flag(flag)
