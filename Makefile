@@ -12,7 +12,7 @@ EPOCHS  ?=
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 STAMP   := .make/installed
 
-.PHONY: help quickstart test install data train ablation export engine bench demo plugins bench-gemm lint clean
+.PHONY: help quickstart test install data train ablation export engine bench demo plugins bench-gemm gpu-check lint clean
 
 help:
 	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU, ~10 min), export fp32/qdq/lowbit with parity, bench"
@@ -25,6 +25,7 @@ help:
 	@echo "make demo SOURCE=..        camera / video / image-folder demo"
 	@echo "make plugins               build libqvit_plugins.so (CMake, CUDA, TensorRT headers)"
 	@echo "make bench-gemm            packed low-bit GEMM kernels vs cuBLAS (needs a CUDA GPU)"
+	@echo "make gpu-check             one command on a GPU: build, pytest -m cuda, compute-sanitizer, bench, e2e (<= 8 min)"
 
 # ---------------------------------------------------------------- set-up (idempotent)
 data: $(FMNIST)
@@ -72,6 +73,10 @@ plugins:
 
 bench-gemm:
 	$(PY) -m runtime.torchtools.bench_gemm
+
+# No install step: the GPU machine has no package registry (results under $$OUT or runs/gpu-check/).
+gpu-check:
+	$(PY) -m runtime.torchtools.gpu_check
 
 lint:
 	ruff check .

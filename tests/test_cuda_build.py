@@ -76,7 +76,8 @@ int main() {
   std::printf("], \"per_word\": {");
   for (int b = 2; b <= 4; ++b) std::printf("%s\"%d\": [%d, %u, %u, %d, %d]", b > 2 ? ", " : "", b,
       values_per_word(b), code_of_zero(b), zero_word(b), qmin(b), qmax(b));
-  std::printf("}, \"repack\": [%d, %d, %d],", kRepackRowAlign, kRepackKAlign, kRepackWordAlign);
+  std::printf("}, \"repack\": [%d, %d, {\"2\": %d, \"3\": %d, \"4\": %d}],", kRepackRowAlign, kRepackKAlign,
+              repack_word_align(2), repack_word_align(3), repack_word_align(4));
   std::printf("\"dtypes\": [%d, %d, %d, %d], \"paths\": [%d, %d, %d],", QVIT_DTYPE_F32, QVIT_DTYPE_F16,
               QVIT_DTYPE_I8, QVIT_DTYPE_I32, QVIT_PATH_AUTO, QVIT_PATH_A8, QVIT_PATH_A16);
   std::printf("\"kernels\": {");
@@ -116,7 +117,82 @@ def test_python_codes_match_host_header(format_dump):
     assert f["kernels"] == gemm_ext.KERNELS
     assert f["dtypes"] == [gemm_ext.DTYPE_F32, gemm_ext.DTYPE_F16, gemm_ext.DTYPE_I8, gemm_ext.DTYPE_I32]
     assert f["paths"] == [gemm_ext.PATHS["auto"], gemm_ext.PATHS["a8"], gemm_ext.PATHS["a16"]]
-    assert f["repack"] == [gemm_ext.REPACK_ROW_ALIGN, gemm_ext.REPACK_K_ALIGN, gemm_ext.REPACK_WORD_ALIGN]
+    assert f["repack"][:2] == [gemm_ext.REPACK_ROW_ALIGN, gemm_ext.REPACK_K_ALIGN]
+    assert {int(b): a for b, a in f["repack"][2].items()} == gemm_ext.REPACK_WORD_ALIGN
+
+
+@pytest.fixture(scope="session")
+def layout_check(tmp_path_factory):
+    """The kernels' in-word layout run on the host: slot_word / slot_code / expand_word / expand_pair3."""
+    if GXX is None:
+        pytest.skip("needs g++")
+    d = tmp_path_factory.mktemp("layout")
+    src = d / "layout.cpp"
+    src.write_text(r"""
+#include <cstdio>
+#include "qvit_lowbit_format.h"
+using namespace qvit;
+static uint32_t lcg(uint32_t& s) { s = s * 1664525u + 1013904223u; return s >> 8; }
+int main() {
+  uint32_t seed = 12345u;
+  int bad_slot = 0, bad_expand = 0, bad_pair = 0, words = 0;
+  std::printf("{\"samples\": [");
+  for (int bits = 2; bits <= 4; ++bits) {
+    const int per = values_per_word(bits);
+    for (int it = 0; it < 2000; ++it, ++words) {
+      uint32_t c0[16], c1[16];
+      for (int j = 0; j < per; ++j) { c0[j] = lcg(seed) % (1u << bits); c1[j] = lcg(seed) % (1u << bits); }
+      const uint32_t w0 = slot_word(c0, bits), w1 = slot_word(c1, bits);
+      for (int j = 0; j < per; ++j) bad_slot += slot_code(w0, bits, j) != c0[j];
+      uint32_t e[4];
+      expand_word(w0, bits, e);
+      for (int t = 0; t < 4 * expand_words(bits); ++t) {
+        const uint32_t byte = (e[t / 4] >> (8 * (t % 4))) & 0xffu;
+        const uint32_t want = (bits == 3 && t >= 10) ? 0u : c0[t];
+        bad_expand += byte != want;
+      }
+      if (bits == 3) {
+        uint32_t out[5];
+        expand_pair3(w0, w1, out);
+        for (int t = 0; t < 20; ++t) {
+          const uint32_t byte = (out[t / 4] >> (8 * (t % 4))) & 0xffu;
+          bad_pair += byte != (t < 10 ? c0[t] : c1[t - 10]);
+        }
+      }
+      if (it < 3) {
+        std::printf("%s{\"bits\": %d, \"word\": %u, \"codes\": [", (bits > 2 || it) ? ", " : "", bits, w0);
+        for (int j = 0; j < per; ++j) std::printf("%s%u", j ? ", " : "", c0[j]);
+        std::printf("]}");
+      }
+    }
+  }
+  std::printf("], \"words\": %d, \"bad_slot\": %d, \"bad_expand\": %d, \"bad_pair\": %d,", words, bad_slot,
+              bad_expand, bad_pair);
+  std::printf(" \"zero\": [%u, %u, %u]}\n", repacked_zero_word(2), repacked_zero_word(3), repacked_zero_word(4));
+  return 0;
+}
+""")
+    exe = str(d / "layout")
+    _run([GXX, "-std=c++14", "-Wall", "-Wextra", "-Werror", "-I", CUDA_DIR, str(src), "-o", exe])
+    return json.loads(_run([exe]))
+
+
+def test_expand_order_roundtrips_on_the_host(layout_check):
+    """Every code comes back from its slot, and one shift + AND gives consecutive codes as int8x4 bytes."""
+    assert layout_check["words"] == 6000
+    assert layout_check["bad_slot"] == 0
+    assert layout_check["bad_expand"] == 0
+    assert layout_check["bad_pair"] == 0
+
+
+def test_expand_order_matches_numpy(layout_check):
+    """gemm_ext's numpy repack places codes exactly where the C++ slot_word does."""
+    for s in layout_check["samples"]:
+        codes = np.array(s["codes"], dtype=np.uint32)[None, :]
+        assert int(gemm_ext._to_slots(codes, s["bits"])[0]) == s["word"]
+    for b, z in zip((2, 3, 4), layout_check["zero"]):
+        code0 = np.full((1, qformat.values_per_word(b)), -qformat.qrange(b)[0], np.uint32)
+        assert int(gemm_ext._to_slots(code0, b)[0]) == z
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +206,7 @@ def host_lib(tmp_path_factory):
     lib = ctypes.CDLL(so)
     lib.qvit_repack_weights.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.qvit_workspace_size.restype = ctypes.c_size_t
+    lib.qvit_workspace_size.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.qvit_kernel_name.restype = ctypes.c_char_p
     return lib
 
@@ -157,20 +234,27 @@ def test_cpp_repack_rejects_bad_args(host_lib):
 
 
 @pytest.mark.parametrize("m,x_dtype,path,cc,want", [
-    (1, "f16", "auto", (6, 2), "a16_gemv"),      # batch-1 latency path everywhere
-    (16, "f16", "auto", (8, 7), "a16_gemv"),
-    (197, "f16", "auto", (6, 2), "a16_tiled"),   # TX2 GP10B: no fast int8 -> A16
+    (1, "f16", "auto", (6, 2), "a16_gemv"),      # TX2 GP10B: no fast int8 -> fp32-FMA GEMV
+    (16, "f16", "auto", (5, 3), "a16_gemv"),     # Nano
+    (1, "f16", "auto", (8, 7), "gemv_dp4a"),     # batch-1 latency path: dp4a GEMV on Orin
+    (16, "f16", "auto", (9, 0), "gemv_dp4a"),
+    (1, "i8", "auto", (6, 1), "gemv_dp4a"),
+    (197, "f16", "auto", (6, 2), "a16_tiled"),   # TX2
     (197, "f16", "auto", (5, 3), "a16_tiled"),   # Nano
     (197, "f16", "auto", (6, 1), "a8_dp4a"),     # Pascal dGPU
-    (197, "f32", "auto", (7, 2), "a8_mma"),      # Xavier
+    (197, "f32", "auto", (7, 2), "a8_mma"),      # Xavier: WMMA int8
     (6304, "f16", "auto", (7, 5), "a8_mma"),     # Turing
-    (6304, "f16", "auto", (8, 7), "a8_mma"),     # Orin
+    (6304, "f16", "auto", (8, 7), "mma_sync"),   # Orin: mma.sync m16n8k32
+    (6304, "f16", "auto", (9, 0), "mma_sync"),   # Hopper
+    (17, "f16", "auto", (8, 0), "mma_sync"),
     (197, "f16", "a8", (6, 2), "a8_int"),        # forced A8 on TX2: generic int32, not dp4a
     (197, "f16", "a8", (7, 0), "a8_dp4a"),
-    (1, "f16", "a8", (8, 7), "a8_mma"),
+    (1, "f16", "a8", (8, 7), "gemv_dp4a"),
+    (1, "f16", "a8", (6, 2), "a8_int"),
     (197, "f16", "a16", (8, 7), "a16_tiled"),
     (17, "f16", "a16", (8, 7), "a16_tiled"),
-    (197, "i8", "auto", (8, 7), "a8_mma"),
+    (16, "f16", "a16", (9, 0), "a16_gemv"),
+    (197, "i8", "auto", (8, 7), "mma_sync"),
 ])
 def test_kernel_selection(host_lib, m, x_dtype, path, cc, want):
     code = {"f32": 0, "f16": 1, "i8": 2}[x_dtype]
@@ -188,10 +272,17 @@ def test_kernel_selection_rejects_bad_args(host_lib):
 
 def test_workspace_size(host_lib):
     a8 = gemm_ext.KERNELS["a8_mma"]
-    assert host_lib.qvit_workspace_size(197, 384, a8) == 296 * 256  # 197 * 384 = 75648 -> multiple of 256
-    assert host_lib.qvit_workspace_size(3, 45, a8) == 256  # 3 * 64 = 192 -> 256
-    assert host_lib.qvit_workspace_size(197, 384, gemm_ext.KERNELS["a16_gemv"]) == 0
-    assert host_lib.qvit_workspace_size(0, 384, a8) == 0
+    assert host_lib.qvit_workspace_size(197, 384, 4, a8) == 296 * 256  # 197 * 384 = 75648 -> multiple of 256
+    assert host_lib.qvit_workspace_size(3, 45, 4, a8) == 256  # 3 * 64 = 192 -> 256
+    assert host_lib.qvit_workspace_size(197, 384, 4, gemm_ext.KERNELS["a16_gemv"]) == 0
+    assert host_lib.qvit_workspace_size(197, 384, 4, gemm_ext.KERNELS["gemv_dp4a"]) == 0
+    assert host_lib.qvit_workspace_size(0, 384, 4, a8) == 0
+    mma = gemm_ext.KERNELS["mma_sync"]
+    for bits in qformat.PACKED_BITS:  # int8 codes [m, repacked K] + int32 row sums, each rounded to 256 bytes
+        kk = gemm_ext.repacked_words(390, bits) * qformat.values_per_word(bits)
+        want = -(-197 * kk // 256) * 256 + -(-197 * 4 // 256) * 256
+        assert host_lib.qvit_workspace_size(197, 390, bits, mma) == want
+    assert host_lib.qvit_workspace_size(197, 384, 5, mma) == 0
 
 
 @needs_gxx
@@ -231,7 +322,7 @@ def test_shim_is_labelled_and_unused_by_real_build():
 
 # ----------------------------------------------------------------------------- nvcc
 
-NVCC_ARCHS = ("75", "87")
+NVCC_ARCHS = ("75", "87", "90")
 
 
 @pytest.fixture(scope="session", params=NVCC_ARCHS)
@@ -257,10 +348,15 @@ def test_kernels_compile(nvcc_build):
 
 @pytest.mark.nvcc
 def test_int8_tensor_core_and_dp4a_emitted(nvcc_build):
-    """sm_75/sm_87 get the WMMA int8 MMA and the dp4a SIMT path (dp4a code is checked here: CUDA 13 has no sm_61)."""
+    """Every arch gets the WMMA int8 and dp4a paths; sm_80+ also the mma.sync m16n8k32 pipeline
+    (ldmatrix + cp.async).  dp4a is checked here: CUDA 13 has no sm_61."""
     ptx = nvcc_build["ptx"]
     assert "wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32" in ptx
     assert "dp4a.s32.s32" in ptx
+    has_mma = "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32" in ptx
+    assert has_mma == (int(nvcc_build["arch"]) >= 80)
+    if has_mma:
+        assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in ptx and "cp.async.cg.shared.global" in ptx
 
 
 @pytest.mark.nvcc
@@ -271,12 +367,12 @@ def test_sm61_dp4a_path_compiles(tmp_path):
 
 
 def _strip_arch_guarded(src):
-    """Source with the `#if defined(QVIT_DEVICE_HAS_IMMA|DP4A)` branches removed (their #else kept)."""
+    """Source with the `#if defined(QVIT_DEVICE_HAS_*)` branches removed (their #else kept)."""
     out, stack = [], []
     for line in src.splitlines():
         s = line.strip()
         if s.startswith("#if"):
-            guarded = "QVIT_DEVICE_HAS_IMMA" in s or "QVIT_DEVICE_HAS_DP4A" in s or "__CUDA_ARCH__" in s
+            guarded = "QVIT_DEVICE_HAS_" in s or "__CUDA_ARCH__" in s
             stack.append(guarded)
             continue
         if s.startswith("#else") or s.startswith("#elif"):
@@ -319,7 +415,7 @@ def test_cmake_configures_kernels_only(tmp_path):
 @pytest.mark.slow
 def test_torch_extension_binding_syntax():
     """torch_ext.cpp compiles against the installed torch headers (g++ -fsyntax-only, ~20 s)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from torch.utils import cpp_extension
 
     cuda_inc = _cuda_include()
@@ -335,4 +431,3 @@ def test_torch_extension_binding_syntax():
     for i in incs:
         cmd += ["-I", i]
     _run(cmd + [os.path.join(CUDA_DIR, "torch_ext.cpp")])
-    assert torch is not None

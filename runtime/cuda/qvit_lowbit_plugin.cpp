@@ -309,7 +309,9 @@ size_t LowBitLinearPlugin::getWorkspaceSize(const nvinfer1::PluginTensorDesc* in
   int64_t m = 1;
   for (int i = 0; i + 1 < inputs[0].dims.nbDims; ++i) m *= inputs[0].dims.d[i] > 0 ? inputs[0].dims.d[i] : 1;
   if (m > INT32_MAX) return 0;
-  return qvit_workspace_size(static_cast<int>(m), params_.in_features, QVIT_KERNEL_A8_INT);
+  const size_t a8 = qvit_workspace_size(static_cast<int>(m), params_.in_features, params_.bits, QVIT_KERNEL_A8_INT);
+  const size_t mma = qvit_workspace_size(static_cast<int>(m), params_.in_features, params_.bits, QVIT_KERNEL_MMA_SYNC);
+  return a8 > mma ? a8 : mma;
 }
 
 int32_t LowBitLinearPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc,
@@ -358,7 +360,7 @@ int32_t LowBitLinearPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc
   a.act_lo = params_.act_lo;
   a.act_hi = params_.act_hi;
   a.workspace = workspace;
-  a.workspace_bytes = qvit_workspace_size(a.m, a.k, kernel);
+  a.workspace_bytes = qvit_workspace_size(a.m, a.k, a.bits, kernel);
   return cuda_ok(lowbit_gemm(a, kernel, stream), qvit_kernel_name(kernel)) ? 0 : -1;
 }
 
