@@ -37,13 +37,13 @@ def test_without_gpu_it_builds_for_sm90_and_names_what_it_skipped(monkeypatch, t
 def test_summary_has_steps_tables_and_e2e(tmp_path):
     check = gpu_check.Check(str(tmp_path), True)
     check.record("pytest -m cuda", "ok", 12.0, "")
-    check.record("sanitizer racecheck", "FAILED", 3.0, "exit 3 (see sanitizer.log)")
+    check.record("sanitizer racecheck", "FAILED", 3.0, "exit 3 (see tools.log)")
     (tmp_path / "bench_gemm.json").write_text(json.dumps({"markdown": "| layer | M |", "copy_gbps": 3000.0}))
     e2e = {"model": "deit_s", "bits": 4, "logit_cosine": 0.99,
            "batches": {"1": {"fp16": {"eager": 500.0, "graph": 900.0}, "lowbit": {"eager": 400.0, "graph": 950.0}}}}
     (tmp_path / "bench_e2e.json").write_text(json.dumps({"e2e": e2e}))
     text = gpu_check.write_summary(check, {"name": "GPU"})
-    assert "| sanitizer racecheck | FAILED | 3.0 | exit 3 (see sanitizer.log) |" in text
+    assert "| sanitizer racecheck | FAILED | 3.0 | exit 3 (see tools.log) |" in text
     assert "| layer | M |" in text and "3000 GB/s" in text
     assert "| 1 | 500 | 400 | 900 | 950 |" in text
     assert json.loads((tmp_path / "gpu_check.json").read_text())["steps"][1]["status"] == "FAILED"
