@@ -248,14 +248,20 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 //
 // Block = 8 warps; a warp covers 32 / lpr weight rows at once, lpr lanes per row (lpr chosen by
 // the host so that every lane streams >= 2 16-byte weight vectors).  Per K slab:
-//   1. the block quantizes the slab of all MT activation rows ONCE into shared memory, in the
-//      weights' expand order (kE int8x4 words per packed word; warp i owns rows i, i+8: row sums
-//      without atomics), one barrier;
-//   2. each lane streams its row's 16-byte vectors (two in flight), expands each word with one
-//      shift + AND per int8x4 and runs kE __dp4a per activation row; no barrier in this loop.
+//   0. each lane issues the loads of its first kGemvDepth weight vectors (in flight meanwhile);
+//   1. the whole block quantizes the slab of the MT activation rows ONCE into shared memory, in
+//      the weights' expand order (kE int8x4 words per packed word), row sums by warp shuffles
+//      and one shared atomic per warp; one barrier;
+//   2. each lane consumes its vectors, keeping kGemvDepth loads in flight, expands each word
+//      with one shift + AND per int8x4 and runs kE __dp4a per activation row; no barrier here.
 // Lanes of a row reduce with shuffles; acc - 2^(b-1) * rowsum is the exact integer dot product.
 constexpr int kDp4aWarps = 8;
 constexpr int kDp4aSmemBytes = 32 * 1024;  // activation slab (static: fits every arch)
+// 16-byte weight loads in flight per lane (fewer at 16 rows: registers; the loads are amortized anyway).
+template <int MT>
+struct GemvDepth {
+  static constexpr int kValue = MT >= 16 ? 2 : 4;
+};
 
 template <int BITS>
 struct GemvLayout {
@@ -264,21 +270,21 @@ struct GemvLayout {
   static constexpr int kVecInts = 4 * kE;  // int8x4 words of activations per weight vector (4 words)
 };
 
-// Activations of vectors [v0, v0 + vs) for rows m < MT into xs[m][v][4 * kE] (int8x4 words).
+// Activations of vectors [v0, v0 + vs) for rows m < MT into xs[m][v][4 * kE] (int8x4 words);
+// row sums of the codes added to row_sum[m].  All threads of the block take part.
 template <int BITS, int MT>
 __device__ __forceinline__ void gemv_stage_acts(const void* __restrict__ x, int x_dtype, int k, int v0, int vs,
                                                 int row0, const Epilogue& epi, int lo, int hi, int* xs,
                                                 int* row_sum) {
   using L = GemvLayout<BITS>;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
   const int ints = vs * L::kVecInts;
-  for (int mi = warp; mi < MT; mi += kDp4aWarps) {
+#pragma unroll 1
+  for (int mi = 0; mi < MT; ++mi) {
     const int row = row0 + mi;
     const bool live = row < epi.m;
     const size_t base = static_cast<size_t>(live ? row : 0) * k;
     int sum = 0;
-    for (int c = lane; c < ints; c += 32) {
+    for (int c = threadIdx.x; c < ints; c += blockDim.x) {
       const int word = 4 * v0 + c / L::kE;     // packed word index in the row
       const int t0 = 4 * (c % L::kE);          // first byte slot of this int8x4
       int packed = 0;
@@ -295,7 +301,7 @@ __device__ __forceinline__ void gemv_stage_acts(const void* __restrict__ x, int 
       xs[mi * ints + c] = packed;
     }
     sum = warp_sum(sum);
-    if (lane == 0) row_sum[mi] += sum;
+    if ((threadIdx.x & 31) == 0 && sum != 0) atomicAdd(row_sum + mi, sum);
   }
 }
 
@@ -347,19 +353,30 @@ __global__ void __launch_bounds__(kDp4aWarps * 32, 2)
   int acc[MT];
 #pragma unroll
   for (int i = 0; i < MT; ++i) acc[i] = 0;
+  constexpr int kGemvDepth = GemvDepth<MT>::kValue;
+  uint4 ring[kGemvDepth];
   for (int v0 = 0; v0 < vecs; v0 += kSlabVecs) {
     const int vs = min(kSlabVecs, vecs - v0);
+#pragma unroll
+    for (int d = 0; d < kGemvDepth; ++d) {  // weight loads in flight while the activations are staged
+      const int v = sub + d * lpr;
+      if (v < vs) ring[d] = __ldg(wrow + v0 + v);
+    }
     __syncthreads();  // previous slab consumed (and row_sum initialised)
     gemv_stage_acts<BITS, MT>(x, x_dtype, k, v0, vs, row0, epi, act_lo, act_hi, xs, row_sum);
     __syncthreads();
     const int ints = vs * L::kVecInts;
-    int v = sub;
-    uint4 cur = v < vs ? __ldg(wrow + v0 + v) : make_uint4(0, 0, 0, 0);
-    for (; v < vs; v += lpr) {
-      const int vn = v + lpr;
-      const uint4 nxt = vn < vs ? __ldg(wrow + v0 + vn) : cur;  // next vector in flight
-      gemv_dot<BITS, MT>(cur, xs + v * L::kVecInts, ints, acc);
-      cur = nxt;
+    for (int base = sub; base < vs; base += kGemvDepth * lpr) {
+#pragma unroll
+      for (int d = 0; d < kGemvDepth; ++d) {
+        const int v = base + d * lpr;
+        if (v < vs) {
+          const uint4 cur = ring[d];
+          const int vn = v + kGemvDepth * lpr;
+          if (vn < vs) ring[d] = __ldg(wrow + v0 + vn);  // refill: kGemvDepth loads stay in flight
+          gemv_dot<BITS, MT>(cur, xs + v * L::kVecInts, ints, acc);
+        }
+      }
     }
   }
   constexpr int kOff = 1 << (BITS - 1);
@@ -624,27 +641,31 @@ __global__ void __launch_bounds__(kMmaThreads)
 
 // ------------------------------------------------------------------ MMA SYNC (large M, sm_80+)
 //
-// 128x128 output tile, 8 warps (2 x 4) of 64x32, mma.sync m16n8k32 with s8 activations and u8
-// weight codes (exact int32).  Per K tile of kKT elements:
-//   A (int8 codes from quantize_rows_kernel) arrives by cp.async, kStages deep;
-//   B (packed words) is loaded to registers one tile ahead, expanded with shifts/ANDs into
-//     int8 codes in natural K order and stored to shared memory once per tile;
-//   both are read into fragments with ldmatrix (rows padded by 16 bytes: no bank conflicts).
-// The epilogue subtracts 2^(b-1) * rowsum(xq) and stores straight from the accumulators.
-template <int BITS>
+// BM x 128 output tile (BM = 64 or 128), 8 warps (2 x 4) of (BM/2) x 32, mma.sync m16n8k32 with
+// s8 activations and u8 weight codes (exact int32).  Per K tile of kKT elements, kStages deep:
+//   A (int8 codes from quantize_rows_kernel) and B (packed words) arrive by cp.async;
+//   after one barrier the block expands the packed B tile with shifts/ANDs into int8 codes in
+//     natural K order (one shared buffer), a second barrier, then ldmatrix + mma;
+//   shared rows are padded by 16 bytes (conflict-free ldmatrix).
+// The epilogue loads each column's scale and bias once, subtracts 2^(b-1) * rowsum(xq) and stores
+// straight from the accumulators (pairs of adjacent columns as one 4/8-byte store when it can).
+template <int BITS, int BM>
 struct MmaCfg {
-  static constexpr int kBM = 128;
+  static constexpr int kBM = BM;
   static constexpr int kBN = 128;
   static constexpr int kThreads = 256;
+  static constexpr int kMI = BM / 32;                                    // m16 tiles per warp
   static constexpr int kWords = BITS == 3 ? 16 : (BITS == 4 ? 8 : 4);  // packed words per row per K tile
   static constexpr int kKT = kWords * (32 / BITS);                       // 64, 64, 160 elements
   static constexpr int kStages = BITS == 3 ? 2 : 3;
   static constexpr int kStride = kKT + 16;                               // smem row bytes (80 / 176)
-  static constexpr int kTileBytes = (kBM + kBN) * kStride;
-  static constexpr int kSmemBytes = kStages * kTileBytes;
+  static constexpr int kABytes = kBM * kStride;                          // one A stage
+  static constexpr int kBpBytes = kBN * kWords * 4;                      // one packed B stage
+  static constexpr int kSmemBytes = kStages * (kABytes + kBpBytes) + kBN * kStride;
   static constexpr int kWordsPerThread = kBN * kWords / kThreads;       // 4, 2, 8
   static_assert(kWordsPerThread * kThreads == kBN * kWords && kWordsPerThread % 2 == 0, "B tile split");
-  static_assert(kKT % 32 == 0 && kStride % 16 == 0, "K tile of whole k32 steps, 16-byte smem rows");
+  static_assert(kKT % 32 == 0 && kStride % 16 == 0 && kBpBytes % 16 == 0, "whole k32 steps, 16-byte rows");
+  static_assert(kMI * 32 == kBM && (kMI == 2 || kMI == 4), "8 warps as 2 x 4, m16 tiles per warp");
 };
 
 #if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
@@ -677,122 +698,139 @@ __device__ __forceinline__ void mma_s8u8(int (&c)[4], const uint32_t (&a)[4], ui
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-#endif
 
-// The words of one K tile this thread expands: row tid / 2, half (tid % 2) of the tile's words.
-template <int BITS>
-struct BRegs {
-  uint32_t w[MmaCfg<BITS>::kWordsPerThread];
-};
-
-template <int BITS>
-__device__ __forceinline__ void mma_load_b(BRegs<BITS>& b, const uint32_t* __restrict__ w, int ldw, int n, int n0,
-                                           int kt) {
-  using C = MmaCfg<BITS>;
-  const int row = min(n0 + static_cast<int>(threadIdx.x) / 2, n - 1);  // rows past n: any valid row, never stored
-  const uint32_t* src = w + static_cast<size_t>(row) * ldw + kt * C::kWords + (threadIdx.x % 2) * C::kWordsPerThread;
-#pragma unroll
-  for (int i = 0; i < C::kWordsPerThread; i += 2) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(src + i));
-    b.w[i] = v.x;
-    b.w[i + 1] = v.y;
+// One K tile of A (int8 codes, rows past m zero-filled) and packed B (rows past n: any valid row).
+template <int BITS, int BM>
+__device__ __forceinline__ void mma_load_tile(const int8_t* __restrict__ xq, int lda, int m, int m0,
+                                              const uint32_t* __restrict__ w, int ldw, int n, int n0, int kt,
+                                              int8_t* as, uint32_t* bp) {
+  using C = MmaCfg<BITS, BM>;
+  constexpr int kAChunks = C::kKT / 16;
+  for (int c = threadIdx.x; c < C::kBM * kAChunks; c += C::kThreads) {
+    const int r = c / kAChunks;
+    const int q = c % kAChunks;
+    const bool valid = m0 + r < m;
+    const int8_t* src = xq + static_cast<size_t>(valid ? m0 + r : 0) * lda + kt * C::kKT + q * 16;
+    cp_async16(as + r * C::kStride + q * 16, src, valid);
+  }
+  constexpr int kBChunks = C::kWords / 4;  // 16-byte chunks of packed words per row
+  for (int c = threadIdx.x; c < C::kBN * kBChunks; c += C::kThreads) {
+    const int r = c / kBChunks;
+    const int q = c % kBChunks;
+    const uint32_t* src = w + static_cast<size_t>(min(n0 + r, n - 1)) * ldw + kt * C::kWords + q * 4;
+    cp_async16(bp + r * C::kWords + q * 4, src, true);
   }
 }
+#endif
 
-// Expanded codes of this thread's words -> smem row (natural K order).
-template <int BITS>
-__device__ __forceinline__ void mma_store_b(const BRegs<BITS>& b, int8_t* bs) {
-  using C = MmaCfg<BITS>;
+// The packed B tile in shared memory -> int8 codes in natural K order (row tid / 2, half tid % 2).
+template <int BITS, int BM>
+__device__ __forceinline__ void mma_expand_b(const uint32_t* bp, int8_t* bx) {
+  using C = MmaCfg<BITS, BM>;
   constexpr int kOutInts = C::kWordsPerThread * (32 / BITS) / 4;  // 8, 8, 20
+  const uint32_t* src = bp + (threadIdx.x / 2) * C::kWords + (threadIdx.x % 2) * C::kWordsPerThread;
+  uint32_t wv[C::kWordsPerThread];
+#pragma unroll
+  for (int i = 0; i < C::kWordsPerThread; i += 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(src + i);
+    wv[i] = v.x;
+    wv[i + 1] = v.y;
+  }
   int out[kOutInts];
   if (BITS == 3) {
 #pragma unroll
     for (int p = 0; p < C::kWordsPerThread / 2; ++p) {  // a word pair = 20 codes = 5 int8x4
       uint32_t u[5];
-      expand_pair3(b.w[2 * p], b.w[2 * p + 1], u);
+      expand_pair3(wv[2 * p], wv[2 * p + 1], u);
 #pragma unroll
       for (int i = 0; i < 5; ++i) out[5 * p + i] = static_cast<int>(u[i]);
     }
   } else {
     constexpr int kE = Expand<BITS>::kE;
 #pragma unroll
-    for (int q = 0; q < C::kWordsPerThread; ++q) Expand<BITS>::run(b.w[q], out + q * kE);
+    for (int q = 0; q < C::kWordsPerThread; ++q) Expand<BITS>::run(wv[q], out + q * kE);
   }
-  int8_t* dst = bs + (threadIdx.x / 2) * C::kStride + (threadIdx.x % 2) * (kOutInts * 4);
+  int8_t* dst = bx + (threadIdx.x / 2) * C::kStride + (threadIdx.x % 2) * (kOutInts * 4);
 #pragma unroll
   for (int i = 0; i < kOutInts; i += 4) {
     *reinterpret_cast<int4*>(dst + 4 * i) = make_int4(out[i], out[i + 1], out[i + 2], out[i + 3]);
   }
 }
 
-template <int BITS>
-__device__ __forceinline__ void mma_load_a(const int8_t* __restrict__ xq, int lda, int m, int m0, int kt,
-                                           int8_t* as) {
 #if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
-  using C = MmaCfg<BITS>;
-  constexpr int kChunks = C::kKT / 16;  // 16-byte chunks per row
-  for (int c = threadIdx.x; c < C::kBM * kChunks; c += C::kThreads) {
-    const int r = c / kChunks;
-    const int q = c % kChunks;
-    const bool valid = m0 + r < m;
-    const int8_t* src = xq + static_cast<size_t>(valid ? m0 + r : 0) * lda + kt * C::kKT + q * 16;
-    cp_async16(as + r * C::kStride + q * 16, src, valid);
+// Two adjacent output columns (col, col + 1) of one row; one 4/8-byte store when both are plain.
+__device__ __forceinline__ void store_pair(const Epilogue& e, int row, int col, const int (&acc)[2],
+                                           const float (&alpha)[2], const float (&beta)[2], const int (&cols)[2],
+                                           bool pair_ok) {
+  const size_t idx = static_cast<size_t>(row) * e.ldy + cols[0];
+  if (pair_ok && e.y_dtype == QVIT_DTYPE_F16) {
+    *reinterpret_cast<__half2*>(static_cast<__half*>(e.y) + idx) =
+        __floats2half2_rn(fmaf(static_cast<float>(acc[0]), alpha[0], beta[0]),
+                          fmaf(static_cast<float>(acc[1]), alpha[1], beta[1]));
+    return;
   }
-#endif
+  if (pair_ok && e.y_dtype == QVIT_DTYPE_F32) {
+    *reinterpret_cast<float2*>(static_cast<float*>(e.y) + idx) =
+        make_float2(fmaf(static_cast<float>(acc[0]), alpha[0], beta[0]),
+                    fmaf(static_cast<float>(acc[1]), alpha[1], beta[1]));
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    if (col + c < e.n) store_output(e, row, col + c, acc[c]);
+  }
 }
+#endif
 
-template <int BITS>
-__global__ void __launch_bounds__(MmaCfg<BITS>::kThreads)
+template <int BITS, int BM>
+__global__ void __launch_bounds__(256)
     mma_sync_kernel(const int8_t* __restrict__ xq, const int* __restrict__ row_sum, int lda,
                     const uint32_t* __restrict__ w, int ldw, Epilogue epi) {
 #if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
-  using C = MmaCfg<BITS>;
+  using C = MmaCfg<BITS, BM>;
   extern __shared__ __align__(16) int8_t smem[];
+  int8_t* bx = smem + C::kStages * (C::kABytes + C::kBpBytes);
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  const int wm = (warp >> 2) * 64;  // warp tile origin in the block tile
+  const int wm = (warp >> 2) * (BM / 2);  // warp tile origin in the block tile
   const int wn = (warp & 3) * 32;
   const int m0 = blockIdx.y * C::kBM;
   const int n0 = blockIdx.x * C::kBN;
   const int tiles = lda / C::kKT;
-  auto a_tile = [&](int s) { return smem + s * C::kTileBytes; };
-  auto b_tile = [&](int s) { return smem + s * C::kTileBytes + C::kBM * C::kStride; };
+  auto a_tile = [&](int s) { return smem + s * C::kABytes; };
+  auto b_tile = [&](int s) { return reinterpret_cast<uint32_t*>(smem + C::kStages * C::kABytes + s * C::kBpBytes); };
 
-  int acc[4][4][4];
+  int acc[C::kMI][4][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < C::kMI; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
 
-  BRegs<BITS> breg;
 #pragma unroll
   for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < tiles) {
-      mma_load_a<BITS>(xq, lda, epi.m, m0, s, a_tile(s));
-      mma_load_b<BITS>(breg, w, ldw, epi.n, n0, s);
-      mma_store_b<BITS>(breg, b_tile(s));
-    }
+    if (s < tiles) mma_load_tile<BITS, BM>(xq, lda, epi.m, m0, w, ldw, epi.n, n0, s, a_tile(s), b_tile(s));
     cp_async_commit();
   }
   for (int kt = 0; kt < tiles; ++kt) {
     cp_async_wait<C::kStages - 2>();
-    __syncthreads();  // tile kt visible; everyone is done with tile kt - 1
+    __syncthreads();  // tile kt landed; everyone is done with tile kt - 1 (its stage and bx are free)
     const int next = kt + C::kStages - 1;
     if (next < tiles) {
-      mma_load_a<BITS>(xq, lda, epi.m, m0, next, a_tile(next % C::kStages));
-      mma_load_b<BITS>(breg, w, ldw, epi.n, n0, next);
+      const int s = next % C::kStages;
+      mma_load_tile<BITS, BM>(xq, lda, epi.m, m0, w, ldw, epi.n, n0, next, a_tile(s), b_tile(s));
     }
     cp_async_commit();
+    mma_expand_b<BITS, BM>(b_tile(kt % C::kStages), bx);
+    __syncthreads();
     const int8_t* as = a_tile(kt % C::kStages);
-    const int8_t* bs = b_tile(kt % C::kStages);
 #pragma unroll
     for (int k32 = 0; k32 < C::kKT / 32; ++k32) {
-      uint32_t a[4][4];
+      uint32_t a[C::kMI][4];
       uint32_t b[4][2];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < C::kMI; ++i) {
         const int r = wm + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
         ldmatrix_x4(a[i], as + r * C::kStride + k32 * 32 + (lane >> 4) * 16);
       }
@@ -800,26 +838,41 @@ __global__ void __launch_bounds__(MmaCfg<BITS>::kThreads)
       for (int j = 0; j < 2; ++j) {
         uint32_t t[4];
         const int r = wn + j * 16 + (lane & 7) + (lane >> 4) * 8;
-        ldmatrix_x4(t, bs + r * C::kStride + k32 * 32 + ((lane >> 3) & 1) * 16);
+        ldmatrix_x4(t, bx + r * C::kStride + k32 * 32 + ((lane >> 3) & 1) * 16);
         b[2 * j][0] = t[0];
         b[2 * j][1] = t[1];
         b[2 * j + 1][0] = t[2];
         b[2 * j + 1][1] = t[3];
       }
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < C::kMI; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) mma_s8u8(acc[i][j], a[i], b[j][0], b[j][1]);
     }
-    if (next < tiles) mma_store_b<BITS>(breg, b_tile(next % C::kStages));
   }
   cp_async_wait<0>();
 
+  // Epilogue: this thread's 8 columns (4 n8 tiles x 2), their scale / bias / output column once.
   constexpr int kOff = 1 << (BITS - 1);
   const int g = lane >> 2;
   const int t2 = (lane & 3) * 2;
+  float alpha[4][2];
+  float beta[4][2];
+  int cols[4][2];
+  bool pair_ok[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int r = min(n0 + wn + j * 8 + t2 + c, epi.n - 1);
+      cols[j][c] = epi.col_map != nullptr ? __ldg(epi.col_map + r) : r;
+      alpha[j][c] = epi.act_scale * __ldg(epi.weight_scale + cols[j][c]);
+      beta[j][c] = epi.bias != nullptr ? __ldg(epi.bias + cols[j][c]) : 0.0f;
+    }
+    pair_ok[j] = epi.col_map == nullptr && n0 + wn + j * 8 + t2 + 1 < epi.n && (epi.ldy & 1) == 0;
+  }
+#pragma unroll
+  for (int i = 0; i < C::kMI; ++i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = m0 + wm + i * 16 + g + h * 8;
@@ -827,11 +880,10 @@ __global__ void __launch_bounds__(MmaCfg<BITS>::kThreads)
       const int corr = kOff * __ldg(row_sum + row);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = n0 + wn + j * 8 + t2 + c;
-          if (col < epi.n) store_output(epi, row, col, acc[i][j][2 * h + c] - corr);
-        }
+        const int col = n0 + wn + j * 8 + t2;
+        if (col >= epi.n) continue;
+        const int v[2] = {acc[i][j][2 * h] - corr, acc[i][j][2 * h + 1] - corr};
+        store_pair(epi, row, col, v, alpha[j], beta[j], cols[j], pair_ok[j]);
       }
     }
   }
@@ -898,7 +950,7 @@ cudaError_t launch_gemv(const LowBitGemmArgs& a, cudaStream_t stream) {
 }
 
 // Dynamic shared memory above 48 KB must be opted into once per kernel and device.
-template <int BITS>
+template <int BITS, int BM>
 cudaError_t enable_mma_smem() {
   static std::atomic<unsigned long long> done_devices{0};
   int dev = 0;
@@ -906,26 +958,37 @@ cudaError_t enable_mma_smem() {
   if (err != cudaSuccess) return err;
   const unsigned long long bit = 1ull << (dev & 63);
   if ((done_devices.load() & bit) != 0) return cudaSuccess;
-  err = cudaFuncSetAttribute(reinterpret_cast<const void*>(mma_sync_kernel<BITS>),
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, MmaCfg<BITS>::kSmemBytes);
+  err = cudaFuncSetAttribute(reinterpret_cast<const void*>(mma_sync_kernel<BITS, BM>),
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, MmaCfg<BITS, BM>::kSmemBytes);
   if (err == cudaSuccess) done_devices.fetch_or(bit);
   return err;
 }
 
+// M tile: 64 rows below kMmaSmallM (more blocks for the GPU when M x N is small), else 128.
+constexpr int kMmaSmallM = 2048;
+
+template <int BITS, int BM>
+cudaError_t launch_mma_tiles(const LowBitGemmArgs& a, const int8_t* xq, const int* row_sum, int lda,
+                             cudaStream_t stream) {
+  using C = MmaCfg<BITS, BM>;
+  const cudaError_t err = enable_mma_smem<BITS, BM>();
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(a.n, C::kBN), ceil_div(a.m, C::kBM));
+  return launch(mma_sync_kernel<BITS, BM>, grid, dim3(C::kThreads), static_cast<size_t>(C::kSmemBytes), stream,
+                xq, row_sum, lda, a.w, a.ldw, make_epilogue(a));
+}
+
 template <int BITS>
 cudaError_t launch_mma_sync(const LowBitGemmArgs& a, cudaStream_t stream) {
-  using C = MmaCfg<BITS>;
   const int lda = repacked_k(a.k, BITS);
   int8_t* xq = static_cast<int8_t*>(a.workspace);
   int* row_sum = reinterpret_cast<int*>(xq + (static_cast<size_t>(a.m) * lda + 255) / 256 * 256);
-  cudaError_t err = enable_mma_smem<BITS>();
+  const cudaError_t err = launch(quantize_rows_kernel, dim3(ceil_div(a.m, kQuantRowsPerBlock)),
+                                 dim3(kQuantRowsPerBlock * 32), 0, stream, a.x, a.x_dtype, a.m, a.k, lda, a.act_scale,
+                                 a.act_lo, a.act_hi, xq, row_sum);
   if (err != cudaSuccess) return err;
-  err = launch(quantize_rows_kernel, dim3(ceil_div(a.m, kQuantRowsPerBlock)), dim3(kQuantRowsPerBlock * 32), 0,
-               stream, a.x, a.x_dtype, a.m, a.k, lda, a.act_scale, a.act_lo, a.act_hi, xq, row_sum);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(a.n, C::kBN), ceil_div(a.m, C::kBM));
-  return launch(mma_sync_kernel<BITS>, grid, dim3(C::kThreads), static_cast<size_t>(C::kSmemBytes), stream,
-                static_cast<const int8_t*>(xq), static_cast<const int*>(row_sum), lda, a.w, a.ldw, make_epilogue(a));
+  if (a.m < kMmaSmallM) return launch_mma_tiles<BITS, 64>(a, xq, row_sum, lda, stream);
+  return launch_mma_tiles<BITS, 128>(a, xq, row_sum, lda, stream);
 }
 
 template <int BITS>
@@ -976,7 +1039,7 @@ int rows_per_grid_y(int kernel) {
   switch (kernel) {
     case QVIT_KERNEL_GEMV_DP4A: return 16;
     case QVIT_KERNEL_A16_GEMV: return 8;
-    case QVIT_KERNEL_MMA_SYNC: return MmaCfg<4>::kBM;
+    case QVIT_KERNEL_MMA_SYNC: return 64;
     default: return kTile;
   }
 }

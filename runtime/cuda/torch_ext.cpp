@@ -61,8 +61,9 @@ void gemm_into(torch::Tensor y, const torch::Tensor& x2d, const torch::Tensor& w
   const int ldw = qvit_repacked_words(static_cast<int>(k), static_cast<int>(bits));
   TORCH_CHECK(ldw > 0, "bits must be 2, 3 or 4, got ", bits);
   check_operand(w, x2d, torch::kInt32, -1, "w (repacked words)");
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == ldw, "w must be repacked [", rows, ", ", ldw,
-              "] for N=", n, " K=", k, " bits=", bits, ", got ", w.sizes());
+  TORCH_CHECK(w.dim() == 2, "w must be repacked [", rows, ", ", ldw, "] int32 words, got a ", w.dim(), "-d tensor");
+  TORCH_CHECK(w.size(0) == rows && w.size(1) == ldw, "w must be repacked [", rows, ", ", ldw, "] for N=", n, " K=", k,
+              " bits=", bits, ", got [", w.size(0), ", ", w.size(1), "]");
   check_operand(y, x2d, y.scalar_type(), -1, "y");
   TORCH_CHECK(y.dim() == 2 && y.size(0) == m, "y must be [M, *]");
   const int64_t ldy = y.size(1);
