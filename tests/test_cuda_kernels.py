@@ -292,6 +292,17 @@ def test_many_rows_bit_exact(kernel, bits):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("bits", qformat.PACKED_BITS)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_gemv_large_layer_multi_pass_bit_exact(bits, m):
+    """N = 4096, K = 2048: more row groups than two blocks per SM, so each block serves several."""
+    _skip_unless_available("gemv_dp4a")
+    q, packed, _, _, s, lo, hi, x = _problem(m, 4096, 2048, bits, seed=bits + m)
+    acc = gemm_ext.lowbit_linear_acc(torch.from_numpy(x).cuda(), packed, bits, s, lo, hi, kernel="gemv_dp4a")
+    np.testing.assert_array_equal(acc.cpu().numpy(), _acc_reference(x, q, s, lo, hi))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("kernel", ALL_KERNELS)
 @pytest.mark.parametrize("bits", qformat.PACKED_BITS)
 def test_worst_case_magnitude_is_exact(kernel, bits):

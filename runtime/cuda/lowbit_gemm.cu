@@ -271,20 +271,25 @@ struct GemvLayout {
 };
 
 // Activations of vectors [v0, v0 + vs) for rows m < MT into xs[m][v][4 * kE] (int8x4 words);
-// row sums of the codes added to row_sum[m].  All threads of the block take part.
+// row sums of the codes added to row_sum[m].  The 8 warps form min(MT, 8) groups; group g stages
+// rows g, g + groups, ... with all its lanes (one latency round per row it owns).
 template <int BITS, int MT>
 __device__ __forceinline__ void gemv_stage_acts(const void* __restrict__ x, int x_dtype, int k, int v0, int vs,
                                                 int row0, const Epilogue& epi, int lo, int hi, int* xs,
                                                 int* row_sum) {
   using L = GemvLayout<BITS>;
+  constexpr int kGroups = MT < kDp4aWarps ? MT : kDp4aWarps;
+  constexpr int kGroupThreads = kDp4aWarps / kGroups * 32;
+  const int group = (threadIdx.x >> 5) % kGroups;
+  const int gt = (threadIdx.x >> 5) / kGroups * 32 + (threadIdx.x & 31);  // thread index inside the group
   const int ints = vs * L::kVecInts;
 #pragma unroll 1
-  for (int mi = 0; mi < MT; ++mi) {
+  for (int mi = group; mi < MT; mi += kGroups) {
     const int row = row0 + mi;
     const bool live = row < epi.m;
     const size_t base = static_cast<size_t>(live ? row : 0) * k;
     int sum = 0;
-    for (int c = threadIdx.x; c < ints; c += blockDim.x) {
+    for (int c = gt; c < ints; c += kGroupThreads) {
       const int word = 4 * v0 + c / L::kE;     // packed word index in the row
       const int t0 = 4 * (c % L::kE);          // first byte slot of this int8x4
       int packed = 0;
@@ -331,66 +336,77 @@ __device__ __forceinline__ void gemv_dot(uint4 wv, const int* __restrict__ xv, i
 }
 
 template <int BITS, int MT>
+struct GemvSlab {
+  static constexpr int kVecs = kDp4aSmemBytes / (MT * GemvLayout<BITS>::kVecInts * 4);  // vectors per slab
+};
+
+// `passes` > 1 (only when the whole K fits one slab): the block stages the activations once and
+// then serves `passes` consecutive groups of rows, so large layers do not re-quantize per 8 rows.
+template <int BITS, int MT>
 __global__ void __launch_bounds__(kDp4aWarps * 32, 2)
     gemv_dp4a_kernel(const void* __restrict__ x, int x_dtype, const uint32_t* __restrict__ w, int ldw, int k,
-                     int act_lo, int act_hi, int lpr, Epilogue epi) {
+                     int act_lo, int act_hi, int lpr, int passes, Epilogue epi) {
 #if defined(QVIT_DEVICE_HAS_DP4A)
   using L = GemvLayout<BITS>;
-  constexpr int kSlabVecs = kDp4aSmemBytes / (MT * L::kVecInts * 4);
+  constexpr int kSlabVecs = GemvSlab<BITS, MT>::kVecs;
+  constexpr int kGemvDepth = GemvDepth<MT>::kValue;
   __shared__ __align__(16) int xs[kSlabVecs * MT * L::kVecInts];
   __shared__ int row_sum[MT];
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int rows_per_warp = 32 / lpr;
-  const int wrow_idx = (blockIdx.x * kDp4aWarps + warp) * rows_per_warp + lane / lpr;
   const int sub = lane % lpr;
   const int row0 = blockIdx.y * MT;
   const int vecs = (packed_words(k, BITS) + 3) / 4;  // real 16-byte vectors per row (ldw % 4 == 0)
-  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(min(wrow_idx, epi.n - 1)) * ldw);
   if (threadIdx.x < MT) row_sum[threadIdx.x] = 0;
+  constexpr int kOff = 1 << (BITS - 1);
 
-  int acc[MT];
+  for (int p = 0; p < passes; ++p) {
+    const int wrow_idx = ((blockIdx.x * passes + p) * kDp4aWarps + warp) * rows_per_warp + lane / lpr;
+    const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(min(wrow_idx, epi.n - 1)) * ldw);
+    int acc[MT];
 #pragma unroll
-  for (int i = 0; i < MT; ++i) acc[i] = 0;
-  constexpr int kGemvDepth = GemvDepth<MT>::kValue;
-  uint4 ring[kGemvDepth];
-  for (int v0 = 0; v0 < vecs; v0 += kSlabVecs) {
-    const int vs = min(kSlabVecs, vecs - v0);
+    for (int i = 0; i < MT; ++i) acc[i] = 0;
+    uint4 ring[kGemvDepth];
+    for (int v0 = 0; v0 < vecs; v0 += kSlabVecs) {
+      const int vs = min(kSlabVecs, vecs - v0);
 #pragma unroll
-    for (int d = 0; d < kGemvDepth; ++d) {  // weight loads in flight while the activations are staged
-      const int v = sub + d * lpr;
-      if (v < vs) ring[d] = __ldg(wrow + v0 + v);
-    }
-    __syncthreads();  // previous slab consumed (and row_sum initialised)
-    gemv_stage_acts<BITS, MT>(x, x_dtype, k, v0, vs, row0, epi, act_lo, act_hi, xs, row_sum);
-    __syncthreads();
-    const int ints = vs * L::kVecInts;
-    for (int base = sub; base < vs; base += kGemvDepth * lpr) {
+      for (int d = 0; d < kGemvDepth; ++d) {  // weight loads in flight while the activations are staged
+        const int v = sub + d * lpr;
+        if (v < vs) ring[d] = __ldg(wrow + v0 + v);
+      }
+      if (p == 0) {  // passes > 1 only with one slab: staged once
+        __syncthreads();  // previous slab consumed (and row_sum initialised)
+        gemv_stage_acts<BITS, MT>(x, x_dtype, k, v0, vs, row0, epi, act_lo, act_hi, xs, row_sum);
+        __syncthreads();
+      }
+      const int ints = vs * L::kVecInts;
+      for (int base = sub; base < vs; base += kGemvDepth * lpr) {
 #pragma unroll
-      for (int d = 0; d < kGemvDepth; ++d) {
-        const int v = base + d * lpr;
-        if (v < vs) {
-          const uint4 cur = ring[d];
-          const int vn = v + kGemvDepth * lpr;
-          if (vn < vs) ring[d] = __ldg(wrow + v0 + vn);  // refill: kGemvDepth loads stay in flight
-          gemv_dot<BITS, MT>(cur, xs + v * L::kVecInts, ints, acc);
+        for (int d = 0; d < kGemvDepth; ++d) {
+          const int v = base + d * lpr;
+          if (v < vs) {
+            const uint4 cur = ring[d];
+            const int vn = v + kGemvDepth * lpr;
+            if (vn < vs) ring[d] = __ldg(wrow + v0 + vn);  // refill: kGemvDepth loads stay in flight
+            gemv_dot<BITS, MT>(cur, xs + v * L::kVecInts, ints, acc);
+          }
         }
       }
     }
-  }
-  constexpr int kOff = 1 << (BITS - 1);
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    if (off < lpr) {
+    for (int off = 16; off > 0; off >>= 1) {
+      if (off < lpr) {
 #pragma unroll
-      for (int i = 0; i < MT; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+        for (int i = 0; i < MT; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+      }
     }
-  }
-  if (sub == 0 && wrow_idx < epi.n) {
+    if (sub == 0 && wrow_idx < epi.n) {
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      if (row0 + i < epi.m) store_output(epi, row0 + i, wrow_idx, acc[i] - kOff * row_sum[i]);
+      for (int i = 0; i < MT; ++i) {
+        if (row0 + i < epi.m) store_output(epi, row0 + i, wrow_idx, acc[i] - kOff * row_sum[i]);
+      }
     }
   }
 #else
@@ -931,12 +947,33 @@ int gemv_lanes_per_row(int k, int bits) {
   return lpr;
 }
 
+// Multiprocessors of the current device (cached per device).
+int sm_count() {
+  static std::atomic<int> cache[16];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 0;
+  if (dev < 16 && cache[dev].load() > 0) return cache[dev].load();
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+  if (dev < 16) cache[dev].store(n);
+  return n;
+}
+
 template <int BITS, int MT>
 cudaError_t launch_gemv_dp4a(const LowBitGemmArgs& a, cudaStream_t stream) {
   const int lpr = gemv_lanes_per_row(a.k, BITS);
-  const dim3 grid(ceil_div(a.n, kDp4aWarps * (32 / lpr)), ceil_div(a.m, MT));
+  const int rows_per_block = kDp4aWarps * (32 / lpr);
+  const int blocks = static_cast<int>(ceil_div(a.n, rows_per_block));
+  // Large layers: about two blocks per SM, each serving several row groups from one staged slab.
+  const int vecs = (packed_words(a.k, BITS) + 3) / 4;
+  const int target = 2 * sm_count();
+  int passes = 1;
+  if (vecs <= GemvSlab<BITS, MT>::kVecs && target > 0 && blocks > target) {
+    passes = min(8, static_cast<int>(ceil_div(blocks, target)));
+  }
+  const dim3 grid(ceil_div(blocks, passes), ceil_div(a.m, MT));
   return launch(gemv_dp4a_kernel<BITS, MT>, grid, dim3(kDp4aWarps * 32), 0, stream, a.x, a.x_dtype, a.w, a.ldw, a.k,
-                a.act_lo, a.act_hi, lpr, make_epilogue(a));
+                a.act_lo, a.act_hi, lpr, passes, make_epilogue(a));
 }
 
 // One instantiation per row-group size MT in {1, 2, 4, 8, 16}; larger M runs in groups of 16.

@@ -139,9 +139,9 @@ def run_sanitizer(check):
 
 
 def run_bench(check):
-    ok = check.run("bench_gemm (layers)", [sys.executable, "-m", "runtime.torchtools.bench_gemm", "--legacy",
-                                           "--out", os.path.join(check.out_dir, "bench_gemm.json")],
-                   "bench.log", 300)
+    legacy = ["--legacy"] if os.environ.get("QVIT_BENCH_LEGACY", "1") != "0" else []
+    ok = check.run("bench_gemm (layers)", [sys.executable, "-m", "runtime.torchtools.bench_gemm"] + legacy +
+                   ["--out", os.path.join(check.out_dir, "bench_gemm.json")], "bench.log", 300)
     if importlib.util.find_spec("timm") is None:
         return ok and check.record("bench_gemm (e2e)", "skipped", 0.0, "timm missing")
     return ok and check.run("bench_gemm (e2e deit_s)", [sys.executable, "-m", "runtime.torchtools.bench_gemm",
