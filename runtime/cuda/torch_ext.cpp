@@ -15,6 +15,14 @@
 
 namespace {
 
+// Messages are built with std::to_string, never by streaming integers: with the H200 image's
+// toolchain, TORCH_CHECK streaming an int64 into c10's ostringstream crashed (SIGSEGV in
+// basic_ostream::_M_insert<long>, seen in the first GPU window); strings and devices are safe.
+template <typename T>
+std::string num(T v) {
+  return std::to_string(v);
+}
+
 int dtype_code(const torch::Tensor& t) {
   switch (t.scalar_type()) {
     case torch::kFloat32: return QVIT_DTYPE_F32;
@@ -30,7 +38,7 @@ torch::ScalarType scalar_of(int64_t code) {
     case QVIT_DTYPE_F32: return torch::kFloat32;
     case QVIT_DTYPE_F16: return torch::kFloat16;
     case QVIT_DTYPE_I32: return torch::kInt32;
-    default: TORCH_CHECK(false, "unsupported output dtype code ", code);
+    default: TORCH_CHECK(false, "unsupported output dtype code " + num(code));
   }
 }
 
@@ -40,7 +48,7 @@ void check_operand(const torch::Tensor& t, const torch::Tensor& x, torch::Scalar
   TORCH_CHECK(t.is_cuda() && t.device() == x.device(), what, " must be on ", x.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, what, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
-  TORCH_CHECK(numel < 0 || t.numel() == numel, what, " must have ", numel, " elements, got ", t.numel());
+  TORCH_CHECK(numel < 0 || t.numel() == numel, what, " must have " + num(numel) + " elements, got " + num(t.numel()));
 }
 
 // y[:, col_map] = QvitLowBitLinear(x2d[m, k]) over the n weight rows of w, with an explicit kernel id.
@@ -59,11 +67,12 @@ void gemm_into(torch::Tensor y, const torch::Tensor& x2d, const torch::Tensor& w
   TORCH_CHECK(m <= INT32_MAX && k <= INT32_MAX && n <= INT32_MAX && n > 0, "problem too large or empty");
   const int rows = qvit_repacked_rows(static_cast<int>(n));
   const int ldw = qvit_repacked_words(static_cast<int>(k), static_cast<int>(bits));
-  TORCH_CHECK(ldw > 0, "bits must be 2, 3 or 4, got ", bits);
+  TORCH_CHECK(ldw > 0, "bits must be 2, 3 or 4, got " + num(bits));
   check_operand(w, x2d, torch::kInt32, -1, "w (repacked words)");
-  TORCH_CHECK(w.dim() == 2, "w must be repacked [", rows, ", ", ldw, "] int32 words, got a ", w.dim(), "-d tensor");
-  TORCH_CHECK(w.size(0) == rows && w.size(1) == ldw, "w must be repacked [", rows, ", ", ldw, "] for N=", n, " K=", k,
-              " bits=", bits, ", got [", w.size(0), ", ", w.size(1), "]");
+  const std::string want = "w must be repacked [" + num(rows) + ", " + num(ldw) + "] for N=" + num(n) + " K=" +
+                           num(k) + " bits=" + num(bits);
+  TORCH_CHECK(w.dim() == 2, want + ", got a " + num(w.dim()) + "-d tensor");
+  TORCH_CHECK(w.size(0) == rows && w.size(1) == ldw, want + ", got [" + num(w.size(0)) + ", " + num(w.size(1)) + "]");
   check_operand(y, x2d, y.scalar_type(), -1, "y");
   TORCH_CHECK(y.dim() == 2 && y.size(0) == m, "y must be [M, *]");
   const int64_t ldy = y.size(1);
@@ -72,7 +81,7 @@ void gemm_into(torch::Tensor y, const torch::Tensor& x2d, const torch::Tensor& w
     check_operand(*col_map, x2d, torch::kInt32, n, "col_map");
     map_ptr = col_map->data_ptr<int>();
   } else {
-    TORCH_CHECK(ldy == n, "y must have N=", n, " columns without a col_map");
+    TORCH_CHECK(ldy == n, "y must have N=" + num(n) + " columns without a col_map");
   }
   check_operand(weight_scale, x2d, torch::kFloat32, ldy, "weight_scale");
   const float* bias_ptr = nullptr;
@@ -113,8 +122,9 @@ void gemm_into(torch::Tensor y, const torch::Tensor& x2d, const torch::Tensor& w
   a.workspace = ws_bytes > 0 ? ws.data_ptr() : nullptr;
   a.workspace_bytes = ws_bytes;
   const cudaError_t err = qvit::lowbit_gemm(a, static_cast<int>(kernel), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "lowbit_gemm(", qvit_kernel_name(static_cast<int>(kernel)),
-              ") failed: ", cudaGetErrorString(err), " (m=", m, " n=", n, " k=", k, " bits=", bits, ")");
+  TORCH_CHECK(err == cudaSuccess, std::string("lowbit_gemm(") + qvit_kernel_name(static_cast<int>(kernel)) +
+                                      ") failed: " + cudaGetErrorString(err) + " (m=" + num(m) + " n=" + num(n) +
+                                      " k=" + num(k) + " bits=" + num(bits) + ")");
 }
 
 // Allocating form: y [M, N] of out_dtype.
