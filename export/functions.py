@@ -124,7 +124,7 @@ def lowbit_node(name: str, x: str, y: str, *, bits: int, weight_int, weight_scal
         act_scale=float(np.float32(act_scale)), act_lo=int(act_lo), act_hi=int(act_hi), act_bits=int(act_bits),
         plugin_version=qformat.LOWBIT_PLUGIN_VERSION, plugin_namespace=qformat.LOWBIT_PLUGIN_NAMESPACE,
     )
-    assert tuple(attrs) == qformat.LOWBIT_ATTRS
+    assert tuple(attrs) + qformat.LOWBIT_GROUP_ATTRS == qformat.LOWBIT_ATTRS  # uniform: no group attributes
     node = helper.make_node(qformat.LOWBIT_OP, [x], [y], name=name, domain=qformat.LOWBIT_DOMAIN)
     # in LOWBIT_ATTRS order (make_node would sort them): the plugin's PluginField order
     node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())

@@ -232,7 +232,11 @@ LOWBIT_ATTRS = (
     "act_bits",       # int: input bits
     "plugin_version",
     "plugin_namespace",
+    "group_size",     # int: rows per weight-bit group (mixed-width nodes only, format version 2)
+    "group_bits",     # tensor int32 [ceil(N / group_size)]: each group's bits (mixed-width nodes only)
 )
+#: Attributes only mixed-width nodes carry.
+LOWBIT_GROUP_ATTRS = ("group_size", "group_bits")
 
 
 def lowbit_attrs(weight_int, weight_scale, bias, bits, act_scale, act_lo, act_hi, act_bits):
@@ -256,7 +260,7 @@ def lowbit_attrs(weight_int, weight_scale, bias, bits, act_scale, act_lo, act_hi
         ("act_scale", float(np.float32(act_scale))), ("act_lo", lo), ("act_hi", hi), ("act_bits", int(act_bits)),
         ("plugin_version", LOWBIT_PLUGIN_VERSION), ("plugin_namespace", LOWBIT_PLUGIN_NAMESPACE),
     )
-    assert tuple(a for a, _ in attrs) == LOWBIT_ATTRS
+    assert tuple(a for a, _ in attrs) + LOWBIT_GROUP_ATTRS == LOWBIT_ATTRS
     return dict(attrs)
 
 

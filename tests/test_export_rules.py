@@ -74,7 +74,8 @@ def test_trt_rules_hold(name, target, fmt):
         assert len(m.functions) == 0 and len(g.ort.functions) == 1  # plugin variant for TensorRT
         nodes = [n for n in m.graph.node if n.op_type == qformat.LOWBIT_OP]
         assert nodes and all(n.domain == qformat.LOWBIT_DOMAIN for n in nodes)
-        assert all(tuple(a.name for a in n.attribute) == qformat.LOWBIT_ATTRS for n in nodes)
+        want = qformat.LOWBIT_ATTRS
+        assert all(tuple(a.name for a in n.attribute) + qformat.LOWBIT_GROUP_ATTRS == want for n in nodes)
 
 
 def test_attention_matmuls_read_dq_outputs():

@@ -80,7 +80,7 @@ def test_lowbit_node_attributes_follow_the_contract():
     node = lowbit_node("lin", "x", "y", bits=3, weight_int=q, weight_scale=np.ones(4), bias=np.zeros(4),
                        act_scale=0.5, act_lo=-4, act_hi=3, act_bits=3)
     assert (node.op_type, node.domain) == (qformat.LOWBIT_OP, qformat.LOWBIT_DOMAIN)
-    assert tuple(a.name for a in node.attribute) == qformat.LOWBIT_ATTRS
+    assert tuple(a.name for a in node.attribute) + qformat.LOWBIT_GROUP_ATTRS == qformat.LOWBIT_ATTRS
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["plugin_version"] == qformat.LOWBIT_PLUGIN_VERSION.encode()
     assert attrs["plugin_namespace"] == qformat.LOWBIT_PLUGIN_NAMESPACE.encode()

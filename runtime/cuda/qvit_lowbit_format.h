@@ -35,7 +35,8 @@ constexpr int kLowbitOpset = 1;
 constexpr const char* kLowbitPluginVersion = "1";
 constexpr const char* kLowbitPluginNamespace = "";
 
-// Node attribute names == plugin field names, in LOWBIT_ATTRS order.
+// Node attribute names == plugin field names, in LOWBIT_ATTRS order.  group_size / group_bits
+// exist only on mixed-width nodes (format version 2).
 enum LowbitAttr : int {
   kAttrBits = 0,
   kAttrInFeatures,
@@ -49,13 +50,16 @@ enum LowbitAttr : int {
   kAttrActBits,
   kAttrPluginVersion,
   kAttrPluginNamespace,
+  kAttrGroupSize,
+  kAttrGroupBits,
   kNumLowbitAttrs
 };
 
 inline const char* lowbit_attr_name(int i) {
   static const char* const kNames[kNumLowbitAttrs] = {
       "bits",      "in_features", "out_features", "weight_packed", "weight_scale",   "bias",
-      "act_scale", "act_lo",      "act_hi",       "act_bits",      "plugin_version", "plugin_namespace"};
+      "act_scale", "act_lo",      "act_hi",       "act_bits",      "plugin_version", "plugin_namespace",
+      "group_size", "group_bits"};
   return (i >= 0 && i < kNumLowbitAttrs) ? kNames[i] : nullptr;
 }
 
