@@ -437,6 +437,11 @@ def test_cmake_configures_kernels_only(tmp_path):
     out = _run(["cmake", "-S", CUDA_DIR, "-B", str(tmp_path / "b"), "-DQVIT_KERNELS_ONLY=ON",
                 "-DQVIT_CUDA_ARCHS=87"])
     assert "archs 87" in out
+    out = _run(["cmake", "-S", CUDA_DIR, "-B", str(tmp_path / "d"), "-DQVIT_KERNELS_ONLY=ON"])
+    if "CUDA 13" in out:  # the default set has an H100/H200 image and PTX of the newest arch (JIT on later GPUs)
+        assert "archs 75;80;86;87;89;90" in out
+        flags = (tmp_path / "d" / "CMakeFiles" / "qvit_lowbit_kernels.dir" / "flags.make").read_text()
+        assert "arch=compute_90,code=[sm_90,compute_90]" in flags and "code=sm_87" in flags
     p = subprocess.run(["cmake", "-S", CUDA_DIR, "-B", str(tmp_path / "t"), "-DTENSORRT_ROOT=" + str(tmp_path)],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not _real_trt_includes():

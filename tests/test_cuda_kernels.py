@@ -134,6 +134,24 @@ def test_no_gpu_is_a_clear_error():
         gemm_ext.load_extension()
 
 
+def test_cuda_home_follows_nvcc_through_a_wrapper(tmp_path, monkeypatch):
+    """nvcc found via a wrapper script outside the toolkit must not make the build guess its parent."""
+    wrapper_bin = tmp_path / "wrap" / "bin"
+    wrapper_bin.mkdir(parents=True)
+    (wrapper_bin / "nvcc").write_text("#!/bin/sh\n")
+    (wrapper_bin / "nvcc").chmod(0o755)
+    toolkit = tmp_path / "cuda-13.9"
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime_api.h").write_text("")
+    monkeypatch.setenv("PATH", str(wrapper_bin))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    home = gemm_ext.find_cuda_home()
+    assert home != str(tmp_path / "wrap")  # the wrapper's parent has no cuda_runtime_api.h
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert gemm_ext.find_cuda_home() == str(toolkit)
+
+
 def test_module_builds_on_cpu_and_holds_repacked_buffers():
     q, packed, ws, bias, s, lo, hi, x = _problem(2, 70, 33, 2)
     mod = gemm_ext.LowBitLinearCUDA(packed, ws, bias, 2, 33, s, lo, hi, path="a16")
