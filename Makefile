@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml
 
 # ---------------------------------------------------------------- the two front-door commands
 quickstart: install data
-	$(PY) -m train --model vit_fmnist --bits 4 --method qvit --fp-epochs $(or $(FP_EPOCHS),3) --epochs $(or $(EPOCHS),1) --out runs/quickstart
+	$(PY) -m train --model vit_fmnist --bits 4 --method qvit --fp-epochs $(or $(FP_EPOCHS),3) --epochs $(or $(EPOCHS),1) --out runs/quickstart $(if $(wildcard runs/quickstart),--resume)
 	for f in fp32 qdq lowbit; do $(PY) -m export --checkpoint runs/quickstart/last.safetensors --format $$f --target ort --out $(OUT) || exit $$?; done
 	$(PY) runtime/bench.py --backend ort --compare --batch 32 --iters 30 --onnx $(OUT)/vit_fmnist_w4a4.fp32.onnx $(OUT)/vit_fmnist_w4a4.qdq.onnx $(OUT)/vit_fmnist_w4a4.lowbit.onnx
 
@@ -50,7 +50,7 @@ test: install data
 
 # ---------------------------------------------------------------- stages
 train: install data
-	$(PY) -m train --model $(MODEL) --bits $(BITS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out runs/$(MODEL)_w$(BITS)
+	$(PY) -m train --model $(MODEL) --bits $(BITS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out runs/$(MODEL)_w$(BITS) $(if $(wildcard runs/$(MODEL)_w$(BITS)),--resume)
 
 ablation: install data
 	$(PY) -m train.ablation --budget $(BUDGET) --out runs/ablation_$(BUDGET)

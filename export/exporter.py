@@ -19,7 +19,7 @@ from torch import nn
 
 import qformat
 from qformat.errors import UserError
-from qformat.io import atomic_write, sidecar_path, write_json
+from qformat.io import atomic_write, sha256_bytes, sidecar_path, write_json
 
 from . import cleanup, graph, qdq, rules, targets, trace
 from .functions import lowbit_function
@@ -158,7 +158,8 @@ def export(model: nn.Module, meta: dict, fmt: str, target: str, out_dir: str, op
                f"{100 * (par.aligned_top1_agree if par.aligned else par.top1_agree):.1f}% (min {100 * min_agree:g}%)")
         raise ParityError(f"parity check failed for {name}: {why}; graph kept at {bad} for inspection, "
                           f"not written as {path}")
-    atomic_write(path, g.deploy.SerializeToString())
+    blob = g.deploy.SerializeToString()
+    atomic_write(path, blob)
     side = sidecar_path(path)
     opset_used = next(o.version for o in g.deploy.opset_import if o.domain == "")
     from train.checkpoint import code_revision
@@ -175,8 +176,9 @@ def export(model: nn.Module, meta: dict, fmt: str, target: str, out_dir: str, op
                     "namespace": qformat.LOWBIT_PLUGIN_NAMESPACE, "function_body": len(g.deploy.functions) > 0}
                    if g.lowbit_nodes else None),
         "parity": par.to_dict() if par else None, "source_checkpoint": meta.get("checkpoint"),
+        "onnx_sha256": sha256_bytes(blob),  # the runtime refuses a sidecar left from another export
     }
-    write_json(side, sidecar)
+    write_json(side, sidecar)  # last: a kill before it leaves a graph whose old sidecar no longer matches
     log(f"  wrote {path} and {side} ({time.time() - t0:.1f}s)")
     return Result(path, side, par, g)
 

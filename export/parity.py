@@ -62,19 +62,23 @@ def load_images(n: int, meta: dict, calib_dir: str | None = None) -> torch.Tenso
     if not files:
         raise UserError(f"--calib-dir {calib_dir} holds no images ({', '.join(_IMAGE_EXT)})")
     try:
-        from PIL import Image
+        import PIL  # noqa: F401
     except ImportError:
         raise UserError("--calib-dir needs Pillow (pip install pillow)") from None
-    imgs = []
-    for f in files[:n]:
+    from train.data import UnreadableImage, image_mode, load_image, warn_unreadable
+
+    imgs, bad = [], []
+    for f in files:  # decode until n images are readable; skip (and name) the ones that are not
+        if len(imgs) >= n:
+            break
         try:
-            with Image.open(f) as im:
-                im = im.convert("L" if int(size[0]) == 1 else "RGB").resize((int(size[2]), int(size[1])))
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except OSError as e:
-            raise UserError(f"cannot read image {f} ({e})") from None
-        t = torch.from_numpy(a)
+            im = load_image(f, image_mode(size)).resize((int(size[2]), int(size[1])))
+        except UnreadableImage as e:
+            bad.append((e.path, e.reason))
+            continue
+        t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
         imgs.append(t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1))
+    warn_unreadable(bad, calib_dir, len(bad) + len(imgs))
     return adapt(torch.stack(imgs), size, mean, std).contiguous()
 
 

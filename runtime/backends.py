@@ -12,9 +12,10 @@ import resource
 import numpy as np
 
 from qformat.errors import UserError
-from qformat.io import sha256_file
+from qformat.io import sha256_file, sidecar_path
 from runtime import engine_cache, model_meta, trt_compat
 from runtime.device import gpu_info
+from runtime.preprocess import check_input
 
 BACKENDS = ("trt", "ort", "torch")
 
@@ -46,6 +47,11 @@ class Backend:
             raise BatchUnsupported("{} has a fixed batch of {}".format(os.path.basename(self.path), self.fixed_batch))
 
     def run(self, x):
+        """Logits for a preprocessed ``[N, C, H, W]`` batch. Refuses (UserError) a batch of the wrong shape
+        or one with NaN/Inf frames (:class:`runtime.preprocess.NonFiniteInput`), at the cost of one sum."""
+        return self._run(check_input(x, self.meta, self.path))
+
+    def _run(self, x):
         raise NotImplementedError
 
     def memory(self):
@@ -101,12 +107,17 @@ class OrtBackend(Backend):
         self.input_name = self.meta["input_name"]
         outs = [o.name for o in self.session.get_outputs()]
         self.output_name = self.meta["output_name"] if self.meta["output_name"] in outs else outs[0]
-        dim0 = inputs[names.index(self.input_name)].shape[0]
+        inp = inputs[names.index(self.input_name)]
+        model_meta.check_input_shape(self.meta, list(inp.shape), onnx_path, sidecar_path(onnx_path))
+        if inp.type != "tensor(float)":
+            raise UserError("{} takes {} input, the runtime feeds float32 images: re-export the model".format(
+                onnx_path, inp.type))
+        dim0 = inp.shape[0]
         self.fixed_batch = dim0 if isinstance(dim0, int) and dim0 > 0 else None
         self.precision = str(self.meta.get("format", "fp32"))
         self.providers = providers
 
-    def run(self, x):
+    def _run(self, x):
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
 
@@ -132,6 +143,7 @@ class TrtBackend(Backend):
         trt_compat.load_plugins(trt, self.logger, plugins)
         engine_cache.check_compatible(engine_path, self.meta, caps.version_str, gpu_info(),
                                       [sha256_file(p) for p in plugins])
+        engine_cache.check_engine_file(engine_path, self.meta)
         self.cuda = open_cuda()
         self.free0, self.total = self.cuda.mem_info()
         with open(engine_path, "rb") as f:
@@ -140,9 +152,10 @@ class TrtBackend(Backend):
         if self.engine is None:
             raise UserError("TensorRT could not deserialize {}: rebuild it here with `python3 -m runtime.build "
                             "--onnx {}`".format(engine_path, self.meta.get("onnx_path", "<model>.onnx")))
-        self.context = self.engine.create_execution_context()
         self.io = trt_compat.engine_io(trt, self.engine, caps)
         self.inp = [t for t in self.io if t["is_input"]][0]
+        model_meta.check_input_shape(self.meta, list(self.inp["shape"]), engine_path, engine_path + ".json")
+        self.context = self.engine.create_execution_context()
         self.outs = [t for t in self.io if not t["is_input"]]
         self.out = [t for t in self.outs if t["name"] == self.meta["output_name"]] or self.outs[:1]
         self.out = self.out[0]
@@ -190,7 +203,7 @@ class TrtBackend(Backend):
             else:
                 self.use_graph = False
 
-    def run(self, x):
+    def _run(self, x):
         hin = self.host[self.inp["name"]]
         np.copyto(hin, x.astype(hin.dtype, copy=False))
         self.cuda.h2d(self.ptrs[self.inp["name"]], hin, self.stream)
@@ -252,7 +265,7 @@ class TorchBackend(Backend):
         self.model = model.eval().to(self.device)
         self.precision = "lowbit-cuda" if lowbit_cuda else "torch-fakequant"
 
-    def run(self, x):
+    def _run(self, x):
         torch = self.torch
         with torch.inference_mode():
             y = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))

@@ -12,14 +12,16 @@ and kernel efficiency are ignored, so measured numbers will be well below the bo
     python3 runtime/roofline.py [--markdown] [--png docs/roofline.png]
 """
 
-import argparse
 import os
 import sys
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from qformat.argtypes import ArgumentParser  # noqa: E402
+from qformat.errors import main_guard  # noqa: E402
 from qformat.io import atomic_write  # noqa: E402
+from qformat.paths import check_out_file  # noqa: E402
 
 IMG, PATCH, CLASSES, DEPTH, MLP = 224, 16, 1000, 12, 4
 #: DeiT widths/heads (Touvron et al. 2021, Table 1)
@@ -146,11 +148,14 @@ def plot(rows, path):
     return path
 
 
+@main_guard
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python3 runtime/roofline.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python3 runtime/roofline.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--png", default=None, help="also write the plot (e.g. docs/roofline.png)")
     p.add_argument("--markdown", action="store_true", help="print the README table")
     args = p.parse_args(argv)
+    if args.png:
+        check_out_file(args.png, "--png")
     rows = table()
     if args.markdown:
         print(markdown(rows), end="")

@@ -5,21 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qformat.argtypes import (
+    ArgumentParser,
+    float_range,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from qformat.errors import UserError, main_guard
 
 METHODS = ("fp", "baseline", "irm", "dgd", "qvit")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one ``error: ...`` line (exit 2) like every other user error."""
-
-    def error(self, message: str):
-        raise UserError("{} (see python -m train --help)".format(message))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m train", description=__doc__,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m train", description=__doc__,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and quantization")
     g.add_argument("--model", default="vit_fmnist", help="registry name (train.models.list_models())")
     g.add_argument("--bits", type=int, default=4, help="weight and activation bits (2..8)")
@@ -29,37 +31,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp | baseline (no IRM/DGD) | irm | dgd | qvit (IRM+DGD)")
     g.add_argument("--granularity", default="deploy", choices=("deploy", "paper"),
                    help="activation-scale granularity (QuantConfig.granularity)")
-    g.add_argument("--calib-batches", type=int, default=4, help="batches for the quantizers' data-driven init")
+    g.add_argument("--calib-batches", type=positive_int, default=4, help="batches for the quantizers' data-driven init")
     g = p.add_argument_group("weights")
     g.add_argument("--checkpoint", default=None, help="local FP weights: timm state dict (.pth) or our .safetensors")
     g.add_argument("--teacher", default=None, help="FP teacher checkpoint (default: --checkpoint, or trained here)")
     g.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
-    g.add_argument("--fp-epochs", type=int, default=None,
+    g.add_argument("--fp-epochs", type=nonneg_int, default=None,
                    help="epochs of FP teacher training when no weights are given (default: --epochs)")
-    g.add_argument("--fp-lr", type=float, default=2e-3, help="peak lr of the FP teacher phase")
+    g.add_argument("--fp-lr", type=positive_float, default=2e-3, help="peak lr of the FP teacher phase")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=128, help="per process")
-    g.add_argument("--lr", type=float, default=5e-4, help="peak lr (AdamW) of this run's weights")
-    g.add_argument("--quant-lr", type=float, default=None,
+    g.add_argument("--epochs", type=positive_int, default=10)
+    g.add_argument("--batch-size", type=positive_int, default=128, help="per process")
+    g.add_argument("--lr", type=positive_float, default=5e-4, help="peak lr (AdamW) of this run's weights")
+    g.add_argument("--quant-lr", type=positive_float, default=None,
                    help="peak lr of quantizer scales/zero-points (default: --lr)")
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--quant-weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-epochs", type=float, default=0.25, help="linear warm-up, in epochs (fractions ok)")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0: off)")
-    g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing of the CE term")
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.05)
+    g.add_argument("--quant-weight-decay", type=nonneg_float, default=0.0)
+    g.add_argument("--warmup-epochs", type=nonneg_float, default=0.25, help="linear warm-up, in epochs (fractions ok)")
+    g.add_argument("--clip-grad", type=nonneg_float, default=1.0, help="max grad norm (0: off)")
+    g.add_argument("--smoothing", type=float_range(0.0, 1.0, hi_open=True), default=0.0,
+                   help="label smoothing of the CE term")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="autocast, GPU only")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="fmnist", choices=("fmnist", "imagefolder", "synthetic"))
     g.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder or ImageNet-layout train/ val/ root")
-    g.add_argument("--workers", type=int, default=None, help="loader processes (default: 0 in-memory, 8 folders)")
-    g.add_argument("--max-train-batches", type=int, default=None, help="cap steps per epoch (budget control)")
-    g.add_argument("--max-eval-batches", type=int, default=None, help="cap validation batches")
+    g.add_argument("--workers", type=nonneg_int, default=None,
+                   help="loader processes (default: 0 in-memory, 8 folders)")
+    g.add_argument("--max-train-batches", type=positive_int, default=None, help="cap steps per epoch (budget control)")
+    g.add_argument("--max-eval-batches", type=positive_int, default=None, help="cap validation batches")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="output folder (checkpoints, metrics.csv, tb/)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    g.add_argument("--stop-after-epochs", type=int, default=None,
+    g.add_argument("--force", action="store_true",
+                   help="replace the earlier run in --out (its checkpoints, teacher and metrics are deleted)")
+    g.add_argument("--stop-after-epochs", type=positive_int, default=None,
                    help="stop after this many epochs in this invocation (pre-emptible jobs; resume later)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: one GPU per rank)")
     g.add_argument("--no-tensorboard", action="store_true")
@@ -70,11 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.fp_epochs is None:
         args.fp_epochs = args.epochs
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError("--{} must be >= 1".format(name.replace("_", "-")))
-    if args.fp_epochs < 0:
-        raise UserError("--fp-epochs must be >= 0")
+    if args.resume and args.force:
+        raise UserError("--resume continues the run in --out, --force replaces it: give one of them")
     check_run_bits(args)  # before torch is imported: a typo costs no start-up time
     return args
 
