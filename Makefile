@@ -4,13 +4,16 @@ MODEL   ?= vit_fmnist
 BITS    ?= 4
 FORMAT  ?= qdq
 TARGET  ?= orin-jp6
-CKPT    ?=
+# the trained checkpoint `make train MODEL=.. BITS=..` writes, when there is one (else a fresh random model)
+CKPT    ?= $(wildcard runs/$(MODEL)_w$(BITS)/best.safetensors)
 OUT     ?= artifacts
 BUDGET  ?= small
 ONNX    ?= $(OUT)/$(MODEL)_w$(BITS)a$(BITS).$(FORMAT).onnx
 EPOCHS  ?=
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 STAMP   := .make/installed
+# the scripts (runtime/bench.py, ...) import the repository's packages without sys.path edits
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help quickstart test install data train ablation export engine bench demo plugins bench-gemm gpu-check lint clean
 
@@ -19,7 +22,7 @@ help:
 	@echo "make test                  install and run the test suite (what .ci/run calls)"
 	@echo "make train MODEL=.. BITS=..  quantization-aware training (python -m train --help)"
 	@echo "make ablation BUDGET=small FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"
-	@echo "make export MODEL=.. BITS=.. [CKPT=..] [FORMAT=qdq|lowbit] [TARGET=..]"
+	@echo "make export MODEL=.. BITS=.. [CKPT=..] [FORMAT=qdq|lowbit] [TARGET=..]  (runs/MODEL_wBITS/best.safetensors if trained)"
 	@echo "make engine ONNX=..        TensorRT engine (needs TensorRT)"
 	@echo "make bench ONNX=..         img/s and latency (runtime/bench.py)"
 	@echo "make demo SOURCE=..        camera / video / image-folder demo"
@@ -56,7 +59,7 @@ ablation: install data
 	$(PY) -m train.ablation --budget $(BUDGET) --out runs/ablation_$(BUDGET)
 
 export: install
-	$(PY) -m export $(if $(CKPT),--checkpoint $(CKPT),--model $(MODEL) --bits $(BITS)) --format $(FORMAT) --target $(TARGET) --out $(OUT)
+	@$(PY) -m export $(if $(CKPT),--checkpoint $(CKPT),--model $(MODEL) --bits $(BITS)) --format $(FORMAT) --target $(TARGET) --out $(OUT)
 
 engine:
 	$(PY) -m runtime.build --onnx $(ONNX) $(if $(PLUGINS),--plugins $(PLUGINS))
@@ -80,7 +83,7 @@ gpu-check:
 
 lint:
 	ruff check .
-	vermin -t=3.6- --no-tips --violations qformat runtime/*.py jetson/*.py
+	vermin -t=3.6- --no-tips --violations qformat runtime/*.py jetson/*.py qvit
 
 clean:
 	rm -rf build .make .pytest_cache
