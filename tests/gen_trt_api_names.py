@@ -20,6 +20,8 @@ import subprocess
 import sys
 from collections import defaultdict
 
+from gentable import write_or_check
+
 RELEASES = ("8.2", "8.5", "8.6", "10.3", "11.1")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trt_api_names.txt")
 #: Python-side classes and enums whose members the table lists (plus every module-level name).
@@ -167,16 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", default="/work/.mirror/NVIDIA+TensorRT/repo", help="a clone of NVIDIA/TensorRT")
     p.add_argument("--check", action="store_true", help="fail if the committed table differs")
     args = p.parse_args(argv)
-    text = render({r: release_names(args.repo, r) for r in RELEASES})
-    if args.check:
-        with open(OUT) as f:
-            same = f.read() == text
-        print("trt_api_names.txt is " + ("up to date" if same else "STALE: regenerate"))
-        return 0 if same else 1
-    with open(OUT, "w") as f:
-        f.write(text)
-    print(f"wrote {OUT} ({text.count(chr(10)) - 3} names)")
-    return 0
+    return write_or_check(OUT, render({r: release_names(args.repo, r) for r in RELEASES}), args.check, "names")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import re
 import subprocess
 import sys
 
+from gentable import write_or_check
+
 BRANCHES = {"8.2": "8.2-GA", "8.5": "8.5-GA", "8.6": "8.6-GA", "10.1": "10.1-GA"}
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "export", "trt_onnx_ops.txt")
 _ROW = re.compile(r"^\|[ \t]*(\w+)[ \t]*\|[ \t]*(Y|N)[ \t]*\|[ \t]*([^|\n]*)", re.M)
@@ -50,16 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", default="/work/.mirror/onnx+onnx-tensorrt/repo", help="a clone of onnx/onnx-tensorrt")
     p.add_argument("--check", action="store_true", help="fail if the committed table differs")
     args = p.parse_args(argv)
-    text = render({r: release_table(args.repo, b) for r, b in BRANCHES.items()})
-    if args.check:
-        with open(OUT) as f:
-            same = f.read() == text
-        print("trt_onnx_ops.txt is " + ("up to date" if same else "STALE: regenerate"))
-        return 0 if same else 1
-    with open(OUT, "w") as f:
-        f.write(text)
-    print(f"wrote {OUT} ({text.count(chr(10)) - 3} ops)")
-    return 0
+    return write_or_check(OUT, render({r: release_table(args.repo, b) for r, b in BRANCHES.items()}), args.check, "ops")
 
 
 if __name__ == "__main__":
