@@ -70,3 +70,31 @@ def fp32_layers(model: onnx.ModelProto, norms: list[str]) -> list[str]:
         if any(path == p or path.startswith(p + ".") for p in norms) and n.op_type not in ("Constant",):
             out.append(n.name)
     return out
+
+
+def lower_mod(model: onnx.ModelProto) -> int:
+    """Replace every integer ``Mod`` (``fmod=0``, the sign of the divisor) by Div/Mul/Sub/Add, in place, for
+    parsers without ``Mod`` (TensorRT 8.2: Swin's window padding ``(ws - H % ws) % ws`` on the dynamic-batch
+    shape path).  ``r = a - b*(a/b)`` lies in (-|b|, |b|) and is congruent to ``a``; ``(r + b) - b*((r + b)/b)``
+    then has the divisor's sign -- exact whether integer division truncates (ONNX Runtime) or floors.
+    Returns the number of nodes lowered (a float ``fmod=1`` Mod is left to the parser rule, which names it)."""
+    g, done, nodes = model.graph, 0, []
+    for n in g.node:
+        fmod = next((a.i for a in n.attribute if a.name == "fmod"), 0)
+        if n.op_type != "Mod" or n.domain not in ("", "ai.onnx") or fmod:
+            nodes.append(n)
+            continue
+        a, b, base = n.input[0], n.input[1], n.name or n.output[0]
+
+        def step(op, x, y, tag, out=None, base=base):
+            o = out or f"{base}/{tag}_output_0"
+            nodes.append(onnx.helper.make_node(op, [x, y], [o], name=f"{base}/{tag}"))
+            return o
+
+        r = step("Sub", a, step("Mul", step("Div", a, b, "Div"), b, "Mul"), "Sub")
+        rb = step("Add", r, b, "Add")
+        step("Sub", rb, step("Mul", step("Div", rb, b, "Div_1"), b, "Mul_1"), "Sub_1", n.output[0])
+        done += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    return done

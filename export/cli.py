@@ -1,4 +1,4 @@
-"""``python -m export`` / ``qvit export``: checkpoint (or fresh model) -> ONNX (qdq | lowbit | fp32) + sidecar,
+"""``python -m export`` / ``qvit export``: checkpoint (or fresh model) -> ONNX (qdq | lowbit | fp32 | woq) + sidecar,
 with parity."""
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
     p.add_argument("--format", default="qdq", choices=qformat.FORMATS)
     p.add_argument("--target", default="ort", choices=targets.TARGET_NAMES)
     p.add_argument("--opset", type=int_range(), help=f"ONNX opset (default per target: {defaults})")
+    p.add_argument("--typing", default="auto", choices=("auto",) + targets.TYPINGS,
+                   help="strong: FP16 tensors with LayerNorm/IRM/Softmax in FP32 through Casts, for a strongly typed "
+                        "engine (opset 19+; the only kind TensorRT 11 builds); weak: FP32 graph, precision from "
+                        "builder flags (TensorRT 8.x/10.x); auto: the target's default (--list-targets)")
     p.add_argument("--list-targets", action="store_true", help="print what each target can build, then exit")
     p.add_argument("--out", default="artifacts", help="output directory")
     fn = p.add_mutually_exclusive_group()
@@ -42,9 +46,9 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
                         "use this if your TensorRT build rejects INT8 x INT4")
     par = p.add_argument_group("parity")
     par.add_argument("--parity-n", type=nonneg_int, default=32, help="images for the parity check (0 = skip)")
-    par.add_argument("--atol", type=nonneg_float, default=1e-3)
-    par.add_argument("--rtol", type=nonneg_float, default=1e-3,
-                     help="relative to the largest |logit| (tie-aligned logits)")
+    par.add_argument("--atol", type=nonneg_float, default=None, help="default 1e-3 (both typings)")
+    par.add_argument("--rtol", type=nonneg_float, default=None,
+                     help="relative to the largest |logit| (tie-aligned logits); default 1e-3 (strong typing: 5e-3)")
     par.add_argument("--min-agree", type=fraction, default=0.99, help="minimum top-1 agreement (fraction, tie-aligned)")
     par.add_argument("--calib-dir", help="image folder for the parity images instead of the Fashion-MNIST test set")
     return p
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m export") -> int:
     if args.list_targets:
         sys.stdout.write(targets.markdown())
         return 0
-    targets.resolve_opset(targets.get_target(args.target), args.opset)  # refuse before any slow work
+    tgt = targets.get_target(args.target)  # refuse before any slow work
+    targets.resolve_typing(tgt, args.typing, targets.resolve_opset(tgt, args.opset))
     overrides = read_overrides(args.quant_override)
     check_out_dir(args.out, "--out")
     remove_stale_temps(args.out)  # what a killed export left (only files of writers that are gone)
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m export") -> int:
     try:
         res = export(dep, args.format, args.target, args.out, opset=args.opset, parity_n=args.parity_n,
                      atol=args.atol, rtol=args.rtol, min_agree=args.min_agree, calib_dir=args.calib_dir,
-                     function=args.function, int4=args.int4)
+                     function=args.function, int4=args.int4, typing=args.typing)
     except ParityError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1

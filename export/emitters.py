@@ -24,7 +24,8 @@ from qformat.errors import UserError
 from .graph import Builder
 
 _EMITTERS: dict[str, type] = {}
-_MODULES = ("export.qdq", "export.lowbit", "export.fp32")  # the modules that register the built-in formats
+#: the modules that register the built-in formats
+_MODULES = ("export.qdq", "export.lowbit", "export.fp32", "export.woq")
 
 
 def register_emitter(fmt: str):
@@ -61,6 +62,13 @@ class Emitter:
     fmt = "?"
     #: whether per-group activation scales may move behind the MatMul they feed (quantized formats)
     hoists_group_scales = True
+    #: whether the graph quantizes activations (parity against the converted model); False: against the model
+    #: with its activation quantizers removed (dequantized weights, float activations)
+    quantizes_activations = True
+
+    @classmethod
+    def check_target(cls, target) -> None:
+        """Refuse (UserError) a target this format cannot run on, before any tracing."""
 
     def __init__(self, builder: Builder, opts: Options) -> None:
         self.b, self.opts = builder, opts

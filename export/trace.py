@@ -111,12 +111,13 @@ def _float_forward(site: Site):
         return lambda x: x
     w = torch.from_numpy(spec.dequantized_weight())
     b = None if spec.bias is None else torch.from_numpy(spec.bias)
-    if site.kind == "linear":
-        return lambda x: nn.functional.linear(x, w.to(x.device), None if b is None else b.to(x.device))
+    if site.kind == "linear":  # weights in the input's type: an FP16 reference (export.typed) runs FP16 weights
+        return lambda x: nn.functional.linear(x, w.to(x.device, x.dtype),
+                                              None if b is None else b.to(x.device, x.dtype))
     g = spec.conv
     pads = g["pads"][:2]
-    return lambda x: nn.functional.conv2d(x, w.to(x.device), None if b is None else b.to(x.device), g["strides"],
-                                          pads, g["dilations"], g["group"])
+    return lambda x: nn.functional.conv2d(x, w.to(x.device, x.dtype), None if b is None else b.to(x.device, x.dtype),
+                                          g["strides"], pads, g["dilations"], g["group"])
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ def describe(l4t):
     """JetPack, TensorRT, Python, docker base and export target for an L4T version string
     (the stack comes from the target table, qformat.targets)."""
     major = l4t.split(".")[0]
-    tgt = targets.for_l4t(major)
+    tgt = targets.for_l4t(l4t)
     jp = JETPACK.get(l4t)
     if jp is None and tgt is not None:
         jp = next((v.split(".")[0] + ".x" for k, v in sorted(JETPACK.items()) if k.split(".")[0] == major), None)
@@ -85,8 +85,12 @@ def main(argv=None):
     if "--json" in argv:
         print(json.dumps(info, sort_keys=True))
     else:
-        print("L4T {l4t} = JetPack {jetpack} (TensorRT {tensorrt}, Python {python}); export --target {target}; "
-              "docker base {docker_base}; from {source}".format(**info))
+        if info["target"] is None:
+            print("L4T {l4t} = JetPack {jetpack}: no target row for this release (qformat/targets.py); the builder "
+                  "checks the installed TensorRT itself; from {source}".format(**info))
+        else:
+            print("L4T {l4t} = JetPack {jetpack} (TensorRT {tensorrt}, Python {python}); export --target {target}; "
+                  "docker base {docker_base}; from {source}".format(**info))
     return 0
 
 

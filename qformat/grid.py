@@ -15,7 +15,7 @@ WORD_BITS = 32
 #: attention map (softmax output).  Default bit-widths are configured per kind.
 TENSOR_KINDS = ("weight", "act", "qkv", "attn")
 #: The ONNX export formats (the sidecar's ``format``); export has one emitter per format.
-FORMATS = ("qdq", "lowbit", "fp32")
+FORMATS = ("qdq", "lowbit", "fp32", "woq")
 
 
 class FormatError(ValueError):

@@ -13,33 +13,85 @@ from .errors import UserError
 MIN_OPSET = 13
 #: ONNX IR version per opset: the lowest that carries it (ONNX Runtime and TensorRT's parser read it).
 OPSET_IR_VERSION = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}
-#: TensorRT features -> first release that has them.  ``int4``: INT4 weight DQ and BuilderFlag.INT4;
-#: ``strongly_typed``: NetworkDefinitionCreationFlag.STRONGLY_TYPED.
-TRT_FEATURES = {"int4": (10, 0), "strongly_typed": (9, 1)}
+#: TensorRT features -> (first release that has it, first release without it or None).
+#: ``int4``: INT4 weight DequantizeLinear (weight-only; BuilderFlag.INT4 until 10.x);
+#: ``strongly_typed``: NetworkDefinitionCreationFlag.STRONGLY_TYPED (the only mode from 11.0);
+#: ``weak_typing``: the precision builder flags (FP16/INT8/INT4) and layer precision pins, removed in 11.0;
+#: ``plugin_v3``: IPluginV3 (the V2 interfaces are deprecated from 10.0).
+TRT_FEATURES = {"int4": ((10, 0), None), "strongly_typed": ((9, 1), None), "weak_typing": ((8, 0), (11, 0)),
+                "plugin_v3": ((10, 0), None)}
+#: Lowest opset whose QuantizeLinear / DequantizeLinear take FP16 scales (typed FP16 Q/DQ).
+MIN_TYPED_OPSET = 19
+#: How a target's engine gets its precision: ``weak`` (builder flags, FP16 LayerNorm pinned FP32 by name),
+#: ``strong`` (the graph's own types: FP16 tensors, FP32 LayerNorm/Softmax islands, Q/DQ).
+TYPINGS = ("weak", "strong")
+#: The plugin front-ends (runtime/cuda): V2 for TensorRT 8.x, V3 from 10.0 (TRT_FEATURES["plugin_v3"]).
+PLUGIN_APIS = {"V2": "IPluginV2DynamicExt", "V3": "IPluginV3 (OneCore/OneBuild/OneRuntime)"}
+
+
+def trt_has(feature, version):
+    """Whether TensorRT ``version`` (a (major, minor, ...) tuple) has ``feature`` (TRT_FEATURES)."""
+    first, gone = TRT_FEATURES[feature]
+    v = tuple(version[:2])
+    return v >= first and (gone is None or v < gone)
+
+
+def feature_release(feature):
+    """``"10.0"``: the first TensorRT release with ``feature``."""
+    return "{}.{}".format(*TRT_FEATURES[feature][0])
 
 
 class Target:
     """One row: a runtime (and, for Jetsons, its JetPack stack) and what it builds."""
 
     __slots__ = ("name", "runtime", "opsets", "default_opset", "int4", "uint8", "layernorm_op", "trt",
-                 "plugin_api", "fast_int8", "boards", "l4t", "python", "docker_base")
+                 "plugin_api", "fast_int8", "boards", "l4t", "python", "docker_base", "jetpack", "cuda")
 
     def __init__(self, name, runtime, opsets, default_opset, int4, uint8, layernorm_op, trt=None,
-                 plugin_api=None, fast_int8=True, boards=(), l4t=None, python=None, docker_base=None):
+                 plugin_api=None, fast_int8=True, boards=(), l4t=None, python=None, docker_base=None,
+                 jetpack=None, cuda=None):
         self.name, self.runtime = name, runtime
         self.opsets, self.default_opset = tuple(opsets), int(default_opset)  # (min, max) accepted
         self.int4 = bool(int4)  # INT4 weight DequantizeLinear (opset 21)
         self.uint8 = bool(uint8)  # UINT8 Q/DQ (an unsigned 8-bit softmax output)
         self.layernorm_op = bool(layernorm_op)  # may the graph contain LayerNormalization (opset 17)
         self.trt = trt  # ((major, minor) lowest, (major, minor) highest) TensorRT, or None
-        self.plugin_api = plugin_api  # how QvitLowBitLinear runs: a TensorRT plugin interface, or None
+        # how QvitLowBitLinear runs: the plugin front-end the library registers for this TensorRT, or as given
+        self.plugin_api = PLUGIN_APIS[self.plugin_front_end] if trt is not None else plugin_api
         self.fast_int8 = bool(fast_int8)  # GPU with fast INT8 (False: FP16 + low-bit weight plugins)
         self.boards = tuple(boards)  # lower-case substrings of /proc/device-tree/model
         self.l4t, self.python, self.docker_base = l4t, python, docker_base  # Jetson stack
+        self.jetpack, self.cuda = jetpack, cuda  # "4.6", "10.2" (Jetson rows)
 
     @property
     def tensorrt(self):
         return self.trt is not None
+
+    def has(self, feature):
+        """Whether every TensorRT release of this row has ``feature`` (TRT_FEATURES); False without TensorRT."""
+        return self.trt is not None and trt_has(feature, self.trt[0]) and trt_has(feature, self.trt[1])
+
+    @property
+    def typings(self):
+        """The typings this row's TensorRT builds, preferred first (``()`` for ONNX Runtime: it runs either)."""
+        if self.trt is None:
+            return ()
+        both = [t for t, f in (("weak", "weak_typing"), ("strong", "strongly_typed")) if self.has(f)]
+        if not both:
+            raise ValueError("target {}: no typing spans TensorRT {}".format(self.name, self.trt_range()))
+        return tuple(both)
+
+    def default_typing(self):
+        """``strong`` where weak typing is gone (TensorRT 11), else ``weak`` (what 8.x and 10.x build by default)."""
+        return self.typings[0] if self.typings else "weak"
+
+    @property
+    def plugin_front_end(self):
+        """``V3`` / ``V2``: which plugin interface the plugin library registers for this row's TensorRT
+        (runtime/cuda/qvit_trt_compat.h makes the same choice at compile time)."""
+        if self.trt is None:
+            return None
+        return "V3" if trt_has("plugin_v3", self.trt[0]) else "V2"
 
     def trt_range(self):
         """``"8.6-10.3"`` / ``"8.2"`` / ``"-"``."""
@@ -52,19 +104,27 @@ class Target:
         return "Target({!r})".format(self.name)
 
 
-_V2 = "IPluginV2DynamicExt"
 TARGETS = (
     Target("tx2", "TensorRT 8.2 (JetPack 4.6, TX2)", (13, 13), 13, int4=False, uint8=False, layernorm_op=False,
-           trt=((8, 2), (8, 2)), plugin_api=_V2, fast_int8=False, boards=("tx2",), l4t="32", python="3.6",
-           docker_base="nvcr.io/nvidia/l4t-base:r32.7.1"),
-    Target("orin-jp5", "TensorRT 8.5 (JetPack 5)", (13, 17), 17, int4=False, uint8=False, layernorm_op=True,
-           trt=((8, 5), (8, 5)), plugin_api=_V2, boards=("orin",), l4t="35", python="3.8",
-           docker_base="nvcr.io/nvidia/l4t-jetpack:r35.4.1"),
-    Target("orin-jp6", "TensorRT 8.6-10.3 (JetPack 6)", (13, 17), 17, int4=False, uint8=False, layernorm_op=True,
-           trt=((8, 6), (10, 3)), plugin_api=_V2, boards=("orin",), l4t="36", python="3.10",
-           docker_base="nvcr.io/nvidia/l4t-jetpack:r36.3.0"),
+           trt=((8, 2), (8, 2)), fast_int8=False, boards=("tx2",), l4t="32", python="3.6",
+           docker_base="nvcr.io/nvidia/l4t-base:r32.7.1", jetpack="4.6", cuda="10.2"),
+    # TensorRT 8.5's parser has no LayerNormalization (onnx-tensorrt added it in 8.6): opset <= 16 decomposes it
+    Target("orin-jp5", "TensorRT 8.5 (JetPack 5.1)", (13, 16), 16, int4=False, uint8=False, layernorm_op=False,
+           trt=((8, 5), (8, 5)), boards=("orin",), l4t="35", python="3.8",
+           docker_base="nvcr.io/nvidia/l4t-jetpack:r35.4.1", jetpack="5.1", cuda="11.4"),
+    Target("orin-jp6", "TensorRT 10.3 (JetPack 6.1/6.2)", (13, 21), 17, int4=True, uint8=False, layernorm_op=True,
+           trt=((10, 3), (10, 3)), boards=("orin",), l4t="36.4", python="3.10",
+           docker_base="nvcr.io/nvidia/l4t-jetpack:r36.4.0", jetpack="6.1/6.2", cuda="12.6"),
+    # JetPack 7.2.2+ on AGX Orin and Thor (TensorRT 11.4.1's support matrix).  Its L4T release and container
+    # tag are not recorded here (unverified), so jetson.l4t does not map a board to it; the builder knows it
+    # by its TensorRT version.
+    Target("orin-jp7", "TensorRT 11 (JetPack 7.2, CUDA 13.2)", (19, 21), 21, int4=True, uint8=False,
+           layernorm_op=True, trt=((11, 4), (11, 99)), boards=("orin", "thor"), python="3.12",
+           jetpack="7.2", cuda="13.2"),
     Target("trt10", "TensorRT 10", (13, 21), 21, int4=True, uint8=False, layernorm_op=True,
-           trt=((10, 0), (10, 99)), plugin_api=_V2),
+           trt=((10, 0), (10, 99))),
+    Target("trt11", "TensorRT 11", (19, 21), 21, int4=True, uint8=False, layernorm_op=True,
+           trt=((11, 0), (11, 99))),
     Target("ort", "ONNX Runtime (CPU)", (13, 21), 17, int4=True, uint8=True, layernorm_op=True,
            plugin_api="ONNX function (reference body)"),
 )
@@ -101,9 +161,18 @@ def use_int4(target, opset):
     return target.int4 and int(opset) >= 21
 
 
-def trt_has(feature, version):
-    """Whether TensorRT ``version`` (a (major, minor, ...) tuple) has ``feature`` (TRT_FEATURES)."""
-    return tuple(version[:2]) >= TRT_FEATURES[feature]
+def resolve_typing(target, typing=None, opset=None):
+    """The typing to export for ``target`` (``None``: its default), or a one-line refusal."""
+    typ = target.default_typing() if typing in (None, "auto") else typing
+    if typ not in TYPINGS:
+        raise UserError("unknown --typing {!r}: use auto, {}".format(typing, ", ".join(TYPINGS)))
+    if target.typings and typ not in target.typings:
+        raise UserError("--target {} ({}) builds only {} typed networks: use --typing {} or another target".format(
+            target.name, target.runtime, "/".join(target.typings), target.typings[0]))
+    if typ == "strong" and opset is not None and int(opset) < MIN_TYPED_OPSET:
+        raise UserError("a strongly typed (FP16) graph needs --opset {}+ for FP16 Q/DQ scales, got {}".format(
+            MIN_TYPED_OPSET, opset))
+    return typ
 
 
 def for_trt_version(version):
@@ -113,12 +182,18 @@ def for_trt_version(version):
 
 
 def for_l4t(release):
-    """The Jetson row of an L4T release (``"32.7.1"`` or ``"32"``), or None."""
-    major = str(release).split(".")[0]
+    """The Jetson row of an L4T release (``"32.7.1"``, ``"36.4.3"`` or ``"32"``), or None.
+
+    A row's ``l4t`` is a release prefix: ``"32"`` (every r32), ``"36.4"`` (JetPack 6.1/6.2 with TensorRT
+    10.3; JetPack 6.0 = r36.2/36.3 ships TensorRT 8.6 and has no row of its own).  The longest match wins.
+    """
+    parts = str(release).split(".")
+    best = None
     for t in TARGETS:
-        if t.l4t == major:
-            return t
-    return None
+        if t.l4t and parts[:len(t.l4t.split("."))] == t.l4t.split("."):
+            if best is None or len(t.l4t) > len(best.l4t):
+                best = t
+    return best
 
 
 def for_board(board):
@@ -132,11 +207,12 @@ def for_board(board):
 
 def markdown():
     """The table as markdown (``python -m export --list-targets``; the READMEs point here)."""
-    rows = ["| target | runtime | opsets (default) | TensorRT | LayerNormalization op | INT4 weights | "
-            "UINT8 | fast INT8 | low-bit node runs as |", "|---" * 9 + "|"]
+    rows = ["| target | runtime | opsets (default) | TensorRT | typing (default first) | LayerNormalization op | "
+            "INT4 weights | UINT8 | fast INT8 | low-bit node runs as |", "|---" * 10 + "|"]
     for t in TARGETS:
-        rows.append("| `{}` | {} | {}-{} ({}) | {} | {} | {} | {} | {} | {} |".format(
+        rows.append("| `{}` | {} | {}-{} ({}) | {} | {} | {} | {} | {} | {} | {} |".format(
             t.name, t.runtime, t.opsets[0], t.opsets[1], t.default_opset, t.trt_range(),
-            "yes" if t.layernorm_op else "no (decomposed)", "yes (opset 21)" if t.int4 else "no (INT8 container)",
-            "yes" if t.uint8 else "no", "yes" if t.fast_int8 else "no", t.plugin_api or "-"))
+            ", ".join(t.typings) or "either", "yes" if t.layernorm_op else "no (decomposed)",
+            "yes (opset 21, weight-only)" if t.int4 else "no (INT8 container)", "yes" if t.uint8 else "no",
+            "yes" if t.fast_int8 else "no", t.plugin_api or "-"))
     return "\n".join(rows) + "\n"

@@ -3,6 +3,12 @@
     python3 runtime/bench.py --onnx artifacts/vit_fmnist_w4a4.qdq.onnx --backend ort
     python3 runtime/bench.py --engine artifacts/deit_s_w4a4.qdq.int8.b1.<key>.engine --batch 1,4,8
     python3 runtime/bench.py --compare --backend ort --onnx a_w8a8.qdq.onnx a_w4a4.qdq.onnx
+    python3 runtime/bench.py --compare --backend trt --onnx artifacts/deit_s_w4a4.qdq.onnx
+
+On TensorRT, ``--compare`` with an exported model builds and times its FP16, INT8 and (where the
+TensorRT has it) INT4 weight-only engines in one run -- from the sibling exports of the same
+checkpoint (``<stem>.fp32.onnx``, ``.qdq.onnx``, ``.woq.onnx``; :data:`TRT_VARIANTS`) -- so the
+table says at once whether quantization pays on this device.
 
 Each (model, backend, batch) gets warm-up iterations, then N timed iterations or a time
 budget (like trtexec's --iterations/--duration); latency is per batch, host-to-host
@@ -52,7 +58,9 @@ def parse_args(argv=None, prog="python3 runtime/bench.py"):
     src.add_argument("--checkpoint", nargs="+", default=[], help="trained checkpoint(s) for the torch backend")
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
                    help="backend(s) for the --onnx files (default ort); engines always use trt, checkpoints torch")
-    p.add_argument("--compare", action="store_true", help="print img/s ratios against the first model/backend")
+    p.add_argument("--compare", action="store_true",
+                   help="print img/s ratios against the first model/backend; on trt with --onnx: build and time the "
+                        "model's FP16, INT8 and INT4 weight-only engines (its .fp32/.qdq/.woq exports)")
     p.add_argument("--iters", "--iterations", dest="iters", type=positive_int, default=200,
                    help="timed iterations (200)")
     p.add_argument("--duration", type=positive_float, default=None, help="time budget in s per run instead of --iters")
@@ -77,19 +85,58 @@ def parse_args(argv=None, prog="python3 runtime/bench.py"):
     return args
 
 
-def targets_of(args):
-    """(backend, path) pairs in command-line order; the first is the comparison baseline."""
+#: ``bench --compare --backend trt``: (name, export format, build precision) of the engines that show whether
+#: quantization pays, baseline first.  FP16 from the float graph (dequantized weights), INT8 from the Q/DQ graph
+#: (its INT4 weights too, at opset 21), INT4 weight-only from the ``woq`` graph (TensorRT 10+).
+TRT_VARIANTS = (("fp16", "fp32", "fp16"), ("int8", "qdq", "auto"), ("int4-woq", "woq", "auto"))
+
+
+def _same_model(a, b):
+    keys = ("model", "bits", "source_checkpoint")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def trt_variants(path, log):
+    """The exports of ``path``'s checkpoint, one per :data:`TRT_VARIANTS` row found beside it, as
+    ``(path, precision)``; a missing one is a note naming the export that makes it."""
+    meta = model_meta.load_onnx_meta(path)
+    suffix = ".{}.onnx".format(meta.get("format"))
+    if not path.endswith(suffix):
+        return [(path, None)]
+    base, out = path[:-len(suffix)], []
+    for name, fmt, precision in TRT_VARIANTS:
+        sib = "{}.{}.onnx".format(base, fmt)
+        if not os.path.isfile(sib):
+            log("note: no {} engine in the comparison: export {} (python3 -m export --checkpoint <ckpt> --format {} "
+                "--target {})".format(name, os.path.basename(sib), fmt, meta.get("target", "<target>")))
+            continue
+        if sib != path and not _same_model(meta, model_meta.load_onnx_meta(sib)):
+            log("note: {} is not an export of the same checkpoint as {}: left out".format(sib, path))
+            continue
+        out.append((sib, precision))
+    if path not in [p for p, _ in out]:  # a format outside the sweep (lowbit) is timed too, as given
+        out.append((path, None))
+    return out
+
+
+def targets_of(args, log=print):
+    """(backend, path, precision) triples in command-line order; the first is the comparison baseline
+    (``precision``: the engine build's for trt ONNX, None elsewhere)."""
     out = []
     for path in args.onnx:
         for kind in args.backend or ["ort"]:
             if kind == "torch":
                 raise UserError("the torch backend runs a checkpoint: use --checkpoint runs/<x>/best.safetensors")
-            out.append((kind, path))
+            if kind == "trt" and args.compare:
+                out += [(kind, p, prec or args.precision) for p, prec in trt_variants(path, log)]
+            else:
+                out.append((kind, path, args.precision if kind == "trt" else None))
     if args.backend and "trt" not in args.backend and args.engine:
         raise UserError("engines run on the trt backend: add trt to --backend or drop --engine")
-    out += [("trt", p) for p in args.engine]
-    out += [("torch", p) for p in args.checkpoint]
-    return out
+    out += [("trt", p, None) for p in args.engine]
+    out += [("torch", p, None) for p in args.checkpoint]
+    seen = set()
+    return [t for t in out if not (t[:2] in seen or seen.add(t[:2]))]
 
 
 def latency_stats(seconds):
@@ -151,7 +198,7 @@ def compare(runs):
     ok = [r for r in runs if r["status"] == "ok"]
     if not ok:
         return None
-    base_label = runs[0]["label"]
+    base_label = ok[0]["label"]  # the first target that ran (a sweep's FP16 engine may not build here)
     base = dict((r["batch"], r) for r in ok if r["label"] == base_label)
     rows = []
     for r in ok:
@@ -179,11 +226,11 @@ def host_info(power_enabled):
     return info
 
 
-def _open(kind, path, args, max_batch, log):
+def _open(kind, path, args, max_batch, log, precision=None):
     if kind == "trt" and path.endswith(".onnx"):
         from runtime import build
 
-        bargs = ["--onnx", path, "--precision", args.precision, "--max-batch", str(max_batch)]
+        bargs = ["--onnx", path, "--precision", precision or args.precision, "--max-batch", str(max_batch)]
         for p in args.plugins:
             bargs += ["--plugins", p]
         try:
@@ -195,6 +242,17 @@ def _open(kind, path, args, max_batch, log):
         path = engine
     return open_backend(kind, path, threads=args.threads, providers=args.providers, plugins=args.plugins,
                         cuda_graph=args.cuda_graph, lowbit_cuda=args.lowbit_cuda, verbose=args.verbose, log=log)
+
+
+def _open_or_skip(kind, path, args, max_batch, log, precision, sweep):
+    """The backend, or (in a TensorRT precision sweep) None and the reason this engine cannot be built here."""
+    try:
+        return _open(kind, path, args, max_batch, log, precision), None
+    except UserError as e:
+        if not sweep:
+            raise
+        log("note: {} ({}): not built: {}".format(os.path.basename(path), precision, e))
+        return None, str(e)
 
 
 def fmt_run(r):
@@ -210,13 +268,21 @@ def fmt_run(r):
 
 def run(args, log=print):
     """Run every target x batch; write the JSON; return the result dict."""
-    targets = targets_of(args)
+    targets = targets_of(args, log)
     check_out_file(args.json_path, "--json")  # before minutes of timing
     runs = []
     total = len(targets) * len(args.batches)
     n = 0
-    for kind, path in targets:
-        backend = _open(kind, path, args, max(args.batches), log)
+    sweep = args.compare and bool(args.onnx) and "trt" in (args.backend or [])
+    for kind, path, precision in targets:
+        backend, why = _open_or_skip(kind, path, args, max(args.batches), log, precision, sweep)
+        if backend is None:
+            meta = model_meta.load_onnx_meta(path)
+            label = "{} {} {}".format(model_meta.label(meta, path), kind, precision)
+            runs += [{"label": label, "backend": kind, "path": os.path.abspath(path), "batch": b, "status": "skipped",
+                      "reason": why} for b in args.batches]
+            n += len(args.batches)
+            continue
         try:
             label = "{} {}".format(model_meta.label(backend.meta, path), kind)
             if kind == "trt":

@@ -3,10 +3,13 @@
     python3 -m runtime.build --onnx artifacts/deit_s_w4a4.qdq.onnx [--int8 --fp16] [--batch 1 --max-batch 8]
     python3 -m runtime.build --onnx artifacts/deit_s_w4a4.lowbit.onnx --plugins build/plugins/libqvit_plugins.so
 
-Precision is decided from the graph and the GPU (see :func:`plan_precision`): QDQ graphs
-build INT8 (+FP16 where allowed); the lowbit format builds FP16 around the low-bit
-weight plugins -- the only fast option on TX2, which has no fast INT8.  The equivalent
-``trtexec`` line is printed first so results can be cross-checked with the usual tool.
+Precision is decided from the graph and the GPU (see :func:`plan_precision`).  Weakly typed
+(TensorRT 8.x, and 10.x by default): QDQ graphs build INT8 (+FP16 where allowed), LayerNorm pinned
+FP32 by name; the lowbit format builds FP16 around the low-bit weight plugins -- the only fast
+option on TX2, which has no fast INT8.  Strongly typed (a graph exported with ``--typing strong``,
+and every graph on TensorRT 11, which has no precision flags): no flags, the graph's FP16 tensors,
+FP32 LayerNorm/Softmax islands and Q/DQ decide.  The equivalent ``trtexec`` line is printed first
+so results can be cross-checked with the usual tool.
 Python 3.6-compatible (JetPack 4.6).
 """
 
@@ -38,18 +41,19 @@ TX2_INT8_MSG = ("this GPU has no fast INT8 (platform_has_fast_int8 is false, e.g
 
 
 def plan_precision(requested, has_qdq, is_lowbit, fast_int8, fast_fp16, int4_weights=False, int4_supported=False,
-                   allow_slow_int8=False, strongly_typed=False):
-    """Decide builder flags: ``{"fp16", "int8", "int4", "label", "notes"}``; raise on impossible asks."""
-    notes = []
-    if strongly_typed:
-        return {"fp16": False, "int8": False, "int4": False, "label": "typed",
-                "notes": ["strongly typed: every tensor keeps the type the ONNX gives it"]}
+                   allow_slow_int8=False, strongly_typed=False, graph_fp16=False, weight_only=False):
+    """Decide builder flags: ``{"fp16", "int8", "int4", "typed", "label", "notes"}``; raise on impossible asks.
+    ``weight_only``: a ``woq`` graph (integer weights through DQ, float activations): labelled ``fp16+int4w``
+    (``+int8w`` for INT8 containers) -- INT8 stays enabled on weak typing, which builds any DQ only with it."""
     if int4_weights and not int4_supported:
-        raise UserError("this ONNX stores INT4 weights, which need TensorRT {}.{}+: re-export for this device's "
+        raise UserError("this ONNX stores INT4 weights, which need TensorRT {}+: re-export for this device's "
                         "target (one without INT4: {}) or use a newer TensorRT".format(
-                            targets.TRT_FEATURES["int4"][0], targets.TRT_FEATURES["int4"][1],
+                            targets.feature_release("int4"),
                             ", ".join(t.name for t in targets.TARGETS if t.tensorrt and not t.int4)))
-    if requested in ("fp32", "fp16") and has_qdq:
+    if strongly_typed:
+        return _typed_plan(requested, has_qdq and not weight_only, int4_weights, graph_fp16, weight_only)
+    notes = []
+    if requested in ("fp32", "fp16") and has_qdq and not weight_only:
         raise UserError("the graph has Q/DQ nodes, which TensorRT only builds with INT8 enabled: use --int8 "
                         "(or export --format lowbit / fp32 for a {} engine)".format(requested.upper()))
     int8 = has_qdq or requested in ("int8", "best")
@@ -70,10 +74,29 @@ def plan_precision(requested, has_qdq, is_lowbit, fast_int8, fast_fp16, int4_wei
     if is_lowbit and not fast_int8:
         notes.append("FP16 engine + low-bit weight plugins ({}): this GPU has no fast INT8".format(LOWBIT_OP))
     int4 = bool(int4_weights and int4_supported)
-    label = "int8" if int8 else ("fp16" if fp16 else "fp32")
-    if int4:
+    label = "int8" if int8 and not weight_only else ("fp16" if fp16 else "fp32")
+    if weight_only:
+        label += "+int4w" if int4 else "+int8w"
+    elif int4:
         label += "+int4"
-    return {"fp16": fp16, "int8": int8, "int4": int4, "label": label, "notes": notes}
+    return {"fp16": fp16, "int8": int8, "int4": int4, "typed": False, "label": label, "notes": notes}
+
+
+def _typed_plan(requested, has_qdq, int4_weights, graph_fp16, weight_only=False):
+    """Strongly typed: no flags; the label says what the graph's own types make of it."""
+    base = "int8" if has_qdq else ("fp16" if graph_fp16 else "fp32")
+    wants = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}.get(requested)
+    if wants and wants != base:
+        raise UserError("--{} cannot change a strongly typed network, whose precision is the graph's own ({}): "
+                        "export the graph you want (--format fp32 --typing strong for FP16, --format qdq for "
+                        "INT8)".format(requested, base.upper()))
+    notes = ["strongly typed: no precision flags, every tensor keeps the type the ONNX gives it"]
+    if not graph_fp16:
+        notes.append("the graph's float tensors are FP32, so the engine computes FP32 outside Q/DQ; export with "
+                     "--typing strong (e.g. --target trt11) for FP16 with FP32 LayerNorm/Softmax")
+    label = base + ("+int4w" if int4_weights else "+int8w") if weight_only else base + ("+int4" if int4_weights else "")
+    label += "-typed"
+    return {"fp16": False, "int8": False, "int4": False, "typed": True, "label": label, "notes": notes}
 
 
 def _shape_str(name, dims):
@@ -85,8 +108,8 @@ def trtexec_command(onnx, engine, plan, input_name=None, dims=None, batch=1, max
                     strongly_typed=False):
     """The ``trtexec`` line that builds the same engine (for cross-checking), shell-quoted."""
     cmd = ["trtexec", "--onnx=" + onnx, "--saveEngine=" + engine]
-    if strongly_typed:
-        cmd.append("--stronglyTyped")
+    if strongly_typed or plan.get("typed"):
+        cmd.append("--stronglyTyped")  # and no --fp16/--int8/--int4: the plan has none
     if plan.get("fp16"):
         cmd.append("--fp16")
     if plan.get("int8"):
@@ -134,8 +157,9 @@ def parse_args(argv=None, prog="python3 -m runtime.build"):
     p.add_argument("--no-gpu-fallback", dest="gpu_fallback", action="store_false",
                    help="fail instead of running DLA-unsupported layers on the GPU")
     p.add_argument("--strongly-typed", "--stronglyTyped", dest="strongly_typed", action="store_true",
-                   help="keep the ONNX's tensor types, no precision flags (TensorRT {}.{}+)".format(
-                       *targets.TRT_FEATURES["strongly_typed"]))
+                   help="keep the ONNX's tensor types, no precision flags (TensorRT {}+; automatic for graphs "
+                        "exported with --typing strong and on TensorRT 11)".format(
+                       targets.feature_release("strongly_typed")))
     p.add_argument("--allow-slow-int8", action="store_true", help="build INT8 even where it is not fast (TX2)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cached engine matches")
     p.add_argument("--print-only", action="store_true",
@@ -179,6 +203,10 @@ class _Graph:
         self.has_qdq = bool(self.info["ops"] & set(onnx_info.QDQ_OPS))
         self.is_lowbit = self.meta.get("format") == "lowbit" or LOWBIT_OP in self.info["ops"]
         self.int4_weights = bool(self.info.get("int4_weights"))
+        #: exported strongly typed (FP16 tensors, FP32 LayerNorm/Softmax through Casts): build it typed
+        self.typed = self.meta.get("typing") == "strong"
+        self.fp16 = self.typed or bool(self.info.get("fp16"))
+        self.weight_only = self.meta.get("format") == "woq"
         self.dims = dims = model_meta.onnx_input_dims(self.meta, self.info, args.onnx)
         if not args.print_only:
             if args.engine:
@@ -189,19 +217,25 @@ class _Graph:
             raise UserError("{} has a fixed batch of {}: use --batch {} or re-export with a dynamic batch axis".format(
                 args.onnx, dims[0], dims[0]))
 
-    def plan(self, args, fast_int8=True, fast_fp16=True, int4_supported=True):
+    def typed_build(self, args, caps=None):
+        """Strongly typed when the graph is, when asked, and always where weak typing is gone (TensorRT 11)."""
+        return bool(self.typed or args.strongly_typed or (caps is not None and not caps.weak_typing))
+
+    def plan(self, args, fast_int8=True, fast_fp16=True, int4_supported=True, caps=None):
         return plan_precision(args.precision, self.has_qdq, self.is_lowbit, fast_int8, fast_fp16, self.int4_weights,
-                              int4_supported, args.allow_slow_int8, args.strongly_typed)
+                              int4_supported, args.allow_slow_int8, self.typed_build(args, caps), self.fp16,
+                              self.weight_only)
 
     def trtexec(self, args, engine, plan, timing_cache, memory_pool_api=True):
         return trtexec_command(args.onnx, engine, plan, self.meta["input_name"], self.dims, args.batch, args.max_batch,
                                args.workspace, timing_cache, args.plugins, args.dla_core, args.gpu_fallback,
-                               memory_pool_api, args.strongly_typed)
+                               memory_pool_api, plan["typed"])
 
 
 def _print_plan(args, g, log):
     plan = g.plan(args)
-    log("plan (assuming a GPU with fast INT8/FP16): {}".format(plan["label"]))
+    log("plan (assuming a GPU with fast INT8/FP16{}): {}".format(
+        "" if plan["typed"] else ", TensorRT < 11", plan["label"]))
     log(g.trtexec(args, args.engine or "model.engine", plan, args.timing_cache))
 
 
@@ -229,7 +263,7 @@ def _cache_paths(args, caps, gpu, plan):
     onnx_sha = sha256_file(args.onnx)
     key = engine_cache.cache_key(onnx_sha, caps.version_str, gpu.get("name"), gpu.get("compute_capability"),
                                  plan["label"], args.batch, args.max_batch, [p["sha256"] for p in plugins],
-                                 {"dla": args.dla_core, "typed": args.strongly_typed})
+                                 {"dla": args.dla_core, "typed": plan["typed"]})
     engine_path = args.engine or engine_cache.default_engine_path(args.onnx, plan["label"], args.batch, key)
     timing_cache = None if args.no_timing_cache else (args.timing_cache or os.path.join(
         os.path.dirname(os.path.abspath(engine_path)), "timing.{}.{}.cache".format(
@@ -237,8 +271,8 @@ def _cache_paths(args, caps, gpu, plan):
     return key, engine_path, timing_cache, plugins, onnx_sha
 
 
-def _network(trt, builder, logger, caps, args, g, log):
-    network = trt_compat.create_network(trt, builder, caps, args.strongly_typed)
+def _network(trt, builder, logger, caps, plan, args, g, log):
+    network = trt_compat.create_network(trt, builder, caps, plan["typed"])
     info = g.info
     _parse_onnx(trt, network, logger, args.onnx, g.is_lowbit and info["has_local_lowbit_fn"] and info["exact"])
     if g.is_lowbit and info["has_local_lowbit_fn"] and not info["exact"]:
@@ -248,7 +282,7 @@ def _network(trt, builder, logger, caps, args, g, log):
 
 
 def _configure(trt, builder, caps, network, args, g, plan, timing_cache, log):
-    """Builder config: batch profile, workspace, precision flags, FP32 pins, DLA, timing cache."""
+    """Builder config: batch profile, workspace, precision flags and FP32 pins (weak typing only), DLA, timing cache."""
     config = builder.create_builder_config()
     inp = network.get_input(0)
     shape = [int(d) for d in inp.shape]
@@ -260,9 +294,10 @@ def _configure(trt, builder, caps, network, args, g, plan, timing_cache, log):
     elif shape[0] != args.batch:
         raise UserError("{} has a fixed batch of {}: use --batch {}".format(args.onnx, shape[0], shape[0]))
     trt_compat.set_workspace(trt, config, caps, args.workspace)
-    flags = trt_compat.set_precision(trt, config, caps, plan["fp16"], plan["int8"], plan["int4"])
-    if plan["fp16"] and not args.strongly_typed:
-        n = trt_compat.pin_fp32_layers(trt, network, config, g.meta.get("fp32_layers") or [])
+    flags = ["strongly_typed"] if plan["typed"] else trt_compat.set_precision(
+        trt, config, caps, plan["fp16"], plan["int8"], plan["int4"])
+    if plan["fp16"] and not plan["typed"]:
+        n = trt_compat.pin_fp32_layers(trt, network, config, caps, g.meta.get("fp32_layers") or [])
         if n:
             log("kept {} LayerNorm/IRM layers in FP32 (FP16 variance overflows)".format(n))
     if args.dla_core is not None:
@@ -282,7 +317,7 @@ def build(args, log=print):
     gpu = gpu_info() or {"name": "unknown", "compute_capability": "?"}
     builder = trt.Builder(logger)
     plan = g.plan(args, trt_compat.platform_fast_int8(builder, caps), trt_compat.platform_fast_fp16(builder, caps),
-                  caps.int4)
+                  caps.int4, caps)
     for note in plan["notes"]:
         log("note: " + note)
     key, engine_path, timing_cache, plugins, onnx_sha = _cache_paths(args, caps, gpu, plan)
@@ -295,7 +330,7 @@ def build(args, log=print):
     if not args.force and engine_cache.cached_engine(engine_path, key):
         log("engine cache hit: {} (key {}; --force rebuilds)".format(engine_path, key))
         return engine_path, engine_cache.read_engine_meta(engine_path)
-    network = _network(trt, builder, logger, caps, args, g, log)
+    network = _network(trt, builder, logger, caps, plan, args, g, log)
     config, shape, flags = _configure(trt, builder, caps, network, args, g, plan, timing_cache, log)
     log("building {} engine for {} on {} (minutes on a Jetson)...".format(plan["label"], args.onnx, gpu_label(gpu)))
     t0 = time.time()
@@ -312,7 +347,7 @@ def build(args, log=print):
         "onnx_sha256": onnx_sha, "onnx_path": os.path.abspath(args.onnx), "plugins": plugins,
         "precision": plan["label"], "precision_flags": flags, "batch": args.batch,
         "max_batch": args.max_batch if shape[0] == -1 else shape[0], "dla_core": args.dla_core,
-        "strongly_typed": bool(args.strongly_typed), "workspace_mib": args.workspace,
+        "strongly_typed": plan["typed"], "workspace_mib": args.workspace,
         "build_seconds": round(seconds, 1), "notes": plan["notes"],
     })
     sidecar = engine_cache.write_engine(engine_path, blob, sidecar)

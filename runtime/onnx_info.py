@@ -14,6 +14,7 @@ from qformat.errors import UserError
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 INT4_TYPES = (21, 22)  # TensorProto.UINT4, TensorProto.INT4 (absent from old onnx releases)
+FLOAT16 = 10  # TensorProto.FLOAT16
 
 
 def _onnx():
@@ -42,7 +43,8 @@ def load_checked(path):
 
 
 def inspect(path):
-    """``{"ops", "inputs": [(name, dims)], "has_local_lowbit_fn", "int4_weights", "exact"}``."""
+    """``{"ops", "inputs": [(name, dims)], "has_local_lowbit_fn", "int4_weights", "fp16", "exact"}``
+    (``fp16``: FP16 initializers or a Cast to FP16, i.e. a typed graph)."""
     onnx = _onnx()
     if onnx is None:
         with open(path, "rb") as f:
@@ -51,7 +53,7 @@ def inspect(path):
             raise _not_onnx(path, "empty" if not blob else "no ONNX header")
         ops = set(op for op in QDQ_OPS + (LOWBIT_OP,) if op.encode("ascii") in blob)
         return {"ops": ops, "inputs": [], "has_local_lowbit_fn": LOWBIT_OP in ops, "int4_weights": False,
-                "exact": False}
+                "fp16": False, "exact": False}
     model = load_checked(path)
     ops = set(n.op_type for n in model.graph.node)
     for fn in model.functions:
@@ -67,7 +69,10 @@ def inspect(path):
         inputs.append((vi.name, dims))
     local = any(fn.name == LOWBIT_OP for fn in model.functions)
     int4 = any(i.data_type in INT4_TYPES for i in model.graph.initializer)
-    return {"ops": ops, "inputs": inputs, "has_local_lowbit_fn": local, "int4_weights": int4, "exact": True}
+    fp16 = any(i.data_type == FLOAT16 for i in model.graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == FLOAT16 for a in n.attribute) for n in model.graph.node)
+    return {"ops": ops, "inputs": inputs, "has_local_lowbit_fn": local, "int4_weights": int4, "fp16": fp16,
+            "exact": True}
 
 
 def without_local_lowbit_function(path):

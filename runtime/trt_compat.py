@@ -1,4 +1,4 @@
-"""Every TensorRT API difference (8.2 on JetPack 4.6 .. 10.x) in one place.
+"""Every TensorRT API difference (8.2 on JetPack 4.6 .. 11.x) in one place.
 
 The builder and the TensorRT backend never test ``trt.__version__`` themselves: they ask
 :class:`TrtCaps` (decided from the version string alone, so it is unit-tested with fake
@@ -70,6 +70,8 @@ class TrtCaps:
         self.int4 = targets.trt_has("int4", v)
         #: NetworkDefinitionCreationFlag.STRONGLY_TYPED
         self.strongly_typed = targets.trt_has("strongly_typed", v)
+        #: BuilderFlag.FP16/INT8/INT4 and per-layer precision pins (removed in 11: the graph's types decide)
+        self.weak_typing = targets.trt_has("weak_typing", v)
         #: registry.get_creator (10+) instead of get_plugin_creator
         self.registry_get_creator = v >= (10, 0)
         #: builder.platform_has_fast_int8 still meaningful (deprecated in 10)
@@ -101,12 +103,13 @@ class TrtCaps:
 
     def describe(self):
         """One line for logs: which code paths this version takes."""
-        return "TensorRT {}: workspace={} build={} io={} explicit_batch_flag={} int4={} strongly_typed={}".format(
+        return ("TensorRT {}: workspace={} build={} io={} explicit_batch_flag={} int4={} strongly_typed={} "
+                "weak_typing={}").format(
             self.version_str,
             "set_memory_pool_limit" if self.memory_pool_api else "max_workspace_size",
             "build_serialized_network" if self.build_serialized else "build_engine",
             "tensor names" if self.tensor_io_api else "bindings",
-            self.explicit_batch_flag, self.int4, self.strongly_typed)
+            self.explicit_batch_flag, self.int4, self.strongly_typed, self.weak_typing)
 
 
 def caps_of(trt):
@@ -127,9 +130,14 @@ def create_network(trt, builder, caps, strongly_typed=False):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     if strongly_typed:
         if not caps.strongly_typed:
-            raise UserError("--strongly-typed needs TensorRT {}+, this is {}".format(
-                _release(targets.TRT_FEATURES["strongly_typed"]), caps.version_str))
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+            raise UserError("a strongly typed network needs TensorRT {}+, this is {}: re-export for this "
+                            "device's target (--typing weak)".format(targets.feature_release("strongly_typed"),
+                                                                     caps.version_str))
+        flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if flag is not None:  # 11.x keeps the flag (deprecated, always on)
+            flags |= 1 << int(flag)
+    elif not caps.weak_typing:
+        raise UserError("TensorRT {} builds only strongly typed networks".format(caps.version_str))
     return builder.create_network(flags)
 
 
@@ -170,8 +178,12 @@ def platform_fast_fp16(builder, caps):
 
 
 def set_precision(trt, config, caps, fp16=False, int8=False, int4=False):
-    """Set builder precision flags; returns the list of flags set (for the engine sidecar)."""
+    """Set builder precision flags (weak typing, TensorRT < 11); returns the list of flags set (for the sidecar)."""
     flags = []
+    if (fp16 or int8 or int4) and not caps.weak_typing:
+        raise UserError("TensorRT {} has no precision builder flags (weak typing was removed in {}): the graph's "
+                        "own types decide; export it with --typing strong".format(
+                            caps.version_str, _release(targets.TRT_FEATURES["weak_typing"][1])))
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
         flags.append("fp16")
@@ -181,7 +193,7 @@ def set_precision(trt, config, caps, fp16=False, int8=False, int4=False):
     if int4:
         if not caps.int4:
             raise UserError("INT4 needs TensorRT {}+, this is {}: build with --int8 or --fp16".format(
-                _release(targets.TRT_FEATURES["int4"]), caps.version_str))
+                targets.feature_release("int4"), caps.version_str))
         flag = getattr(trt.BuilderFlag, "INT4", None)
         if flag is not None:  # plugin INT4 I/O; INT4 DQ weights need no flag
             config.set_flag(flag)
@@ -189,18 +201,22 @@ def set_precision(trt, config, caps, fp16=False, int8=False, int4=False):
     return flags
 
 
-def pin_fp32_layers(trt, network, config, names):
+def pin_fp32_layers(trt, network, config, caps, names):
     """Keep the layers the exporter marked ``fp32_layers`` (LayerNorm / IRM statistics) in FP32.
 
     In an FP16 engine a LayerNorm's variance overflows (TX2's TensorRT 8.2 has no fused
     LayerNormalization op to do it safely).  The ONNX parser names a layer after its node,
     sometimes with a suffix, so names match by prefix.  PREFER_PRECISION_CONSTRAINTS (8.2+)
     lets TensorRT fall back rather than fail; older builds only know STRICT_TYPES.
-    Returns the number of layers pinned.
+    Returns the number of layers pinned.  TensorRT 11 has no pins (a strongly typed graph carries its
+    FP32 LayerNorm as Casts), so this refuses there rather than silently building FP16 statistics.
     """
     wanted = tuple(str(n) for n in names if n)
     if not wanted:
         return 0
+    if not caps.weak_typing:
+        raise UserError("TensorRT {} cannot pin layers to FP32 (no weak typing): export with --typing strong so "
+                        "LayerNorm is FP32 in the graph itself".format(caps.version_str))
     pinned = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)

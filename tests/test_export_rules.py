@@ -25,7 +25,7 @@ def _consts(g):
 
 
 CASES = [("vit_fmnist", "tx2"), ("vit_fmnist", "orin-jp6"), ("vit_fmnist", "trt10"), ("swin_fmnist", "orin-jp5"),
-         ("swin_fmnist", "tx2")]
+         ("swin_fmnist", "tx2"), ("vit_fmnist", "orin-jp7"), ("vit_fmnist", "trt11")]
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "lowbit"])
@@ -44,8 +44,10 @@ def test_trt_rules_hold(name, target, fmt):
     opset = next(o.version for o in m.opset_import if o.domain == "")
     assert opset == tgt.default_opset
     ops = {n.op_type for n in m.graph.node}
-    assert ("LayerNormalization" in ops) == (target != "tx2")
-    if target == "tx2":
+    assert ("LayerNormalization" in ops) == tgt.layernorm_op
+    assert "Mod" not in ops or rules.parser_has(tgt, "Mod")
+    assert rules.parser_violations(m, tgt) == []
+    if not tgt.layernorm_op:
         assert g.fp32_layers and all(("norm" in n) for n in g.fp32_layers)
     n_q = 0
     for n in m.graph.node:
@@ -64,7 +66,7 @@ def test_trt_rules_hold(name, target, fmt):
             assert not any(i in prod and prod[i].op_type == "DequantizeLinear" for i in n.input)
     assert n_q > 0
     int4 = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT4]
-    assert bool(int4) == (target == "trt10" and fmt == "qdq")
+    assert bool(int4) == (targets.use_int4(tgt, opset) and fmt == "qdq")
     if fmt == "lowbit":
         assert len(m.functions) == 0 and len(g.ort.functions) == 1  # plugin variant for TensorRT
         nodes = [n for n in m.graph.node if n.op_type == qformat.LOWBIT_OP]
@@ -96,7 +98,9 @@ def test_ort_lowbit_keeps_function_and_uint8_softmax_at_8_bits():
 @pytest.mark.parametrize("target,opset,fmt,match", [
     ("tx2", 21, "qdq", "use --opset 13"),
     ("tx2", 17, "qdq", "use --opset 13"),
-    ("orin-jp5", 21, "lowbit", "use --opset 13..17"),
+    ("orin-jp5", 21, "lowbit", "use --opset 13..16"),
+    ("orin-jp5", 17, "qdq", "use --opset 13..16"),
+    ("trt11", 17, "qdq", "use --opset 19..21"),
     ("ort", 11, "qdq", "13..21"),
     ("nano", None, "qdq", "unknown --target"),
     ("ort", None, "int2", "unknown --format"),
@@ -104,6 +108,50 @@ def test_ort_lowbit_keeps_function_and_uint8_softmax_at_8_bits():
 def test_impossible_combinations_refused(target, opset, fmt, match):
     with pytest.raises(UserError, match=match):
         build_graph(model("vit_fmnist", 4), fmt, target, opset, log=lambda s: None)
+
+
+@pytest.mark.parametrize("target,typing,fmt,match", [
+    ("trt11", "weak", "qdq", "builds only strong"),
+    ("orin-jp7", "weak", "lowbit", "builds only strong"),
+    ("tx2", "strong", "qdq", "builds only weak"),
+    ("orin-jp5", None, "woq", "INT4 weight-only path"),
+])
+def test_typing_and_format_refused_per_target(target, typing, fmt, match):
+    with pytest.raises(UserError, match=match):
+        build_graph(model("vit_fmnist", 4), fmt, target, typing=typing, log=lambda s: None)
+
+
+def test_lower_mod_is_exact_for_every_sign():
+    """TensorRT 8.2 has no Mod: the lowering must equal ONNX Mod (numpy's sign-of-divisor mod) everywhere."""
+    from onnx import TensorProto, helper
+
+    from export.cleanup import lower_mod
+    from export.parity import ort_session
+    a = np.array([7, -7, 7, -7, 0, 13, -1, 5, 14, 3], np.int64)
+    b = np.array([3, 3, -3, -3, 5, 7, 7, -2, 7, 14], np.int64)
+    g = helper.make_graph([helper.make_node("Mod", ["a", "b"], ["y"], name="m")], "g",
+                          [helper.make_tensor_value_info(n, TensorProto.INT64, [10]) for n in "ab"],
+                          [helper.make_tensor_value_info("y", TensorProto.INT64, [10])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    assert lower_mod(m) == 1 and "Mod" not in {n.op_type for n in m.graph.node}
+    onnx.checker.check_model(m)
+    y = ort_session(m).run(None, {"a": a, "b": b})[0]
+    assert np.array_equal(y, np.mod(a, b))
+
+
+def test_parser_rules_per_release():
+    """What each TensorRT release's ONNX parser lacks is refused for its target, and only there."""
+    g = graphs("vit_fmnist", 4, "qdq", "orin-jp6").ort  # opset 17, LayerNormalization
+    jp5, jp6 = targets.get_target("orin-jp5"), targets.get_target("orin-jp6")
+    assert rules.parser_violations(g, jp6) == []
+    bad = rules.parser_violations(g, jp5)
+    assert any("no LayerNormalization" in v for v in bad)  # onnx-tensorrt added it in 8.6
+    m = onnx.ModelProto()
+    m.CopyFrom(g)
+    next(o for o in m.opset_import if o.domain == "").version = 18
+    assert any("opset 18 is above what TensorRT 8.5 parses (17)" in v for v in rules.parser_violations(m, jp5))
+    assert not rules.parser_has(targets.get_target("tx2"), "Mod") and rules.parser_has(jp5, "Mod")
+    assert rules.parser_release(targets.get_target("trt11")) == "10.1"  # newest table until an 11.x one
 
 
 @pytest.mark.parametrize("target", ["tx2", "orin-jp6", "trt10"])

@@ -77,10 +77,12 @@ def test_l4t_detection(tmp_path):
         "32.7.1", "4.6.1", "8.2", "3.6", "t186ref")
     assert info["docker_base"] == "nvcr.io/nvidia/l4t-base:r32.7.1"
     # JetPack 6: version from the nvidia-l4t-core package when the release file is absent
-    info = l4t.detect(str(tmp_path / "absent"), run=lambda *a, **k: b"36.3.0-20240506102626")
+    info = l4t.detect(str(tmp_path / "absent"), run=lambda *a, **k: b"36.4.3-20250107174145")
     assert (info["l4t"], info["jetpack"], info["tensorrt"], info["source"]) == (
-        "36.3.0", "6.0", "8.6-10.3", "dpkg nvidia-l4t-core")
+        "36.4.3", "6.2", "10.3", "dpkg nvidia-l4t-core")
     assert info["target"] == "orin-jp6"
+    info = l4t.describe("36.3.0")  # JetPack 6.0 ships TensorRT 8.6, which no row claims
+    assert (info["jetpack"], info["target"], info["tensorrt"]) == ("6.0", None, None)
 
     def no_dpkg(*a, **k):
         raise OSError("no dpkg")

@@ -141,3 +141,54 @@ def test_toy_model_matches_numpy(tmp_path):
         want = feat @ w["w_fc"].T + w["b_fc"]
         got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_trt_compare_builds_every_precision_of_one_model(tmp_path, capsys, monkeypatch):
+    """--compare --backend trt on one export: the FP16 (fp32 graph), INT8 (qdq) and INT4 weight-only (woq)
+    engines of the same checkpoint are built and timed in one run; one that cannot build here is a skipped row."""
+    from qformat.errors import UserError
+    from runtime import backends, build
+
+    make_toy_model(tmp_path, "toy_w4a4.fp32", fmt="fp32")
+    qdq = make_toy_model(tmp_path, "toy_w4a4.qdq", seed=1)
+    make_toy_model(tmp_path, "toy_w4a4.woq", fmt="woq", seed=2)
+    built = {}
+
+    def fake_build(a, log=print):  # no TensorRT here: the "engine" is the ONNX, timed on ORT
+        if a.onnx.endswith(".woq.onnx"):
+            raise UserError("this ONNX stores INT4 weights, which need TensorRT 10.0+")
+        built[a.onnx] = a.precision
+        return a.onnx, {}
+
+    def fake_open(kind, path, **kw):
+        b = backends.open_backend("ort", path, threads=1)
+        b.precision = built[path]
+        return b
+
+    monkeypatch.setattr(build, "build", fake_build)
+    monkeypatch.setattr(bench, "open_backend", fake_open)
+    out_json = tmp_path / "t.json"
+    out = _run(["--compare", "--backend", "trt", "--onnx", qdq, "--iters", "5", "--warmup", "1",
+                "--json", str(out_json)], capsys)
+    assert [os.path.basename(p) + ":" + v for p, v in built.items()] == ["toy_w4a4.fp32.onnx:fp16",
+                                                                        "toy_w4a4.qdq.onnx:auto"]
+    res = json.loads(out_json.read_text())
+    assert [(r["label"], r["status"]) for r in res["runs"]] == [
+        ("toy w4a4 fp32 trt fp16", "ok"), ("toy w4a4 qdq trt auto", "ok"), ("toy w4a4 woq trt auto", "skipped")]
+    assert "INT4 weights" in res["runs"][2]["reason"] and "not built" in out
+    assert res["compare"]["baseline"] == "toy w4a4 fp32 trt fp16" and len(res["compare"]["ratios"]) == 2
+
+
+def test_trt_compare_names_missing_and_foreign_exports(tmp_path, capsys):
+    qdq = make_toy_model(tmp_path, "toy_w4a4.qdq")
+    other = make_toy_model(tmp_path, "toy_w4a4.fp32", fmt="fp32")
+    side = other[:-len(".onnx")] + ".json"
+    meta = json.loads(open(side).read())
+    meta["source_checkpoint"] = "runs/another/best.safetensors"
+    with open(side, "w") as f:
+        json.dump(meta, f)
+    notes = []
+    got = bench.trt_variants(qdq, notes.append)
+    assert got == [(qdq, "auto")]
+    assert any("not an export of the same checkpoint" in n for n in notes)
+    assert any("no int4-woq engine" in n and "--format woq" in n for n in notes)

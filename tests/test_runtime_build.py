@@ -70,14 +70,19 @@ def test_build_with_fake_trt_writes_engine_sidecar_and_caches(tmp_path, monkeypa
     onnx = make_toy_model(tmp_path, "toy_w4a4.qdq")
     lines = []
     path, meta = build.build(build.parse_args(["--onnx", onnx, "--batch", "2", "--max-batch", "8"]), log=lines.append)
-    assert os.path.isfile(path) and path.endswith(".int8.b2.{}.engine".format(meta["cache_key"]))
+    typed = version.startswith("11.")  # TensorRT 11: every network strongly typed, no precision flags
+    label = "int8-typed" if typed else "int8"
+    assert os.path.isfile(path) and path.endswith(".{}.b2.{}.engine".format(label, meta["cache_key"]))
     side = read_json(sidecar_path(path))
     for k in engine_cache.ENGINE_KEYS + ("input_size", "mean", "std", "class_names", "input_name", "output_name"):
         assert k in side, k
-    assert side["tensorrt_version"] == version and side["gpu_name"] == "Orin" and side["precision"] == "int8"
+    assert side["tensorrt_version"] == version and side["gpu_name"] == "Orin" and side["precision"] == label
+    assert side["strongly_typed"] is typed
     assert ("profile", ("input", [1, 3, 32, 32], [2, 3, 32, 32], [8, 3, 32, 32])) in trt.calls
-    assert any(c[0] == "build_serialized_network" and "INT8" in c[1] and "FP16" in c[1] for c in trt.calls)
-    assert any(line.startswith("trtexec --onnx=") for line in lines)
+    built = [c[1] for c in trt.calls if c[0] == "build_serialized_network"]
+    assert built == [()] if typed else ("INT8" in built[0] and "FP16" in built[0])
+    trtexec = [line for line in lines if line.startswith("trtexec --onnx=")]
+    assert len(trtexec) == 1 and ("--stronglyTyped" in trtexec[0]) is typed and ("--int8" in trtexec[0]) is not typed
     memflag = "--memPoolSize=workspace:1024M" if version != "8.2.1" else "--workspace=1024"
     assert any(memflag in line for line in lines)
     assert os.path.isfile(os.path.join(os.path.dirname(path), "timing.{}.8.7.cache".format(version)))

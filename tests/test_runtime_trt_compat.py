@@ -1,14 +1,18 @@
-"""Version gates of runtime/trt_compat.py against fake ``tensorrt`` modules (8.2.1, 8.6.1, 10.3.0).
+"""Version gates of runtime/trt_compat.py against fake ``tensorrt`` modules (8.2, 8.5, 8.6, 10.3, 11.1).
 
-The fakes expose only the API of their version (no ``set_memory_pool_limit`` on 8.2, no
-``build_engine``/``platform_has_fast_int8`` on 10), so calling the wrong path fails here
-rather than on a Jetson.  ``make_fake_trt`` is reused by the builder and engine tests.
+The fakes expose exactly the Python names NVIDIA's bindings of each release have
+(tests/trt_api_names.txt, generated from the release branches' binding sources): no
+``set_memory_pool_limit`` on 8.2, no ``build_engine`` on 10, no ``BuilderFlag.FP16`` or
+``ILayer.precision`` on 11 -- so calling the wrong path fails here rather than on a Jetson.
+``make_fake_trt`` is reused by the builder, bench and engine tests.
 """
 
+import functools
 import types
 
 import numpy as np
 import pytest
+import trt_names
 
 from qformat import LOWBIT_OP
 from qformat.errors import UserError
@@ -16,37 +20,41 @@ from runtime import trt_compat
 from runtime.build import plan_precision
 from runtime.trt_compat import TrtCaps, parse_version
 
-VERSIONS = ("8.2.1", "8.6.1", "10.3.0")
+VERSIONS = ("8.2.1", "8.5.2", "8.6.1", "10.3.0", "11.1.0")
 
 
-def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 32), registered=()):
-    """A stand-in ``tensorrt`` module exposing (only) the API of ``version``; calls land in ``trt.calls``."""
-    v = parse_version(version)
-    trt = types.ModuleType("tensorrt")
+def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 32), registered=(),
+                  layers=("blocks.0.norm1/LayerNormalization", "blocks.0.attn.qkv/MatMul")):
+    """A stand-in ``tensorrt`` module of ``version``; calls land in ``trt.calls``.
+
+    The classes implement the union of the releases' APIs and are made strict by
+    :mod:`trt_names`: runtime code sees only the names NVIDIA's bindings of that release have
+    (tests/trt_api_names.txt), so calling the wrong path fails here rather than on a Jetson.
+    """
+    release = trt_names.release_of(version)
+    trt = trt_names.StrictModule("tensorrt")
+    trt._release = release
     trt.__version__ = version
     trt.calls = []
     trt.registered = set(registered)
     calls = trt.calls
+    strict = functools.partial(trt_names.strict_class, release)
+    enum = functools.partial(trt_names.strict_enum, release)
 
     class Logger:
-        WARNING, INFO, VERBOSE = 2, 3, 4
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = 0, 1, 2, 3, 4
 
         def __init__(self, severity=2):
             self.severity = severity
 
-    trt.Logger = Logger
-    flags = {"EXPLICIT_BATCH": 0}
-    if v >= (9, 1):
-        flags["STRONGLY_TYPED"] = 1
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(**flags)
-    bflags = {"FP16": "FP16", "INT8": "INT8", "GPU_FALLBACK": "GPU_FALLBACK"}
-    if v >= (10, 0):
-        bflags["INT4"] = "INT4"
-    trt.BuilderFlag = types.SimpleNamespace(**bflags)
-    if v >= (8, 4):
-        trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.DeviceType = types.SimpleNamespace(GPU="GPU", DLA="DLA")
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.Logger = strict("Logger", Logger)
+    trt.NetworkDefinitionCreationFlag = enum("NetworkDefinitionCreationFlag", EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
+    trt.BuilderFlag = enum("BuilderFlag", FP16="FP16", INT8="INT8", INT4="INT4", GPU_FALLBACK="GPU_FALLBACK",
+                           PREFER_PRECISION_CONSTRAINTS="PREFER_PRECISION_CONSTRAINTS", STRICT_TYPES="STRICT_TYPES")
+    trt.MemoryPoolType = enum("MemoryPoolType", WORKSPACE="WORKSPACE")
+    trt.DeviceType = enum("DeviceType", GPU="GPU", DLA="DLA")
+    trt.TensorIOMode = enum("TensorIOMode", INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.float32 = "FLOAT"
     trt.nptype = lambda dt: np.float32
 
     class TimingCache:
@@ -56,12 +64,15 @@ def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 
         def serialize(self):
             return b"TC" + self.data[:0]
 
+    TimingCache = strict("ITimingCache", TimingCache)
+
     class Config:
         def __init__(self):
             self.flags = []
             self.cache = None
-            if v < (8, 4):
-                self.max_workspace_size = 0
+            self.max_workspace_size = 0
+            self.default_device_type = "GPU"
+            self.DLA_core = -1
 
         def set_flag(self, f):
             self.flags.append(f)
@@ -79,34 +90,57 @@ def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 
         def get_timing_cache(self):
             return self.cache
 
-    if v >= (8, 4):
         def set_memory_pool_limit(self, pool, nbytes):
             calls.append(("set_memory_pool_limit", pool, nbytes))
-        Config.set_memory_pool_limit = set_memory_pool_limit
+
+    Config = strict("IBuilderConfig", Config)
 
     class Tensor:
         def __init__(self, name, shape):
             self.name, self.shape = name, shape
 
+    Tensor = strict("ITensor", Tensor)
+
+    class Layer:
+        def __init__(self, name):
+            self.name, self.precision, self.num_outputs, self.out = name, None, 1, {}
+
+        def set_output_type(self, j, t):
+            self.out[j] = t
+            calls.append(("pin", self.name, t))
+
+    Layer = strict("ILayer", Layer)
+
     class Network:
         def __init__(self, flags):
             self.flags = flags
             self.num_inputs = 1
+            self.layers = [Layer(n) for n in layers]
+            self.num_layers = len(self.layers)
 
         def get_input(self, i):
             return Tensor("input", list(input_shape))
+
+        def get_layer(self, i):
+            return self.layers[i]
+
+    Network = strict("INetworkDefinition", Network)
 
     class Profile:
         def set_shape(self, name, lo, opt, hi):
             self.shapes = (name, list(lo), list(opt), list(hi))
 
+    Profile = strict("IOptimizationProfile", Profile)
+
     class Builder:
         num_DLA_cores = dla_cores
+        platform_has_fast_int8 = fast_int8
+        platform_has_fast_fp16 = True
 
         def __init__(self, logger):
             self.logger = logger
 
-        def create_network(self, flags):
+        def create_network(self, flags=0):
             calls.append(("create_network", flags))
             return Network(flags)
 
@@ -120,14 +154,10 @@ def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 
             calls.append(("build_serialized_network", tuple(config.flags)))
             return b"FAKE-ENGINE-" + version.encode()
 
-    if v < (10, 0):
-        Builder.platform_has_fast_int8 = fast_int8
-        Builder.platform_has_fast_fp16 = True
-
         def build_engine(self, network, config):  # exists on 8.x, must not be used there
             raise AssertionError("build_engine called on TensorRT {}".format(version))
-        Builder.build_engine = build_engine
-    trt.Builder = Builder
+
+    trt.Builder = strict("Builder", Builder)
 
     class Error:
         def __init__(self, text):
@@ -135,6 +165,8 @@ def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 
 
         def __str__(self):
             return self.text
+
+    Error = strict("ParserError", Error)
 
     class OnnxParser:
         def __init__(self, network, logger):
@@ -162,36 +194,91 @@ def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 
         def get_error(self, i):
             return self.errors[i]
 
-    trt.OnnxParser = OnnxParser
+    trt.OnnxParser = strict("OnnxParser", OnnxParser)
 
     class Registry:
-        pass
+        def get_creator(self, name, ver, ns=""):
+            return object() if name in trt.registered else None
 
-    if v >= (10, 0):
-        Registry.get_creator = lambda self, n, ver, ns: object() if n in trt.registered else None
-    else:
-        Registry.get_plugin_creator = lambda self, n, ver, ns: object() if n in trt.registered else None
+        def get_plugin_creator(self, name, ver, ns=""):
+            return object() if name in trt.registered else None
+
+    Registry = strict("IPluginRegistry", Registry)
     trt.get_plugin_registry = lambda: Registry()
     trt.init_libnvinfer_plugins = lambda logger, ns: calls.append(("init_libnvinfer_plugins", ns))
 
     class Engine:
         device_memory_size = 1 << 20
+        device_memory_size_v2 = 1 << 20
+        num_io_tensors = 2
+        num_bindings = 2
 
-    if v >= (8, 5):
-        Engine.num_io_tensors = 2
-        Engine.get_tensor_name = lambda self, i: ["input", "logits"][i]
-        Engine.get_tensor_mode = lambda self, n: "INPUT" if n == "input" else "OUTPUT"
-        Engine.get_tensor_shape = lambda self, n: (-1, 3, 32, 32) if n == "input" else (-1, 10)
-        Engine.get_tensor_dtype = lambda self, n: "FLOAT"
-        Engine.get_tensor_profile_shape = lambda self, n, p: [(1, 3, 32, 32), (1, 3, 32, 32), (8, 3, 32, 32)]
-    else:
-        Engine.num_bindings = 2
-        Engine.get_binding_name = lambda self, i: ["input", "logits"][i]
-        Engine.binding_is_input = lambda self, i: i == 0
-        Engine.get_binding_shape = lambda self, i: (-1, 3, 32, 32) if i == 0 else (-1, 10)
-        Engine.get_binding_dtype = lambda self, i: "FLOAT"
-        Engine.get_profile_shape = lambda self, p, i: [(1, 3, 32, 32), (1, 3, 32, 32), (4, 3, 32, 32)]
-    trt.Engine = Engine
+        def get_tensor_name(self, i):
+            return ["input", "logits"][i]
+
+        def get_tensor_mode(self, name):
+            return "INPUT" if name == "input" else "OUTPUT"
+
+        def get_tensor_shape(self, name):
+            return (-1, 3, 32, 32) if name == "input" else (-1, 10)
+
+        def get_tensor_dtype(self, name):
+            return "FLOAT"
+
+        def get_tensor_profile_shape(self, name, p):
+            return [(1, 3, 32, 32), (1, 3, 32, 32), (8, 3, 32, 32)]
+
+        def get_binding_name(self, i):
+            return ["input", "logits"][i]
+
+        def binding_is_input(self, i):
+            return i == 0
+
+        def get_binding_shape(self, i):
+            return (-1, 3, 32, 32) if i == 0 else (-1, 10)
+
+        def get_binding_dtype(self, i):
+            return "FLOAT"
+
+        def get_profile_shape(self, p, i):
+            return [(1, 3, 32, 32), (1, 3, 32, 32), (4, 3, 32, 32)]
+
+        def create_execution_context(self):
+            return Context()
+
+    Engine = strict("ICudaEngine", Engine)
+    trt.Engine = Engine  # for the tests (not a TensorRT name: runtime code never reads it)
+
+    class Context:
+        def __init__(self):
+            self.log = []
+
+        def _rec(self, name, *a):
+            self.log.append((name,) + a)
+            return True
+
+        def set_input_shape(self, name, shape):
+            return self._rec("set_input_shape", name, shape)
+
+        def set_binding_shape(self, i, shape):
+            return self._rec("set_binding_shape", i, shape)
+
+        def get_tensor_shape(self, name):
+            return (2, 10)
+
+        def get_binding_shape(self, i):
+            return (2, 10)
+
+        def set_tensor_address(self, name, ptr):
+            return self._rec("set_tensor_address", name, ptr)
+
+        def execute_async_v3(self, stream):
+            return self._rec("execute_async_v3", stream)
+
+        def execute_async_v2(self, bindings, stream):
+            return self._rec("execute_async_v2", bindings, stream)
+
+    Context = strict("IExecutionContext", Context)
 
     class Runtime:
         def __init__(self, logger):
@@ -200,19 +287,21 @@ def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 
         def deserialize_cuda_engine(self, data):
             return Engine() if data.startswith(b"FAKE-ENGINE") else None
 
-    trt.Runtime = Runtime
+    trt.Runtime = strict("Runtime", Runtime)
     return trt
 
 
-@pytest.mark.parametrize("version,pool,io,flag,int4,typed", [
-    ("8.2.1", False, False, True, False, False),
-    ("8.6.1", True, True, True, False, False),
-    ("10.3.0", True, True, False, True, True),
+@pytest.mark.parametrize("version,pool,io,flag,int4,typed,weak", [
+    ("8.2.1", False, False, True, False, False, True),
+    ("8.5.2", True, True, True, False, False, True),
+    ("8.6.1", True, True, True, False, False, True),
+    ("10.3.0", True, True, False, True, True, True),
+    ("11.1.0", True, True, False, True, True, False),
 ])
-def test_caps_from_version(version, pool, io, flag, int4, typed):
+def test_caps_from_version(version, pool, io, flag, int4, typed, weak):
     caps = TrtCaps(version).check_supported()
-    assert (caps.memory_pool_api, caps.tensor_io_api, caps.explicit_batch_flag, caps.int4, caps.strongly_typed) == (
-        pool, io, flag, int4, typed)
+    assert (caps.memory_pool_api, caps.tensor_io_api, caps.explicit_batch_flag, caps.int4, caps.strongly_typed,
+            caps.weak_typing) == (pool, io, flag, int4, typed, weak)
     assert caps.build_serialized
     assert version in caps.describe()
 
@@ -233,49 +322,55 @@ def test_builder_helpers_take_the_versions_path(version):
     trt = make_fake_trt(version)
     caps = trt_compat.caps_of(trt)
     builder = trt.Builder(trt.Logger())
-    net = trt_compat.create_network(trt, builder, caps)
-    assert net.flags == (1 if caps.explicit_batch_flag else 0)
     config = builder.create_builder_config()
     trt_compat.set_workspace(trt, config, caps, 256)
     if caps.memory_pool_api:
         assert ("set_memory_pool_limit", "WORKSPACE", 256 << 20) in trt.calls
     else:
         assert config.max_workspace_size == 256 << 20
+    assert trt_compat.platform_fast_int8(builder, caps) is True
+    if caps.strongly_typed:
+        assert trt_compat.create_network(trt, builder, caps, strongly_typed=True).flags == 2
+    else:
+        with pytest.raises(UserError, match="9.1"):
+            trt_compat.create_network(trt, builder, caps, strongly_typed=True)
+    if not caps.weak_typing:  # TensorRT 11: no precision flags, no pins, no weakly typed network
+        with pytest.raises(UserError, match="only strongly typed"):
+            trt_compat.create_network(trt, builder, caps)
+        with pytest.raises(UserError, match="no precision builder flags"):
+            trt_compat.set_precision(trt, config, caps, fp16=True)
+        with pytest.raises(UserError, match="cannot pin"):
+            trt_compat.pin_fp32_layers(trt, trt_compat.create_network(trt, builder, caps, True), config, caps,
+                                       ["blocks.0.norm1"])
+        assert trt_compat.set_precision(trt, config, caps) == [] and config.flags == []
+        return
+    net = trt_compat.create_network(trt, builder, caps)
+    assert net.flags == (1 if caps.explicit_batch_flag else 0)
     assert trt_compat.set_precision(trt, config, caps, fp16=True, int8=True) == ["fp16", "int8"]
     assert trt_compat.build_serialized(trt, builder, net, config, caps).startswith(b"FAKE-ENGINE")
-    assert trt_compat.platform_fast_int8(builder, caps) is True
     if caps.int4:
         trt_compat.set_precision(trt, config, caps, int4=True)
         assert "INT4" in config.flags
     else:
         with pytest.raises(UserError, match="INT4 needs TensorRT 10"):
             trt_compat.set_precision(trt, config, caps, int4=True)
-    if caps.strongly_typed:
-        assert trt_compat.create_network(trt, builder, caps, strongly_typed=True).flags == 2
-    else:
-        with pytest.raises(UserError, match="9.1"):
-            trt_compat.create_network(trt, builder, caps, strongly_typed=True)
+    assert trt_compat.pin_fp32_layers(trt, net, config, caps, ["blocks.0.norm1/LayerNormalization"]) == 1
+    assert config.flags[-1] == "PREFER_PRECISION_CONSTRAINTS"
+    assert ("pin", "blocks.0.norm1/LayerNormalization", "FLOAT") in trt.calls
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_runtime_io_helpers(version):
     trt = make_fake_trt(version)
     caps = trt_compat.caps_of(trt)
-    engine = trt.Engine()
+    engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(b"FAKE-ENGINE")
     io = trt_compat.engine_io(trt, engine, caps)
     assert [(t["name"], t["is_input"]) for t in io] == [("input", True), ("logits", False)]
     assert trt_compat.profile_max_batch(engine, caps, io) == (8 if caps.tensor_io_api else 4)
     assert trt_compat.device_memory_size(engine) == 1 << 20
-
-    class Ctx:
-        def __init__(self):
-            self.log = []
-
-        def __getattr__(self, name):
-            return lambda *a: self.log.append((name,) + a) or True
-
-    ctx = Ctx()
+    ctx = engine.create_execution_context()
     trt_compat.set_input_shape(ctx, caps, io[0], (2, 3, 32, 32))
+    assert trt_compat.output_shape(ctx, caps, io[1]) == (2, 10)
     bindings = trt_compat.bind_addresses(ctx, caps, io, {"input": 100, "logits": 200})
     trt_compat.execute_async(ctx, caps, bindings, 7)
     names = [c[0] for c in ctx.log]
@@ -339,7 +434,7 @@ def test_qdq_on_orin_is_int8_fp16_and_int4_gated():
     assert plan_precision("auto", True, False, True, True, True, True)["label"] == "int8+int4"
     with pytest.raises(UserError, match="--int8"):
         plan_precision("fp16", True, False, True, True)
-    assert plan_precision("auto", False, False, True, True, strongly_typed=True)["label"] == "typed"
+    assert plan_precision("auto", False, False, True, True, strongly_typed=True)["label"] == "fp32-typed"
 
 
 def test_pin_fp32_layers_matches_exporter_names_and_sets_constraint_flag():
@@ -358,7 +453,20 @@ def test_pin_fp32_layers_matches_exporter_names_and_sets_constraint_flag():
     for expect in ("PREFER_PRECISION_CONSTRAINTS", "STRICT_TYPES"):  # TensorRT 8.2+, older
         flags.clear()
         trt = types.SimpleNamespace(float32="f32", BuilderFlag=types.SimpleNamespace(**{expect: expect}))
-        n = trt_compat.pin_fp32_layers(trt, network, config, ["blocks.0.norm1/ReduceMean", "blocks.0.norm1/Sqrt"])
+        n = trt_compat.pin_fp32_layers(trt, network, config, TrtCaps("8.6.1"),
+                                       ["blocks.0.norm1/ReduceMean", "blocks.0.norm1/Sqrt"])
         assert n == 3 and flags == [expect]
         assert layers[2].precision is None and layers[0].out == {0: "f32", 1: "f32"}
-    assert trt_compat.pin_fp32_layers(trt, network, config, []) == 0
+    assert trt_compat.pin_fp32_layers(trt, network, config, TrtCaps("8.6.1"), []) == 0
+
+
+def test_fakes_are_as_strict_as_the_release():
+    """Runtime code that takes another release's path meets the AttributeError the real module raises."""
+    trt = make_fake_trt("10.3.0")
+    config = trt.Builder(trt.Logger()).create_builder_config()
+    with pytest.raises(AttributeError, match="TensorRT 10.3 has no IBuilderConfig.max_workspace_size"):
+        trt_compat.set_workspace(trt, config, TrtCaps("8.2.1"), 64)  # 8.2's path on 10.3
+    trt = make_fake_trt("11.1.0")
+    with pytest.raises(AttributeError, match="TensorRT 11.1 has no BuilderFlag.FP16"):
+        trt_compat.set_precision(trt, trt.Builder(trt.Logger()).create_builder_config(), TrtCaps("10.3.0"), True)
+    assert trt.BuilderFlag.FP16 == "FP16"  # the tests themselves are not checked, only runtime/ code

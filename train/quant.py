@@ -65,8 +65,9 @@ class _QuantWeightMixin:
         return self.w_quant(self.weight)
 
     def dequantized_weight(self) -> torch.Tensor:
+        """``codes * scale`` in the scale's type (FP32; FP16 in a ``.half()`` copy, as a typed graph's DQ)."""
         s = self.weight_scale.reshape((-1,) + (1,) * (self.weight_int.dim() - 1))
-        return self.weight_int.float() * s
+        return self.weight_int.to(s.dtype) * s
 
     @torch.no_grad()
     def freeze(self) -> None:
