@@ -34,7 +34,7 @@ def test_help_lists_every_stage(capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["nope"], "unknown stage 'nope'"),
-    (["train", "--bits", "9"], "--bits=9"),
+    (["train", "--bits", "9"], "argument --bits: must be in [2, 8]"),
     (["export", "--format", "int2"], "invalid choice"),
     (["bench", "--batch", "0", "--onnx", "x.onnx"], "must be >= 1"),
     (["build"], "the following arguments are required: --onnx"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qformat.argtypes import float_range, nonneg_float, nonneg_int, positive_float, positive_int, seed_int
+from qformat.argtypes import bits_int, float_range, nonneg_float, nonneg_int, positive_float, positive_int, seed_int
 from qformat.cli import add_model_args, add_override_arg, parser, read_overrides
 from qformat.errors import UserError, main_guard
 from train.config import DATASETS, METHODS, check_overrides, resolve_bits
@@ -19,8 +19,8 @@ def _model_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and quantization")
     add_model_args(g, "vit_fmnist", "registry name (train.models.list_models())")
     g.set_defaults(bits=4)
-    g.add_argument("--w-bits", type=int, default=None, help="override weight bits")
-    g.add_argument("--a-bits", type=int, default=None, help="override activation bits")
+    g.add_argument("--w-bits", type=bits_int, default=None, help="override weight bits")
+    g.add_argument("--a-bits", type=bits_int, default=None, help="override activation bits")
     g.add_argument("--method", default="qvit", choices=METHODS,
                    help="fp | baseline (no IRM/DGD) | irm | dgd | qvit (IRM+DGD)")
     g.add_argument("--granularity", default="deploy", choices=("deploy", "paper"),
