@@ -16,16 +16,19 @@ OPSET_IR_VERSION = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 
 #: TensorRT features -> first release that has them.  ``int4``: INT4 weight DQ and BuilderFlag.INT4;
 #: ``strongly_typed``: NetworkDefinitionCreationFlag.STRONGLY_TYPED.
 TRT_FEATURES = {"int4": (10, 0), "strongly_typed": (9, 1)}
+#: x86 u8 x s8 GEMM without VNNI (VPMADDUBSW) sums each pair of adjacent products in saturating int16.
+INT16_MAX = 32767
 
 
 class Target:
     """One row: a runtime (and, for Jetsons, its JetPack stack) and what it builds."""
 
     __slots__ = ("name", "runtime", "opsets", "default_opset", "int4", "uint8", "layernorm_op", "trt",
-                 "plugin_api", "fast_int8", "boards", "l4t", "python", "docker_base")
+                 "plugin_api", "fast_int8", "boards", "l4t", "python", "docker_base", "emitter", "pair_sum_max")
 
     def __init__(self, name, runtime, opsets, default_opset, int4, uint8, layernorm_op, trt=None,
-                 plugin_api=None, fast_int8=True, boards=(), l4t=None, python=None, docker_base=None):
+                 plugin_api=None, fast_int8=True, boards=(), l4t=None, python=None, docker_base=None,
+                 emitter=None, pair_sum_max=None):
         self.name, self.runtime = name, runtime
         self.opsets, self.default_opset = tuple(opsets), int(default_opset)  # (min, max) accepted
         self.int4 = bool(int4)  # INT4 weight DequantizeLinear (opset 21)
@@ -36,6 +39,13 @@ class Target:
         self.fast_int8 = bool(fast_int8)  # GPU with fast INT8 (False: FP16 + low-bit weight plugins)
         self.boards = tuple(boards)  # lower-case substrings of /proc/device-tree/model
         self.l4t, self.python, self.docker_base = l4t, python, docker_base  # Jetson stack
+        #: which variant of each format's emitter writes this target's graphs: None = TensorRT's rules
+        #: (zero-point 0, per-tensor INT8 activations, float Clip before Q); "ort" = what ONNX Runtime's
+        #: CPU fusions want (UINT8 activations with their integer zero-points, per-axis Q)
+        self.emitter = emitter
+        #: the largest |a*b + a'*b'| of one pair of u8 x s8 products the runtime's integer MatMul keeps
+        #: exact (ONNX Runtime on x86 without VNNI sums pairs in saturating int16: 32767); None = exact
+        self.pair_sum_max = pair_sum_max
 
     @property
     def tensorrt(self):
@@ -66,7 +76,7 @@ TARGETS = (
     Target("trt10", "TensorRT 10", (13, 21), 21, int4=True, uint8=False, layernorm_op=True,
            trt=((10, 0), (10, 99)), plugin_api=_V2),
     Target("ort", "ONNX Runtime (CPU)", (13, 21), 17, int4=True, uint8=True, layernorm_op=True,
-           plugin_api="ONNX function (reference body)"),
+           plugin_api="ONNX function (reference body)", emitter="ort", pair_sum_max=INT16_MAX),
 )
 _BY_NAME = dict((t.name, t) for t in TARGETS)
 TARGET_NAMES = tuple(t.name for t in TARGETS)
@@ -99,6 +109,14 @@ def ir_version(opset):
 def use_int4(target, opset):
     """INT4 weight storage for 4-bit (or narrower) weights at this target and opset."""
     return target.int4 and int(opset) >= 21
+
+
+def int_matmul_exact(a_max, b_max, pair_sum_max):
+    """Whether an integer MatMul with u8 activation codes in ``[0, a_max]`` and s8 codes with
+    ``|b| <= b_max`` is exact on a runtime whose row says ``pair_sum_max`` (no int16 pair
+    saturation; None: always exact).  A u8 x u8 MatMul is always exact (x86 widens both to int16
+    and multiplies with VPMADDWD)."""
+    return pair_sum_max is None or 2 * int(a_max) * int(b_max) <= int(pair_sum_max)
 
 
 def trt_has(feature, version):
