@@ -23,9 +23,11 @@ import time
 
 import numpy as np
 
+from qformat.argtypes import int_list, nonneg_int, positive_int
 from qformat.cli import parser
 from qformat.errors import UserError, main_guard
 from qformat.io import write_json
+from qformat.paths import check_out_dir, check_out_file
 
 SCHEMA = "qvit-edge.ort-compare/1"
 #: ONNX Runtime nodes that run a matmul/conv on integers (what a DQ -> MatMul fusion becomes)
@@ -157,7 +159,8 @@ def make_references(fp32_path, out_dir, calib_n=4, seed=0, log=print):
 
 
 def interleaved(graphs, batches, rounds, iters, warmup, seed=0):
-    """{label: {batch: {"img_per_s": median, "rounds": [...]}}}: every round times every session in turn."""
+    """{label: {batch: {"img_per_s": median, "rounds": [...], "iters": n}}}: every round times every session
+    in turn, ``iters`` runs each (0: about 0.5 s of the FP32 graph per batch size)."""
     name, shape = _input(graphs[0].path)
     out = dict((g.label, {}) for g in graphs)
     for batch in batches:
@@ -165,16 +168,17 @@ def interleaved(graphs, batches, rounds, iters, warmup, seed=0):
         for g in graphs:
             for _ in range(max(1, warmup)):
                 g.session.run(None, {name: x})
+        n = iters or _auto_iters(graphs[0].session, name, x)
         per = dict((g.label, []) for g in graphs)
         for r in range(rounds):
             k = r % len(graphs)
             for g in graphs[k:] + graphs[:k]:  # rotate who goes first
                 t0 = time.perf_counter()
-                for _ in range(iters):
+                for _ in range(n):
                     g.session.run(None, {name: x})
-                per[g.label].append(batch * iters / (time.perf_counter() - t0))
+                per[g.label].append(batch * n / (time.perf_counter() - t0))
         for g in graphs:
-            out[g.label][batch] = {"img_per_s": float(np.median(per[g.label])), "rounds": per[g.label]}
+            out[g.label][batch] = {"img_per_s": float(np.median(per[g.label])), "rounds": per[g.label], "iters": n}
     return out
 
 
@@ -245,13 +249,13 @@ def compare_files(fp32, ours, batches=(1, 8), rounds=7, iters=0, warmup=2, threa
             loads.append(t)
         g.load_s = min(loads)
         g.fusion = fusion_report(g.path, threads)
-    n_iters = iters or _auto_iters(graphs, batches)
     log("  timing {} graphs x batch {}: {} rounds x {} runs each, interleaved, {} threads".format(
-        len(graphs), ",".join(str(b) for b in batches), rounds, n_iters, threads))
-    speed = interleaved(graphs, list(batches), rounds, n_iters, warmup)
+        len(graphs), ",".join(str(b) for b in batches), rounds, iters or "~0.5 s of", threads))
+    speed = interleaved(graphs, list(batches), rounds, iters, warmup)
     rows = ratio_rows(graphs, speed, batches)
     return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": threads,
-            "rounds": rounds, "iters": n_iters, "batches": list(batches), "rows": rows,
+            "rounds": rounds, "iters": dict((b, speed["fp32"][b]["iters"]) for b in batches), "batches": list(batches),
+            "rows": rows,
             "verdicts": verdicts(rows, batches), "machine": machine()}
 
 
@@ -261,13 +265,14 @@ def _label(path):
     return "ours " + (parts[-2] if len(parts) >= 3 else parts[0])
 
 
-def _auto_iters(graphs, batches):
-    """Runs per round so that one round of the slowest graph at the largest batch takes about 0.5 s."""
-    name, shape = _input(graphs[0].path)
-    x = np.zeros([max(batches)] + list(shape), np.float32)
-    t0 = time.perf_counter()
-    graphs[0].session.run(None, {name: x})
-    return int(min(50, max(1, round(0.5 / max(time.perf_counter() - t0, 1e-4)))))
+def _auto_iters(session, name, x):
+    """Runs per round so that one graph's turn takes about 0.5 s (the median of three timed runs)."""
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        session.run(None, {name: x})
+        ts.append(time.perf_counter() - t0)
+    return int(min(200, max(2, round(0.5 / max(float(np.median(ts)), 1e-5)))))
 
 
 def machine():
@@ -298,28 +303,25 @@ def machine_line(m):
 
 
 def parse_args(argv=None, prog="python3 -m runtime.ort_compare"):
-    from runtime.bench import parse_batches
-
     p = parser(prog, __doc__.split("\n\n")[0])
     p.add_argument("--fp32", required=True, help="the FP32 graph (export --format fp32): the 1.00 row and the "
                                                   "input of ORT's quantizers")
     p.add_argument("--onnx", nargs="+", default=[], help="our graphs to compare (qdq, lowbit, ...)")
     p.add_argument("--batch", default="1,8", help="batch sizes (default 1,8)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the figure is their median (7)")
-    p.add_argument("--iters", type=int, default=0, help="runs per graph per round (0: about 0.5 s per round)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per graph and batch (2)")
-    p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (2)")
+    p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds; the figure is their median (7)")
+    p.add_argument("--iters", type=nonneg_int, default=0, help="runs per graph per round (0: about 0.5 s per round)")
+    p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed runs per graph and batch (2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="ORT intra-op threads (2)")
     p.add_argument("--no-reference", dest="references", action="store_false",
                    help="skip ORT's quantize_static / quantize_dynamic rows")
     p.add_argument("--work-dir", default=None, help="where the reference graphs go (default: next to --fp32)")
     p.add_argument("--json", dest="json_path", default=None, help="result file (default <work-dir>/ort_compare.json)")
     args = p.parse_args(argv)
-    args.batches = parse_batches(args.batch)
-    for flag in ("rounds", "threads"):
-        if getattr(args, flag) < 1:
-            p.error("--{} must be >= 1".format(flag))
-    if args.iters < 0 or args.warmup < 0:
-        p.error("--iters and --warmup must be >= 0")
+    args.batches = int_list(args.batch, 1, "--batch")
+    if args.work_dir is not None:
+        check_out_dir(args.work_dir, "--work-dir")
+    if args.json_path is not None:
+        check_out_file(args.json_path, "--json")
     return args
 
 

@@ -62,5 +62,5 @@ def test_verdicts_compare_the_right_rows():
 
 def test_bad_input_is_one_line(tmp_path, expect_error):
     expect_error(ort_compare.main, ["--fp32", str(tmp_path / "missing.onnx")], "no such ONNX file")
-    expect_error(ort_compare.main, ["--fp32", "x.onnx", "--rounds", "0"], "--rounds must be >= 1")
+    expect_error(ort_compare.main, ["--fp32", "x.onnx", "--rounds", "0"], "--rounds")
     expect_error(ort_compare.main, ["--fp32", "x.onnx", "--batch", "a"], "--batch takes a comma list")

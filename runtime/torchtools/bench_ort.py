@@ -14,36 +14,33 @@ import os
 import sys
 import time
 
+from qformat.argtypes import bits_int, int_list, nonneg_int, positive_int
 from qformat.cli import parser
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, write_json
+from qformat.paths import check_out_dir
 from runtime import ort_compare
 
-DEFAULT_MODELS = ("deit_s", "vit_fmnist")
+DEFAULT_MODELS = ("vit_fmnist", "deit_s")  # the small one first: its table is ready early
 FORMATS = ("fp32", "qdq", "lowbit")
 
 
 def parse_args(argv=None, prog="python3 -m runtime.torchtools.bench_ort"):
-    from runtime.bench import parse_batches
-
     p = parser(prog, __doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="registry names (deit_s vit_fmnist)")
-    p.add_argument("--bits", type=int, default=4, help="weight and activation bits of the fresh models (4)")
+    p.add_argument("--bits", type=bits_int, default=4, help="weight and activation bits of the fresh models (4)")
     p.add_argument("--checkpoint", nargs="+", default=[], help="trained checkpoints instead of fresh models")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the ort row's, 17; 21 stores "
                                                            "4-bit weights as INT4)")
-    p.add_argument("--parity-n", type=int, default=2, help="images for each export's parity check (2; 0 = skip)")
+    p.add_argument("--parity-n", type=nonneg_int, default=2, help="images for each export's parity check (2; 0 = skip)")
     p.add_argument("--batch", default="1,8", help="batch sizes (1,8)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; figures are medians (7)")
-    p.add_argument("--iters", type=int, default=0, help="runs per graph per round (0: about 0.5 s per round)")
-    p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (2)")
+    p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds; figures are medians (7)")
+    p.add_argument("--iters", type=nonneg_int, default=0, help="runs per graph per round (0: about 0.5 s per round)")
+    p.add_argument("--threads", type=positive_int, default=2, help="ORT intra-op threads (2)")
     p.add_argument("--out", default=os.path.join("artifacts", "bench_ort"), help="output directory")
     args = p.parse_args(argv)
-    args.batches = parse_batches(args.batch)
-    if args.rounds < 1 or args.threads < 1 or args.iters < 0 or args.parity_n < 0:
-        p.error("--rounds and --threads must be >= 1, --iters and --parity-n >= 0")
-    if not 2 <= args.bits <= 8:
-        p.error("--bits must be in 2..8")
+    args.batches = int_list(args.batch, 1, "--batch")
+    check_out_dir(args.out)
     for c in args.checkpoint:
         if not os.path.isfile(c):
             raise UserError("no such checkpoint: {} (train one with python -m train)".format(c))
