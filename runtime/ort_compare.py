@@ -130,7 +130,7 @@ def make_references(fp32_path, out_dir, calib_n=4, seed=0, log=print):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    stem = os.path.basename(fp32_path)[: -len(".onnx")]
+    stem = os.path.splitext(os.path.basename(fp32_path))[0]
     pre = os.path.join(out_dir, stem + ".ort-pre.onnx")
     try:
         quant_pre_process(fp32_path, pre)
@@ -238,7 +238,10 @@ def compare_files(fp32, ours, batches=(1, 8), rounds=7, iters=0, warmup=2, threa
     for p in [fp32] + list(ours):
         if not os.path.isfile(p):
             raise UserError("no such ONNX file: {}".format(p))
-    graphs = [Graph("fp32", fp32, "fp32")] + [Graph(_label(p), p, "ours") for p in ours]
+    graphs = [Graph("fp32", fp32, "fp32")]
+    for p in ours:
+        label = _label(p)
+        graphs.append(Graph(label if all(g.label != label for g in graphs) else os.path.basename(p), p, "ours"))
     if references:
         work = work_dir or os.path.dirname(os.path.abspath(fp32))
         graphs[1:1] = make_references(fp32, work, log=log)

@@ -64,3 +64,10 @@ def test_bad_input_is_one_line(tmp_path, expect_error):
     expect_error(ort_compare.main, ["--fp32", str(tmp_path / "missing.onnx")], "no such ONNX file")
     expect_error(ort_compare.main, ["--fp32", "x.onnx", "--rounds", "0"], "--rounds")
     expect_error(ort_compare.main, ["--fp32", "x.onnx", "--batch", "a"], "--batch takes a comma list")
+
+
+def test_two_graphs_of_one_format_keep_their_own_rows(toy):
+    d, (fp32, qdq, _) = toy
+    res = ort_compare.compare_files(fp32, [qdq, qdq], batches=(1,), rounds=1, iters=1, warmup=1, threads=1,
+                                    references=False, log=lambda s: None)
+    assert [r["label"] for r in res["rows"]] == ["fp32", "ours qdq", "toy_w4a4.qdq.onnx"]
