@@ -15,7 +15,7 @@ STAMP   := .make/installed
 # the scripts (runtime/bench.py, ...) import the repository's packages without sys.path edits
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help quickstart test install data train ablation export engine bench demo plugins bench-gemm gpu-check lint clean
+.PHONY: help quickstart test install data train ablation export engine bench bench-ort demo plugins bench-gemm gpu-check lint clean
 
 help:
 	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU, ~10 min), export fp32/qdq/lowbit with parity, bench"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench ONNX=..         img/s and latency (runtime/bench.py)"
 	@echo "make demo SOURCE=..        camera / video / image-folder demo"
 	@echo "make plugins               build libqvit_plugins.so (CMake, CUDA, TensorRT headers)"
+	@echo "make bench-ort             ONNX Runtime CPU: DeiT-S + vit_fmnist in every format vs FP32 and ORT's quantizers"
 	@echo "make bench-gemm            packed low-bit GEMM kernels vs cuBLAS (needs a CUDA GPU)"
 	@echo "make gpu-check             one command on a GPU: build, pytest -m cuda, compute-sanitizer, bench, e2e (<= 8 min)"
 
@@ -73,6 +74,9 @@ demo:
 plugins:
 	cmake -S runtime/cuda -B build/plugins -DCMAKE_BUILD_TYPE=Release $(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT))
 	cmake --build build/plugins -j
+
+bench-ort: install data
+	$(PY) -m runtime.torchtools.bench_ort --out $(OUT)/bench_ort
 
 bench-gemm:
 	$(PY) -m runtime.torchtools.bench_gemm

@@ -7,46 +7,53 @@ QuantizeLinear output) or the float tensor a node quantizes itself (``"x"``: a l
 input).  The parity check reads those taps; it never guesses them from node names.
 
 A new format is one subclass registered with :func:`register_emitter` under a name in
-:data:`qformat.FORMATS`::
+:data:`qformat.FORMATS`; a runtime that wants a format written differently registers a
+*variant* under the name its target row gives (:attr:`qformat.targets.Target.emitter`)::
 
     @register_emitter("qdq")
-    class QdqEmitter(Emitter): ...
+    class QdqEmitter(Emitter): ...          # TensorRT's rules (every TensorRT row)
+
+    @register_emitter("qdq", variant="ort")
+    class OrtQdqEmitter(QdqEmitter): ...    # what ONNX Runtime's CPU fusions want
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import qformat
 from qformat.errors import UserError
 
 from .graph import Builder
 
-_EMITTERS: dict[str, type] = {}
-#: the modules that register the built-in formats
-_MODULES = ("export.qdq", "export.lowbit", "export.fp32", "export.woq")
+_EMITTERS: dict[tuple[str, str | None], type] = {}
+# the modules that register the built-in formats and their variants
+_MODULES = ("export.qdq", "export.qdq_ort", "export.lowbit", "export.fp32", "export.woq")
 
 
-def register_emitter(fmt: str):
-    """Class decorator: the emitter of format ``fmt`` (a name of qformat.FORMATS)."""
+def register_emitter(fmt: str, variant: str | None = None):
+    """Class decorator: the emitter of format ``fmt`` (a name of qformat.FORMATS), or its variant
+    for the targets whose row says ``emitter=variant``."""
     if fmt not in qformat.FORMATS:
         raise ValueError(f"format {fmt!r} is not in qformat.FORMATS {qformat.FORMATS}")
 
     def deco(cls: type) -> type:
         cls.fmt = fmt
-        _EMITTERS[fmt] = cls
+        _EMITTERS[(fmt, variant)] = cls
         return cls
     return deco
 
 
-def emitter_class(fmt: str) -> type:
-    """The emitter class of ``fmt``, or a one-line refusal naming the formats."""
+def emitter_class(fmt: str, variant: str | None = None) -> type:
+    """The emitter class of ``fmt`` (its ``variant`` where one is registered), or a one-line
+    refusal naming the formats."""
     for mod in _MODULES:
         importlib.import_module(mod)
-    if fmt not in _EMITTERS:
-        raise UserError(f"unknown --format {fmt!r}: use one of {', '.join(sorted(_EMITTERS))}")
-    return _EMITTERS[fmt]
+    if (fmt, None) not in _EMITTERS:
+        raise UserError(f"unknown --format {fmt!r}: use one of {', '.join(sorted(f for f, _ in _EMITTERS))}")
+    return _EMITTERS.get((fmt, variant), _EMITTERS[(fmt, None)])
 
 
 @dataclass
@@ -54,6 +61,16 @@ class Options:
     opset: int
     int4: bool  # weights whose groups all fit 4 bits as ONNX INT4 (target and opset allow it)
     uint8: bool  # an unsigned 8-bit activation (softmax output) as UINT8 (ONNX Runtime only)
+    #: the target's integer-MatMul pair-sum limit (qformat.targets.Target.pair_sum_max; None: exact)
+    pair_sum_max: int | None = None
+
+
+class Tap(NamedTuple):
+    """Where parity reads one site's activation codes."""
+
+    tensor: str  # the graph tensor
+    kind: str  # "q": integer codes (a QuantizeLinear output) | "x": the float input a low-bit node quantizes
+    zero_point: Any = 0  # what to subtract from "q" codes (UINT8 zero-points, broadcast like the spec's scale)
 
 
 class Emitter:
@@ -72,8 +89,12 @@ class Emitter:
 
     def __init__(self, builder: Builder, opts: Options) -> None:
         self.b, self.opts = builder, opts
-        self.taps: dict[str, tuple[str, str]] = {}  # site name -> (graph tensor, "q" codes | "x" float input)
+        self.taps: dict[str, Tap] = {}  # site name -> where its codes are
         self.lowbit_nodes = 0
+
+    def can_hoist(self, spec: qformat.TensorSpec) -> bool:
+        """Whether this per-group quantizer may hand its scale to the MatMul it feeds (see export.rewrite)."""
+        return self.hoists_group_scales and spec.scale_axis is not None and not spec.needs_uint8
 
     def act(self, name: str, spec: qformat.TensorSpec, x: str, out: str | None, hoisted: bool = False) -> str:
         """Emit the quantizer ``spec`` of site ``name`` on ``x``; return the (dequantized) result."""

@@ -26,7 +26,7 @@ from qformat.io import atomic_write, code_revision, sha256_bytes, sidecar_path, 
 from qformat.spec import allocation
 
 from . import cleanup, graph, rules, trace, typed
-from .emitters import Options, emitter_class
+from .emitters import Options, Tap, emitter_class
 from .functions import lowbit_function
 from .parity import Parity, compare, load_images, run_graph, run_parity
 from .rewrite import Rewriter
@@ -47,7 +47,7 @@ class Graphs:
     deploy: onnx.ModelProto
     fp32_layers: list[str] = field(default_factory=list)
     lowbit_nodes: int = 0
-    taps: dict[str, tuple[str, str]] = field(default_factory=dict)  # the emitter's parity taps
+    taps: dict[str, Tap] = field(default_factory=dict)  # the emitter's parity taps
     sites: list[trace.Site] = field(default_factory=list)
     typing: str = "weak"  # "strong": FP16 tensors, FP32 LayerNorm/IRM/Softmax islands (export.typed)
     typed_info: dict = field(default_factory=dict)
@@ -88,8 +88,8 @@ def _rewrite(dep: Any, fmt: str, tgt: targets.Target, op: int, int4: bool, log: 
     sk = cleanup.fold_and_clean(sk)
     cleanup.rename_nodes(sk)
     log(f"  traced {len(sites)} quantized sites, {len(sk.graph.node)} skeleton nodes ({time.time() - t0:.1f}s)")
-    opts = Options(opset=op, int4=int4 and targets.use_int4(tgt, op), uint8=tgt.uint8)
-    rw = Rewriter(sk, sites, fmt, opts)
+    opts = Options(opset=op, int4=int4 and targets.use_int4(tgt, op), uint8=tgt.uint8, pair_sum_max=tgt.pair_sum_max)
+    rw = Rewriter(sk, sites, fmt, opts, tgt.emitter)
     m = rw.run()
     graph.remove_identities(m.graph)
     graph.eliminate_dead(m.graph)
@@ -136,7 +136,7 @@ def build_graph(dep: Any, fmt: str, target: str, opset: int | None = None, funct
     """Trace, rewrite, clean and check ``dep`` (a train.deploy.Deployable); raise UserError on
     anything the target cannot build.  ``typing``: ``weak`` / ``strong`` / None (the target's default)."""
     tgt = targets.get_target(target)
-    emitter_class(fmt).check_target(tgt)  # unknown format / one the target cannot run -> one line first
+    emitter_class(fmt, tgt.emitter).check_target(tgt)  # unknown format / one the target cannot run: one line first
     op = targets.resolve_opset(tgt, opset)
     typing = targets.resolve_typing(tgt, typing, op)
     if not dep.quantized or not getattr(dep.model, "qvit_converted", False):

@@ -12,11 +12,18 @@ empty; ``group_bits[n // group_size]`` for a mixed node)::
     xq       = Clip(Round(X / act_scale), act_lo, act_hi)
     Y        = (xq @ q^T) * (act_scale * weight_scale) + bias
 
+written as the Q/DQ pattern ONNX Runtime fuses into one integer kernel (MatMulIntegerToFloat)::
+
+    Z  = clamp(-act_lo, 0, 255 - act_hi)                                 # UINT8 zero-point
+    xd = DequantizeLinear(QuantizeLinear(Clip(X, act_lo*s, act_hi*s), s, Z), s, Z)
+    Y  = MatMul(xd, DequantizeLinear(Cast<int8>(q^T), weight_scale, 0, axis=1)) + bias
+
 The two shifts extract a ``b``-bit field without BitwiseAnd (opset 18) and without a shift
-by 32 (undefined in C), so the function works from opset 13.  Everything up to ``q`` depends
-on attributes only, so ONNX Runtime folds it into a constant once per session.  ``xq @ q^T``
-is an exact integer sum in float32 while ``|acc| < 2^24`` (``K * 128 * 8`` for 4-bit weights
-and 8-bit inputs: any ``K <= 16384``).
+by 32 (undefined in C), so the function works from opset 13.  Everything up to ``q^T`` depends
+on attributes only, so ONNX Runtime folds it into an INT8 constant once, when the session is
+created (it never folds the DequantizeLinear, so the fusion sees INT8 weights).  Exact: the
+weights are at most 4-bit (``|q| <= 8``), so even a u8 input code of 255 stays inside ORT's
+int16 pair sums on x86 without VNNI (``2 * 255 * 8 < 32767``, qformat.targets.int_matmul_exact).
 """
 
 from __future__ import annotations
@@ -95,9 +102,37 @@ def _unpack(n: list) -> None:
     n.append(helper.make_node("Sub", ["codes_f", "offset"], ["q"]))
 
 
+def _weights(n: list) -> None:
+    """``wd`` [K, N]: DequantizeLinear of the INT8 codes ``q^T``, one scale per output channel."""
+    n.append(helper.make_node("Transpose", ["q"], ["qT"], perm=[1, 0]))
+    n.append(helper.make_node("Cast", ["qT"], ["qT_i8"], to=TensorProto.INT8))
+    n.append(helper.make_node("Shape", ["ws"], ["n_shape"]))
+    n.append(helper.make_node("ConstantOfShape", ["n_shape"], ["wz"],
+                              value=helper.make_tensor("wz0", TensorProto.INT8, [1], [0])))
+    n.append(helper.make_node("DequantizeLinear", ["qT_i8", "ws", "wz"], ["wd"], axis=1))
+
+
+def _activation(n: list) -> None:
+    """``xd``: the input on its integer grid as UINT8 codes with zero-point ``Z`` (Q's saturation at
+    0 is the lower clip where ``act_lo <= 0``; the Clip keeps both bounds in input units)."""
+    f = TensorProto.FLOAT
+    n.append(helper.make_node("Cast", ["lo_i"], ["lo"], to=f))
+    n.append(helper.make_node("Cast", ["hi_i"], ["hi"], to=f))
+    n.append(helper.make_node("Mul", ["lo", "s"], ["x_lo"]))
+    n.append(helper.make_node("Mul", ["hi", "s"], ["x_hi"]))
+    n.append(helper.make_node("Clip", ["X", "x_lo", "x_hi"], ["xc"]))
+    n.append(helper.make_node("Neg", ["lo_i"], ["neg_lo"]))
+    n.append(helper.make_node("Max", ["neg_lo", "c0"], ["z_lo"]))
+    n.append(_const("c255", 255))
+    n.append(helper.make_node("Sub", ["c255", "hi_i"], ["z_room"]))
+    n.append(helper.make_node("Min", ["z_lo", "z_room"], ["z64"]))
+    n.append(helper.make_node("Cast", ["z64"], ["z"], to=TensorProto.UINT8))
+    n.append(helper.make_node("QuantizeLinear", ["xc", "s", "z"], ["xq"]))
+    n.append(helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]))
+
+
 def lowbit_function(opset: int) -> FunctionProto:
     """The function definition of ``qvit.edge::QvitLowBitLinear`` for a graph at ``opset``."""
-    f = TensorProto.FLOAT
     n = [_const_ref("wp", "weight_packed", "value"), _const_ref("ws", "weight_scale", "value"),
          _const_ref("bias", "bias", "value"), _const_ref("s", "act_scale", "value_float"),
          _const_ref("lo_i", "act_lo", "value_int"), _const_ref("hi_i", "act_hi", "value_int"),
@@ -108,17 +143,10 @@ def lowbit_function(opset: int) -> FunctionProto:
          _const("flat", [-1])]
     _row_bits(n)
     _unpack(n)
-    n.append(helper.make_node("Transpose", ["q"], ["qT"], perm=[1, 0]))
-    # activation: integers on the b-bit grid (zero-point folded into lo/hi)
-    n.append(helper.make_node("Cast", ["lo_i"], ["lo"], to=f))
-    n.append(helper.make_node("Cast", ["hi_i"], ["hi"], to=f))
-    n.append(helper.make_node("Div", ["X", "s"], ["xs"]))
-    n.append(helper.make_node("Round", ["xs"], ["xr"]))
-    n.append(helper.make_node("Clip", ["xr", "lo", "hi"], ["xq"]))
-    n.append(helper.make_node("MatMul", ["xq", "qT"], ["acc"]))
-    n.append(helper.make_node("Mul", ["s", "ws"], ["out_scale"]))
-    n.append(helper.make_node("Mul", ["acc", "out_scale"], ["y0"]))
-    n.append(helper.make_node("Add", ["y0", "bias"], ["Y"]))
+    _weights(n)
+    _activation(n)
+    n.append(helper.make_node("MatMul", ["xd", "wd"], ["acc"]))
+    n.append(helper.make_node("Add", ["acc", "bias"], ["Y"]))
     plain = [a for a in qformat.LOWBIT_ATTRS if a not in qformat.LOWBIT_GROUP_ATTRS]
     defaults = [helper.make_attribute("group_size", 0),  # a version-1 node carries neither
                 helper.make_attribute("group_bits", numpy_helper.from_array(np.zeros(0, np.int32), "group_bits"))]

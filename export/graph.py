@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 class Builder:
@@ -51,6 +51,18 @@ class Builder:
         out = out if out is not None else self.unique(f"{name}_output")
         self.nodes.append(helper.make_node(op, inputs, [out], name=self.unique(name), **attrs))
         return out
+
+
+def int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
+    """Signed 4-bit ``codes`` as an INT4 initializer: raw bytes, two codes per byte, the first in the
+    low nibble (ONNX's packing) -- half the size of INT8, not the varint ``int32_data`` of make_tensor."""
+    codes = np.asarray(codes)
+    flat = codes.astype(np.int8).reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, np.int8(0))
+    nib = (flat.view(np.uint8) & 0x0F).astype(np.uint8)
+    raw = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+    return helper.make_tensor(name, TensorProto.INT4, list(codes.shape), raw, raw=True)
 
 
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:

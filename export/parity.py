@@ -130,7 +130,7 @@ class _Aligner:
     logits can be compared tightly.
     """
 
-    def __init__(self, model: torch.nn.Module, sites: list, taps: dict[str, tuple[str, str]],
+    def __init__(self, model: torch.nn.Module, sites: list, taps: dict,
                  tie_rel: float = 0.0) -> None:
         self.sites = [(s, model.get_submodule(s.name)) for s in sites if s.name in taps]
         self.taps = taps
@@ -139,10 +139,12 @@ class _Aligner:
         self.codes = self.ties = self.mismatches = 0
 
     def _ort_codes(self, site, s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, like: torch.Tensor):
-        tensor, kind = self.taps[site.name]
+        tensor, kind, zero_point = self.taps[site.name]
         t = torch.from_numpy(np.asarray(self.outs[tensor], dtype=np.float32))
         if kind == "x":  # a lowbit node's float input: quantize exactly as the node does (per-tensor)
             t = torch.clamp(torch.round(t / s), lo, hi)
+        else:  # QuantizeLinear codes: remove their (UINT8) zero-point
+            t = t - torch.from_numpy(np.asarray(zero_point, dtype=np.float32))
         if tuple(t.shape) != tuple(like.shape) and t.dim() >= 2 and t.transpose(-1, -2).shape == like.shape:
             t = t.transpose(-1, -2)  # K^T: the graph quantizes after the transpose
         return t.reshape(like.shape)
@@ -191,7 +193,7 @@ def run_parity(reference, model: onnx.ModelProto, x: torch.Tensor, atol: float, 
     """
     taps = taps if taps and sites and isinstance(reference, torch.nn.Module) else {}
     align = bool(taps)
-    tap_names = sorted({t for t, _ in taps.values()})
+    tap_names = sorted({t.tensor for t in taps.values()})
     sess = ort_session(_with_outputs(model, tap_names) if align else model)
     in_name = sess.get_inputs()[0].name
     out_names = [o.name for o in sess.get_outputs()]

@@ -31,12 +31,12 @@ quantizer performs, so every integer code matches the trained model.
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, helper
 
 import qformat
 from qformat.errors import UserError
 
-from .emitters import Emitter, register_emitter
+from .emitters import Emitter, Tap, register_emitter
+from .graph import int4_tensor
 
 
 @register_emitter("qdq")
@@ -64,7 +64,7 @@ class QdqEmitter(Emitter):
                                      self.b.const(f"{base}/clip_max", np.float32(hi.reshape(()) * s))], f"{base}/Clip")
             scale, zp = self._zp(base, name, spec, hi, s.reshape(()))
             q = self.b.node("QuantizeLinear", [c, scale, zp], f"{base}/QuantizeLinear")
-            self.taps[name] = (q, "q")
+            self.taps[name] = Tap(q, "q")
             return self.b.node("DequantizeLinear", [q, scale, zp], f"{base}/DequantizeLinear", out)
         gs = self.b.const(f"{base}/group_scale", s)
         t = self.b.node("Div", [x, gs], f"{base}/Div")
@@ -76,7 +76,7 @@ class QdqEmitter(Emitter):
             t = self.b.node("Min", [t, self.b.const(f"{base}/group_hi", hi)], f"{base}/Min")
         scale, zp = self._zp(base, name, spec, hi, 1.0)
         q = self.b.node("QuantizeLinear", [t, scale, zp], f"{base}/QuantizeLinear")
-        self.taps[name] = (q, "q")
+        self.taps[name] = Tap(q, "q")
         if hoisted:
             return self.b.node("DequantizeLinear", [q, scale, zp], f"{base}/DequantizeLinear", out)
         d = self.b.node("DequantizeLinear", [q, scale, zp], f"{base}/DequantizeLinear")
@@ -86,10 +86,8 @@ class QdqEmitter(Emitter):
         """Integer weights (INT4 when every group fits 4 bits and the target allows it) -> DequantizeLinear."""
         scale = spec.scale.astype(np.float32).reshape(-1)
         if self.opts.int4 and spec.max_bits <= 4:
-            w = self.b.tensor(helper.make_tensor(f"{base}/weight_int4", TensorProto.INT4, list(w_int.shape),
-                                                 w_int.astype(np.int8).flatten().tolist()))
-            zp = self.b.tensor(helper.make_tensor(f"{base}/weight_zero_point", TensorProto.INT4, [scale.size],
-                                                  [0] * scale.size))
+            w = self.b.tensor(int4_tensor(f"{base}/weight_int4", w_int))
+            zp = self.b.tensor(int4_tensor(f"{base}/weight_zero_point", np.zeros(scale.size, np.int8)))
         else:
             w = self.b.const(f"{base}/weight_int8", w_int.astype(np.int8))
             zp = self.b.const(f"{base}/weight_zero_point", np.zeros(scale.size, np.int8))

@@ -5,17 +5,22 @@ Two graph-level moves serve every quantized format (see :mod:`export.qdq` for th
 from per-group quantizers (QKᵀ, A·V) their per-group scales move behind the MatMul, so the
 MatMul reads DequantizeLinear outputs directly -- what TensorRT fuses into an INT8 MatMul.
 
-Codes above INT8 (an unsigned 8-bit softmax output, ONNX Runtime only) keep their scale in front
-of the MatMul, which then runs in float: ORT's x86 u8s8 integer kernels (VPMADDUBSW) saturate
-int16 pair sums, which is not the trained arithmetic.
+A Mul by a scalar constant right behind such a MatMul (the attention scale of QKᵀ) joins the
+per-group scales: one pass over the attention logits instead of two.
+
+Which quantizers may hand their scale on is the emitter's call (:meth:`Emitter.can_hoist`): the
+TensorRT emitter keeps codes above INT8 (an unsigned 8-bit softmax output) in front of the MatMul,
+which then runs in float; the ONNX Runtime emitter hoists any quantizer whose groups share one
+UINT8 zero-point (its activation x activation MatMuls run u8 x u8, exact).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
-from .emitters import Emitter, Options, emitter_class
+from .emitters import Emitter, Options, Tap, emitter_class
 from .graph import Builder, consumers, producers
 from .trace import MARKER_DOMAIN, Site
 
@@ -33,12 +38,27 @@ def _is_act_marker(n: onnx.NodeProto) -> bool:
     return n.domain == MARKER_DOMAIN and n.op_type == "Act"
 
 
+def _scalar_const(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The float32 value of a one-element constant (initializer or Constant node), else None."""
+    t = next((t for t in graph.initializer if t.name == name), None)
+    if t is None:
+        n = next((n for n in graph.node if n.op_type == "Constant" and n.output[0] == name), None)
+        t = n.attribute[0].t if n is not None and n.attribute and n.attribute[0].name == "value" else None
+    if t is None:
+        return None
+    v = numpy_helper.to_array(t)
+    return v.astype(np.float32).reshape(()) if v.size == 1 and v.dtype == np.float32 else None
+
+
 class Rewriter:
     """Turns a skeleton with markers into the final graph of one format."""
 
-    def __init__(self, model: onnx.ModelProto, sites: list[Site], fmt: str, opts: Options) -> None:
+    def __init__(self, model: onnx.ModelProto, sites: list[Site], fmt: str, opts: Options,
+                 variant: str | None = None) -> None:
         self.model, self.sites = model, sites
-        self.emitter: Emitter = emitter_class(fmt)(Builder(model.graph), opts)
+        self.emitter: Emitter = emitter_class(fmt, variant)(Builder(model.graph), opts)
+        self.absorbed: dict[str, tuple[np.ndarray, str]] = {}  # MatMul output -> (scalar it absorbs, final output)
+        self.skip: set[str] = set()  # outputs of the Mul nodes absorbed into a group scale
 
     def _spec(self, idx: int):
         return self.sites[idx].spec.input
@@ -86,20 +106,30 @@ class Rewriter:
 
         hoisted: set[int] = set()
         matmuls: dict[str, list[int]] = {}
-        if not self.emitter.hoists_group_scales:
-            return hoisted, matmuls
         for n in g.node:
             if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
                 continue
             srcs = [source(i) for i in n.input]
             if any(s is None for s in srcs):
                 continue
-            groups = [_idx(s) for s in srcs if len(users[s.output[0]]) == 1 and self._spec(_idx(s)).scale_axis
-                      and not self._spec(_idx(s)).needs_uint8]
+            groups = [_idx(s) for s in srcs if len(users[s.output[0]]) == 1
+                      and self.emitter.can_hoist(self._spec(_idx(s)))]
             if groups:
                 matmuls[n.output[0]] = groups
                 hoisted.update(groups)
+                self._absorb_scalar_mul(n.output[0], users)
         return hoisted, matmuls
+
+    def _absorb_scalar_mul(self, out: str, users) -> None:
+        """Plan to fold ``MatMul -> Mul(scalar constant)`` into the MatMul's group-scale Mul."""
+        us = users.get(out, [])
+        if len(us) != 1 or us[0].op_type != "Mul" or out in {o.name for o in self.model.graph.output}:
+            return
+        other = [i for i in us[0].input if i != out]
+        value = _scalar_const(self.model.graph, other[0]) if len(other) == 1 else None
+        if value is not None:
+            self.absorbed[out] = (value, us[0].output[0])
+            self.skip.add(us[0].output[0])
 
     def _group_scale(self, n: onnx.NodeProto, idxs: list[int]) -> None:
         """MatMul of integer-grid inputs, then ``Mul`` by the product of their per-group scales."""
@@ -110,6 +140,9 @@ class Rewriter:
         scale = np.float32(1.0)
         for i in idxs:
             scale = scale * self._spec(i).scale_view().astype(np.float32)
+        if out in self.absorbed:
+            c, out = self.absorbed[out]
+            scale = scale * c
         label = n.name.rsplit("/", 1)[0] if "/" in n.name else n.name
         b.node("Mul", [tmp, b.const(f"{label}/group_scales", np.asarray(scale, np.float32))], f"{label}/GroupScale",
                out)
@@ -130,6 +163,8 @@ class Rewriter:
                     em.conv(site, x, y)
             elif n.output and n.output[0] in matmuls:
                 self._group_scale(n, matmuls[n.output[0]])
+            elif n.output and n.output[0] in self.skip:
+                continue  # a scalar Mul absorbed into the group scale
             else:
                 em.b.nodes.append(n)
         del g.node[:]
@@ -138,7 +173,7 @@ class Rewriter:
         return self.model
 
     @property
-    def taps(self) -> dict[str, tuple[str, str]]:
+    def taps(self) -> dict[str, Tap]:
         return self.emitter.taps
 
     @property

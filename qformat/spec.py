@@ -129,6 +129,23 @@ class TensorSpec:
         z = _axis_view(self.zero_point, self.scale_axis)
         return qmin - z, qmax - z
 
+    def uint8_zero_point(self, common=False):
+        """UINT8 zero-point(s) ``Z`` that put every code ``c + Z`` inside [0, 255], with ``lo + Z = 0``
+        wherever that fits: QuantizeLinear's saturation at 0 is then the lower clip (what ONNX
+        Runtime's integer kernels take: u8 activations with their integer zero-point).
+
+        Returns int64 shaped like :meth:`bounds` (one per scale), or with ``common`` one int for
+        every group (a per-axis Q whose DQ is per tensor) -- None when no single value fits them all.
+        """
+        lo, hi = (np.asarray(v, dtype=np.int64) for v in self.bounds())
+        lo, hi = np.broadcast_arrays(lo, hi)
+        if not common:
+            return np.clip(-lo, 0, 255 - hi)
+        z = int(np.clip(np.max(-lo), 0, np.min(255 - hi)))
+        if np.any(lo + z < 0) or np.any(hi + z > 255):
+            return None
+        return z
+
     @property
     def needs_uint8(self):
         """Codes above INT8 (an unsigned 8-bit tensor): UINT8, which only ONNX Runtime runs."""

@@ -20,6 +20,8 @@ OPSET_IR_VERSION = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 
 #: ``plugin_v3``: IPluginV3 (the V2 interfaces are deprecated from 10.0).
 TRT_FEATURES = {"int4": ((10, 0), None), "strongly_typed": ((9, 1), None), "weak_typing": ((8, 0), (11, 0)),
                 "plugin_v3": ((10, 0), None)}
+#: x86 u8 x s8 GEMM without VNNI (VPMADDUBSW) sums each pair of adjacent products in saturating int16.
+INT16_MAX = 32767
 #: Lowest opset whose QuantizeLinear / DequantizeLinear take FP16 scales (typed FP16 Q/DQ).
 MIN_TYPED_OPSET = 19
 #: How a target's engine gets its precision: ``weak`` (builder flags, FP16 LayerNorm pinned FP32 by name),
@@ -45,11 +47,12 @@ class Target:
     """One row: a runtime (and, for Jetsons, its JetPack stack) and what it builds."""
 
     __slots__ = ("name", "runtime", "opsets", "default_opset", "int4", "uint8", "layernorm_op", "trt",
-                 "plugin_api", "fast_int8", "boards", "l4t", "python", "docker_base", "jetpack", "cuda")
+                 "plugin_api", "fast_int8", "boards", "l4t", "python", "docker_base", "jetpack", "cuda", "emitter",
+                 "pair_sum_max")
 
     def __init__(self, name, runtime, opsets, default_opset, int4, uint8, layernorm_op, trt=None,
                  plugin_api=None, fast_int8=True, boards=(), l4t=None, python=None, docker_base=None,
-                 jetpack=None, cuda=None):
+                 jetpack=None, cuda=None, emitter=None, pair_sum_max=None):
         self.name, self.runtime = name, runtime
         self.opsets, self.default_opset = tuple(opsets), int(default_opset)  # (min, max) accepted
         self.int4 = bool(int4)  # INT4 weight DequantizeLinear (opset 21)
@@ -62,6 +65,13 @@ class Target:
         self.boards = tuple(boards)  # lower-case substrings of /proc/device-tree/model
         self.l4t, self.python, self.docker_base = l4t, python, docker_base  # Jetson stack
         self.jetpack, self.cuda = jetpack, cuda  # "4.6", "10.2" (Jetson rows)
+        #: which variant of each format's emitter writes this target's graphs: None = TensorRT's rules
+        #: (zero-point 0, per-tensor INT8 activations, float Clip before Q); "ort" = what ONNX Runtime's
+        #: CPU fusions want (UINT8 activations with their integer zero-points, per-axis Q)
+        self.emitter = emitter
+        #: the largest |a*b + a'*b'| of one pair of u8 x s8 products the runtime's integer MatMul keeps
+        #: exact (ONNX Runtime on x86 without VNNI sums pairs in saturating int16: 32767); None = exact
+        self.pair_sum_max = pair_sum_max
 
     @property
     def tensorrt(self):
@@ -126,7 +136,7 @@ TARGETS = (
     Target("trt11", "TensorRT 11", (19, 21), 21, int4=True, uint8=False, layernorm_op=True,
            trt=((11, 0), (11, 99))),
     Target("ort", "ONNX Runtime (CPU)", (13, 21), 17, int4=True, uint8=True, layernorm_op=True,
-           plugin_api="ONNX function (reference body)"),
+           plugin_api="ONNX function (reference body)", emitter="ort", pair_sum_max=INT16_MAX),
 )
 _BY_NAME = dict((t.name, t) for t in TARGETS)
 TARGET_NAMES = tuple(t.name for t in TARGETS)
@@ -173,6 +183,14 @@ def resolve_typing(target, typing=None, opset=None):
         raise UserError("a strongly typed (FP16) graph needs --opset {}+ for FP16 Q/DQ scales, got {}".format(
             MIN_TYPED_OPSET, opset))
     return typ
+
+
+def int_matmul_exact(a_max, b_max, pair_sum_max):
+    """Whether an integer MatMul with u8 activation codes in ``[0, a_max]`` and s8 codes with
+    ``|b| <= b_max`` is exact on a runtime whose row says ``pair_sum_max`` (no int16 pair
+    saturation; None: always exact).  A u8 x u8 MatMul is always exact (x86 widens both to int16
+    and multiplies with VPMADDWD)."""
+    return pair_sum_max is None or 2 * int(a_max) * int(b_max) <= int(pair_sum_max)
 
 
 def for_trt_version(version):
