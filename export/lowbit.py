@@ -3,7 +3,8 @@
 The node's attributes come from :func:`qformat.lowbit_attrs` (the one builder, shared with the
 CUDA extension and the plugin): 2/3/4-bit weights, or mixed widths per output-row group
 (format version 2).  Everything else -- q/k/v and softmax quantizers, 8-bit patch embedding
-and head, layers a packed layout cannot hold -- is emitted as in ``qdq``.  The node quantizes
+and head, layers a packed layout cannot hold, a Linear whose input has bits per head (a learned
+head output) -- is emitted as in ``qdq``.  The node quantizes
 its own float input, so its parity tap is that input (``"x"``).
 """
 
@@ -22,7 +23,9 @@ class LowbitEmitter(QdqEmitter):
         try:
             attrs = qformat.lowbit_attrs(site)
         except qformat.FormatError:
-            if site.input.scale.size != 1 and site.weight.max_bits in qformat.PACKED_BITS:
+            # per-head input widths (a learned head output, the input of W_O) need a scale per head, which
+            # the node's one input scale cannot hold: that layer goes as Q/DQ, exact like the rest
+            if site.input.scale.size != 1 and site.weight.max_bits in qformat.PACKED_BITS and not site.input.mixed:
                 from qformat.errors import UserError
 
                 raise UserError(f"{site.name}: the lowbit node takes a per-tensor input scale but this model uses "
