@@ -709,15 +709,9 @@ def markdown(alloc: dict[str, Any]) -> str:
 
 def plot(alloc: dict[str, Any], path: str) -> None:
     """Heat maps (layer x head) of the head-wise widths, and the per-layer widths of the other Linears."""
-    import io
+    from train.plots import pyplot, save_png
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from qformat.io import atomic_write
-
+    plt = pyplot()
     att, layers = alloc["attention"], alloc["layers"]
     hmax = max([a["heads"] for a in att] or [1])
     fig, axes = plt.subplots(2, 5, figsize=(17, 6.5), dpi=110)
@@ -740,10 +734,7 @@ def plot(alloc: dict[str, Any], path: str) -> None:
                  f" -- BitOPs {alloc['ratio']:.3f}x budget, mean bits w {alloc['mean_w_bits']:.2f} / "
                  f"a {alloc['mean_a_bits']:.2f}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def _plot_layers(ax, layers: list[dict[str, Any]]) -> None:

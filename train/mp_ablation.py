@@ -75,13 +75,9 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    import io
+    from train.plots import pyplot, save_png
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     ax.axhline(results["fp_test"], color="k", ls="--", lw=1, label=f"FP32 ({results['fp_test']:.2f})")
     for (key, (label, _, _)), marker in zip(ROWS.items(), "osv^D"):
@@ -95,10 +91,7 @@ def plot(results: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
