@@ -377,3 +377,11 @@ def test_mixed_run_trains_reports_and_freezes(tmp_path):
     widths = [w for a in rep["attention"] for k in ("q", "k", "v", "w_q") for w in a[k]]
     assert min(widths) == 2 and np.mean(widths) < 3  # the penalty pulled them below the start (budget + 1)
     assert (out / "bits_allocation.png").is_file() and (out / "bits_report.md").is_file()
+
+
+def test_exported_files_are_named_by_the_budget():
+    from export.exporter import stem
+
+    assert stem("deit_s", QuantConfig.for_method("mp", 3, mixed={"budget": 2.5}).bits_summary(), "qdq") == \
+        "deit_s_mp2.5.qdq"
+    assert stem("deit_s", QuantConfig.for_method("qvit", 3).bits_summary(), "lowbit") == "deit_s_w3a3.lowbit"

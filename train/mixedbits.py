@@ -623,7 +623,8 @@ class BitBudget(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         loss, logits, parts = self.inner(images, labels)
         t = self.stats()
-        parts.update(bitops_g=float(t["bitops"]) / 1e9, bitops_ratio=float(t["bitops"]) / self.budget,
+        bitops = float(t["bitops"].detach())
+        parts.update(bitops_g=bitops / 1e9, bitops_ratio=bitops / self.budget,
                      w_bits=float(t["w_bits"]), a_bits=float(t["a_bits"]), bitops_penalty=float(t["penalty"]))
         return loss + t["penalty"], logits, parts
 
