@@ -385,3 +385,16 @@ def test_exported_files_are_named_by_the_budget():
     assert stem("deit_s", QuantConfig.for_method("mp", 3, mixed={"budget": 2.5}).bits_summary(), "qdq") == \
         "deit_s_mp2.5.qdq"
     assert stem("deit_s", QuantConfig.for_method("qvit", 3).bits_summary(), "lowbit") == "deit_s_w3a3.lowbit"
+
+
+def test_ablation_table_and_refusals(expect_error):
+    from train import mp_ablation
+
+    row = {"test_top1": 80.0, "ratio": 0.98, "bitops_g": 0.2}
+    res = {"model": "vit_fmnist", "data": "fmnist", "bits": [4, 3], "fp_test": 90.0,
+           "rows": {"lsq": {"4": row, "3": dict(row, test_top1=70.25, ratio=1.0)}, "mp": {"4": row}}}
+    table = mp_ablation.markdown(res).splitlines()
+    assert table[3] == "| Uniform LSQ+ (baseline) | 80.00 (0.98x) | 70.25 (1.00x) |"
+    assert table[6] == "| Mixed search, switchable scale | 80.00 (0.98x) | – |"
+    expect_error(mp_ablation.main, ["--rows", "lsq,bogus"], "--rows ['bogus'] unknown")
+    expect_error(mp_ablation.main, ["--bits", "4,9"], "--bits must be 2..8")
