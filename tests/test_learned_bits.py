@@ -362,6 +362,7 @@ def test_budget_defaults_to_bits_and_lands_in_the_config():
     assert cfg.irm and cfg.tag == "mp3" and cfg.mixed_bits.init_bits == 4.0
 
 
+@pytest.mark.slow
 def test_mixed_run_trains_reports_and_freezes(tmp_path):
     """A few real steps of --method mp: the bits move under the penalty, freeze, and the report is written."""
     from train.cli import main
