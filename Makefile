@@ -15,13 +15,14 @@ STAMP   := .make/installed
 # the scripts (runtime/bench.py, ...) import the repository's packages without sys.path edits
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help quickstart test install data train ablation export engine bench bench-ort demo plugins bench-gemm gpu-check lint clean
+.PHONY: help quickstart test install data train ablation mp-ablation export engine bench bench-ort demo plugins bench-gemm gpu-check lint clean
 
 help:
 	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU, ~10 min), export fp32/qdq/lowbit with parity, bench"
 	@echo "make test                  install and run the test suite (what .ci/run calls)"
 	@echo "make train MODEL=.. BITS=..  quantization-aware training (python -m train --help)"
 	@echo "make ablation BUDGET=small FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"
+	@echo "make mp-ablation MP_BUDGET=cpu|gpu  learned head-wise bits vs uniform at 4- and 3-bit BitOPs budgets"
 	@echo "make export MODEL=.. BITS=.. [CKPT=..] [FORMAT=qdq|lowbit] [TARGET=..]  (runs/MODEL_wBITS/best.safetensors if trained)"
 	@echo "make engine ONNX=..        TensorRT engine (needs TensorRT)"
 	@echo "make bench ONNX=..         img/s and latency (runtime/bench.py)"
@@ -58,6 +59,9 @@ train: install data
 
 ablation: install data
 	$(PY) -m train.ablation --budget $(BUDGET) --out runs/ablation_$(BUDGET)
+
+mp-ablation: install data
+	$(PY) -m train.mp_ablation --budget $(or $(MP_BUDGET),cpu) --bits 4,3 --out runs/mp_ablation_$(or $(MP_BUDGET),cpu)
 
 export: install
 	@$(PY) -m export $(if $(CKPT),--checkpoint $(CKPT),--model $(MODEL) --bits $(BITS)) --format $(FORMAT) --target $(TARGET) --out $(OUT)

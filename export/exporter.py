@@ -62,6 +62,9 @@ class Result:
 
 
 def stem(model_name: str, bits: dict, fmt: str) -> str:
+    """``deit_s_w4a4.qdq``; a learned allocation is named by its budget: ``deit_s_mp3.qdq``."""
+    if bits.get("budget") is not None:
+        return f"{model_name}_mp{float(bits['budget']):g}.{fmt}"
     return f"{model_name}_w{bits['weight']}a{bits['act']}.{fmt}"
 
 

@@ -3,9 +3,10 @@
 The node's attributes come from :func:`qformat.lowbit_attrs` (the one builder, shared with the
 CUDA extension and the plugin): 2/3/4-bit weights, or mixed widths per output-row group
 (format version 2).  Everything else -- q/k/v and softmax quantizers, 8-bit patch embedding
-and head, layers a packed layout cannot hold -- is emitted as the target's ``qdq`` emitter
-writes it (TensorRT's rules, or the ONNX Runtime variant for ``--target ort``).  The node
-quantizes its own float input, so its parity tap is that input (``"x"``).
+and head, layers a packed layout cannot hold, a Linear whose input has bits per head (a learned
+head output) -- is emitted as the target's ``qdq`` emitter writes it (TensorRT's rules, or the
+ONNX Runtime variant for ``--target ort``).  The node quantizes its own float input, so its
+parity tap is that input (``"x"``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class LowbitLinears:
         try:
             attrs = qformat.lowbit_attrs(site)
         except qformat.FormatError:
-            if site.input.scale.size != 1 and site.weight.max_bits in qformat.PACKED_BITS:
+            # per-head input widths (a learned head output, the input of W_O) need a scale per head, which
+            # the node's one input scale cannot hold: that layer goes as Q/DQ, exact like the rest
+            if site.input.scale.size != 1 and site.weight.max_bits in qformat.PACKED_BITS and not site.input.mixed:
                 raise UserError(f"{site.name}: the lowbit node takes a per-tensor input scale but this model uses "
                                 f"per-channel Linear input scales (granularity=paper); export --format qdq") from None
             super().linear(site, x, out)  # no packed layout (e.g. 8-bit head): Q/DQ as in qdq

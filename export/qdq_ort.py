@@ -108,6 +108,10 @@ class OrtQdqEmitter(QdqEmitter):
     def _input(self, site: qformat.SiteSpec, x: str) -> tuple[str, int]:
         """The layer input's DQ output and the largest u8 code it can hold."""
         spec = site.input
+        if spec.scale_axis is not None and spec.scale.size > 1:
+            # a scale (and width) per input channel group: ORT's integer MatMul takes one activation scale
+            # and zero-point, so this input stays on the float path (Q/DQ, then the group scales), exact
+            return QdqEmitter.act(self, site.name, spec, x, None, label=f"{site.name}/input"), U8_MAX
         z = spec.uint8_zero_point()
         return self.act(site.name, spec, x, None, label=f"{site.name}/input"), int(np.max(spec.bounds()[1] + z))
 

@@ -177,6 +177,9 @@ def build_model(meta: dict) -> nn.Module:
 
 def load_state(model: nn.Module, sd: dict, path: str = "checkpoint") -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming what does not match."""
+    from train.mixedbits import check_allocation
+
+    check_allocation(model, sd, path)  # a learned bit allocation that does not fit: say so first
     missing, unexpected = [], []
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

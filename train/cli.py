@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qformat import MAX_BITS, MIN_BITS
 from qformat.argtypes import bits_int, float_range, nonneg_float, nonneg_int, positive_float, positive_int, seed_int
 from qformat.cli import add_model_args, add_override_arg, parser, read_overrides
 from qformat.errors import UserError, main_guard
-from train.config import DATASETS, METHODS, check_overrides, resolve_bits
+from train.config import DATASETS, METHODS, check_overrides, mixed_settings, resolve_bits
 
 
 def _model_group(p: argparse.ArgumentParser) -> None:
@@ -22,11 +23,27 @@ def _model_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w-bits", type=bits_int, default=None, help="override weight bits")
     g.add_argument("--a-bits", type=bits_int, default=None, help="override activation bits")
     g.add_argument("--method", default="qvit", choices=METHODS,
-                   help="fp | baseline (no IRM/DGD) | irm | dgd | qvit (IRM+DGD)")
+                   help="fp | baseline (no IRM/DGD) | irm | dgd | qvit (IRM+DGD) | mp (learned head-wise bits "
+                        "under a BitOPs budget, differentiable Q-ViT) | qvit-mp (mp + IRM + DGD)")
     g.add_argument("--granularity", default="deploy", choices=("deploy", "paper"),
                    help="activation-scale granularity (QuantConfig.granularity)")
     g.add_argument("--calib-batches", type=positive_int, default=4, help="batches for the quantizers' data-driven init")
     add_override_arg(g)
+
+
+def _mixed_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixed-precision search (--method mp | qvit-mp; train.mixedbits)")
+    g.add_argument("--bitops-budget", type=float_range(MIN_BITS, MAX_BITS, what="uniform-bit equivalent"),
+                   default=None, metavar="N",
+                   help="BitOPs budget = a uniform N-bit model's (patch embedding and head at 8); bits start at "
+                        "N + 1 (default: --bits)")
+    g.add_argument("--search-ratio", type=float_range(0.0, 1.0, lo_open=True), default=None, metavar="SIGMA",
+                   help="learn the bits for this fraction of the steps, then freeze them (default 0.9)")
+    g.add_argument("--bitops-weight", type=nonneg_float, default=None, metavar="ETA",
+                   help="eta in loss += eta * (max(BitOPs - budget, 0) / budget)^2 (default 0.1)")
+    g.add_argument("--bit-lr", type=positive_float, default=None, help="peak lr of the float bit-widths (default 0.01)")
+    g.add_argument("--no-switchable-scale", dest="switchable_scale", action="store_const", const=False, default=None,
+                   help="one scale per quantizer instead of one per candidate width 2..8 (ablation)")
 
 
 def _weights_group(p: argparse.ArgumentParser) -> None:
@@ -64,6 +81,9 @@ def _data_run_groups(p: argparse.ArgumentParser) -> None:
                    help="loader processes (default: 0 in-memory, 8 folders)")
     g.add_argument("--max-train-batches", type=positive_int, default=None, help="cap steps per epoch (budget control)")
     g.add_argument("--max-eval-batches", type=positive_int, default=None, help="cap validation batches")
+    g.add_argument("--holdout", type=nonneg_int, default=0, metavar="N",
+                   help="validate on N images carved (stratified, fixed) from the training split and train on the "
+                        "rest; the test split is not read (0: validate on the test split)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="output folder (checkpoints, metrics.csv, tb/)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -77,7 +97,7 @@ def _data_run_groups(p: argparse.ArgumentParser) -> None:
 
 def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     p = parser(prog, __doc__.split("\n\n")[0], defaults_help=True)
-    for group in (_model_group, _weights_group, _optim_group, _data_run_groups):
+    for group in (_model_group, _mixed_group, _weights_group, _optim_group, _data_run_groups):
         group(p)
     return p
 
@@ -89,6 +109,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m train") -> 
     if args.resume and args.force:
         raise UserError("--resume continues the run in --out, --force replaces it: give one of them")
     resolve_bits(args.bits, args.w_bits, args.a_bits)  # before torch is imported: a typo costs no start-up time
+    mixed_settings(args)
     args.quant_override = check_overrides(read_overrides(args.quant_override))
     return args
 

@@ -7,13 +7,20 @@ A config is plain data: it is stored in every checkpoint's JSON so that export a
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from qformat import FormatError, check_bits
+from qformat import MAX_BITS, MIN_BITS, FormatError, check_bits
 from qformat.errors import UserError
 
-METHODS = ("fp", "baseline", "irm", "dgd", "qvit")
+METHODS = ("fp", "baseline", "irm", "dgd", "qvit", "mp", "qvit-mp")
+#: Methods that learn their bit-widths under a BitOPs budget (differentiable Q-ViT, Z. Li et al.):
+#: ``mp`` on the baseline quantizers, ``qvit-mp`` with IRM + DGD (train.mixedbits)
+MIXED_METHODS = ("mp", "qvit-mp")
+#: Methods with IRM in q_norm/k_norm, and with DGD in the loss
+IRM_METHODS = ("irm", "qvit", "qvit-mp")
+DGD_METHODS = ("dgd", "qvit", "qvit-mp")
 DATASETS = ("fmnist", "imagefolder", "synthetic")
 GRANULARITIES = ("deploy", "paper")
 ACT_INITS = ("mse", "lsq")
@@ -79,6 +86,84 @@ def check_overrides(overrides: Any) -> dict[str, dict[str, Any]]:
 
 
 @dataclass
+class MixedBitsConfig:
+    """The learned-bit-width search (``--method mp|qvit-mp``): budget, schedule and penalty.
+
+    ``budget``: the BitOPs of a uniform ``budget``-bit model (patch embedding and head at their
+    own ``embed_bits``/``head_bits``), a number in [2, 8]; block quantizers start at
+    ``budget + init_offset`` bits, the patch embedding and head at their configured bits (8).
+    ``search_ratio`` (sigma): bits are learned for that fraction of the steps, then frozen.
+    ``bitops_weight`` (eta): loss += eta * (max(BitOPs - c, 0) / c)^2 -- the overshoot relative to
+    the budget c, so one eta fits every model size.  ``switchable``: one scale (and LSQ+ offset)
+    per candidate width 2..8, only the current width's used.  ``bit_lr``: peak lr of the float
+    bit-widths (AdamW, no weight decay, same schedule as the weights).
+    """
+
+    budget: float = 4.0
+    search_ratio: float = 0.9
+    bitops_weight: float = 0.1
+    switchable: bool = True
+    bit_lr: float = 0.01
+    init_offset: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = (("budget", MIN_BITS <= _num(self.budget) <= MAX_BITS,
+                   f"a uniform-bit equivalent in [{MIN_BITS}, {MAX_BITS}]"),
+                  ("search_ratio", 0.0 < _num(self.search_ratio) <= 1.0, "in (0, 1]"),
+                  ("bitops_weight", _num(self.bitops_weight) >= 0.0, ">= 0"),
+                  ("bit_lr", _num(self.bit_lr) > 0.0, "> 0"),
+                  ("init_offset", _num(self.init_offset) >= 0.0, ">= 0"))
+        for name, ok, rng in checks:
+            if not ok:
+                raise UserError(f"mixed-bit search: {name}={getattr(self, name)!r} must be {rng}")
+        self.switchable = bool(self.switchable)
+
+    @property
+    def init_bits(self) -> float:
+        """The float bit-width block quantizers start at (budget + 1 in the paper), capped at 8."""
+        return min(float(MAX_BITS), float(self.budget) + float(self.init_offset))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: Command-line attribute -> MixedBitsConfig field (None = not given on the command line).
+MIXED_FLAGS = {"bitops_budget": "budget", "search_ratio": "search_ratio", "bitops_weight": "bitops_weight",
+               "bit_lr": "bit_lr", "switchable_scale": "switchable"}
+
+
+def mixed_settings(args: Any) -> dict[str, Any] | None:
+    """The MixedBitsConfig of a command line as a dict (``--bitops-budget`` defaults to ``--bits``), or
+    None for a method that does not search; the search flags with such a method are refused."""
+    given = [a for a in MIXED_FLAGS if getattr(args, a, None) is not None]
+    method = getattr(args, "method", None)
+    if method not in MIXED_METHODS:
+        if given:
+            flag = "--no-switchable-scale" if given[0] == "switchable_scale" else "--" + given[0].replace("_", "-")
+            raise UserError(f"{flag} belongs to the mixed-bit search: use it with --method "
+                            f"{' or '.join(MIXED_METHODS)}, not {method}")
+        return None
+    if getattr(args, "w_bits", None) is not None or getattr(args, "a_bits", None) is not None:
+        raise UserError(f"--w-bits/--a-bits fix the bits; --method {method} learns them under --bitops-budget")
+    d = {MIXED_FLAGS[a]: getattr(args, a) for a in given}
+    d.setdefault("budget", float(getattr(args, "bits", None) or MixedBitsConfig.budget))
+    return MixedBitsConfig(**d).to_dict()
+
+
+def nominal_bits(budget: float) -> int:
+    """The integer width a mixed model's config carries as ``w_bits``/``a_bits`` (tags, labels): the
+    budget rounded half up."""
+    return int(min(MAX_BITS, max(MIN_BITS, math.floor(float(budget) + 0.5))))
+
+
+def _num(v: Any) -> float:
+    """``v`` as a finite float, NaN for anything else (so every range check fails on it)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return float("nan")
+    return float(v)
+
+
+@dataclass
 class QuantConfig:
     """Bit-widths per tensor kind and the quantizer choices of Q-ViT.
 
@@ -104,9 +189,12 @@ class QuantConfig:
     #: per-module overrides by wildcard pattern (ModelOpt-style), e.g.
     #: ``{"blocks.*.attn.qkv": {"w_bits": 3}, "blocks.0.*": {"a_bits": 8}}``; later patterns win
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: learned bit-widths under a BitOPs budget (MixedBitsConfig as a dict); None = the bits above
+    mixed: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.overrides = check_overrides(self.overrides)
+        self._check_mixed()
         try:
             for name in ("w_bits", "a_bits"):
                 check_bits(getattr(self, name), name)
@@ -123,6 +211,30 @@ class QuantConfig:
             raise UserError("linear_granularity must be 'tensor' or 'channel'")
         if self.attn_granularity not in (None, "tensor", "head"):
             raise UserError("attn_granularity must be 'tensor' or 'head'")
+
+    def _check_mixed(self) -> None:
+        if self.mixed is None:
+            return
+        if isinstance(self.mixed, MixedBitsConfig):
+            self.mixed = self.mixed.to_dict()
+        if not isinstance(self.mixed, dict):
+            raise UserError("mixed must be the settings of the mixed-bit search (a dict), or None")
+        names = {f.name for f in fields(MixedBitsConfig)}
+        unknown = sorted(set(self.mixed) - names)
+        if unknown:
+            raise UserError(f"mixed-bit search: unknown setting(s) {', '.join(unknown)}; "
+                            f"use {', '.join(sorted(names))}")
+        self.mixed = MixedBitsConfig(**self.mixed).to_dict()
+        if self.overrides:
+            raise UserError("the mixed-bit search learns every bit-width: drop --quant-override (it fixes them)")
+        if self.attn_scale != "head":
+            raise UserError("the mixed-bit search learns head-wise bits: it needs per-head scales "
+                            "(attn_granularity 'head')")
+
+    @property
+    def mixed_bits(self) -> MixedBitsConfig | None:
+        """The search settings as a dataclass (None for fixed bits)."""
+        return MixedBitsConfig(**self.mixed) if self.mixed is not None else None
 
     # resolved views ------------------------------------------------------------
     @property
@@ -153,12 +265,17 @@ class QuantConfig:
                 out.update(keys)
         return out
 
-    def bits_summary(self) -> dict[str, int | None]:
-        return {"weight": self.w_bits, "act": self.a_bits, "qkv": self.q_bits, "attn": self.softmax_bits,
-                "embed": self.embed_bits, "head": self.head_bits}
+    def bits_summary(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"weight": self.w_bits, "act": self.a_bits, "qkv": self.q_bits, "attn": self.softmax_bits,
+                             "embed": self.embed_bits, "head": self.head_bits}
+        if self.mixed is not None:  # learned bits: weight/act are the budget's nominal width, per site in the specs
+            d["budget"] = self.mixed["budget"]
+        return d
 
     @property
     def tag(self) -> str:
+        if self.mixed is not None:
+            return f"mp{self.mixed['budget']:g}"
         return f"w{self.w_bits}a{self.a_bits}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,7 +293,7 @@ class QuantConfig:
             raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         if method == "fp":
             return None
-        irm = method in ("irm", "qvit")
+        irm = method in IRM_METHODS
         return cls(**{"w_bits": bits, "a_bits": bits, "irm": irm, **overrides})
 
 
@@ -216,4 +333,4 @@ class DistillConfig:
             raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         if method == "fp":
             return None
-        return cls(**{"dgd": method in ("dgd", "qvit"), **overrides})
+        return cls(**{"dgd": method in DGD_METHODS, **overrides})

@@ -83,6 +83,10 @@ class FamilyAdapter:
     def patch_embed(self, model: nn.Module) -> tuple[str, nn.Module]:
         return "patch_embed.proj", model.patch_embed.proj
 
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W) of one input image (the BitOPs counter runs one blank image)."""
+        return (int(self.patch_embed(model)[1].in_channels),) + tuple(int(v) for v in model.patch_embed.img_size)
+
     def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """(name, nn.Linear) of the classifier head(s)."""
         raise NotImplementedError

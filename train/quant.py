@@ -270,12 +270,20 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         raise UserError("model is already prepared for quantization")
     check_overrides(model, cfg)
     fam = family_of(model)
+    if cfg.mixed is not None:  # learned bits: the BitOPs counter needs the float model's MACs
+        from .mixedbits import mac_profile
+
+        mac_profile(model)
     for site in quantizable_sites(model, fam):
         if site.role == "attention":
             _attach_attention(site, cfg, fam)
         else:
             _attach_layer(site, cfg)
     model.qvit_quant_config = cfg.to_dict()
+    if cfg.mixed is not None:
+        from .mixedbits import make_learnable
+
+        make_learnable(model, cfg)
     return model
 
 
@@ -332,6 +340,9 @@ def convert(model: nn.Module) -> nn.Module:
     """Freeze integer weights and integer zero-points; eval mode, no gradients."""
     if not is_prepared(model):
         raise UserError("convert() needs a prepared model: call prepare(model, QuantConfig) first")
+    from .mixedbits import fix_bits
+
+    fix_bits(model)  # learned bit-widths -> plain quantizers at those widths (a no-op for fixed bits)
     for m in model.modules():
         if isinstance(m, _QuantWeightMixin) and not m.converted:
             m.freeze()

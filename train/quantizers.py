@@ -101,6 +101,8 @@ class _LsqFakeQuant(torch.autograd.Function):
         dx  = in
         ds  = g * (q - v * in)                # in range: round(v) - v ; clipped: bound - z
         dzp = g * (-s) * (not in) * [zp inside zp_range]
+        dqmin = s * [v < qmin - z],  dqmax = s * [v > qmax - z]   (only when the bounds need a
+                                              gradient: learned bit-widths, train.mixedbits)
     """
 
     @staticmethod
@@ -135,7 +137,9 @@ class _LsqFakeQuant(torch.autograd.Function):
             dz = grad * (~inside) * (-g) if per_elem else grad * (~inside)
             grad_zp = dz.sum_to_size(zp.shape) * (1.0 if per_elem else -g) * s.detach()
             grad_zp = grad_zp * ((zp >= zlo) & (zp <= zhi))
-        return grad_x, grad_s, grad_zp, None, None, None, None, None
+        grad_lo = (grad * (v < lo) * s).sum_to_size(qmin.shape) if ctx.needs_input_grad[3] else None
+        grad_hi = (grad * (v > hi) * s).sum_to_size(qmax.shape) if ctx.needs_input_grad[4] else None
+        return grad_x, grad_s, grad_zp, grad_lo, grad_hi, None, None, None
 
 
 def lsq_fake_quant(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor | None, qmin, qmax, g,
@@ -250,6 +254,19 @@ class WeightQuantizer(_GridMixin, nn.Module):
             f", groups of {self.group_size} along axis {self.group_axis}" if self.mixed else "")
 
 
+def coarsest_groups(bits):
+    """``(widths, group_size)``: per-index widths as the fewest equal-size groups of one width
+    (e.g. one width per head for the ``head_dim`` channels of each head); an int passes through."""
+    if not isinstance(bits, tuple):
+        return bits, 1
+    n = len(bits)
+    for size in sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True):
+        blocks = [bits[i:i + size] for i in range(0, n, size)]
+        if all(len(set(b)) == 1 for b in blocks):
+            return tuple(b[0] for b in blocks), size
+    return bits, 1
+
+
 #: Scale (and group) axis of each activation grouping, counted from the end of the tensor.
 GROUP_AXIS = {"tensor": None, "channel": -1, "head": -3}
 
@@ -345,8 +362,9 @@ class ActQuantizer(_GridMixin, nn.Module):
         axis = GROUP_AXIS[self.grouping]
         scale = self.scale.detach().float().cpu().numpy().reshape(-1)
         z = self.integer_zero_point().cpu().numpy().reshape(-1) if self.signed else np.zeros_like(scale)
-        return qformat.TensorSpec(self.kind, self.signed, self.bits, scale, scale_axis=axis, zero_point=z,
-                                  group_axis=axis, group_size=1)
+        bits, size = coarsest_groups(self.bits)
+        return qformat.TensorSpec(self.kind, self.signed, bits, scale, scale_axis=axis, zero_point=z,
+                                  group_axis=axis, group_size=size)
 
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"

@@ -17,7 +17,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -31,7 +31,7 @@ from qformat.io import code_revision, output_error, remove_stale_temps
 from qformat.paths import check_out_dir
 from train import checkpoint as ckpt
 from train import dist
-from train.config import resolve_bits
+from train.config import mixed_settings, nominal_bits, resolve_bits
 from train.data import Loaders, build_loaders
 from train.evaluate import evaluate
 from train.logger import RunLogger, write_metrics_csv
@@ -164,6 +164,8 @@ class Optim:
     scaler: Optional[torch.amp.GradScaler]
     autocast: object
     scales: list  # quantizer steps: projected to >= MIN_SCALE after every step (Adam can push a tiny step below 0)
+    total: int = 0  # optimizer steps of the phase
+    bit_widths: list = field(default_factory=list)  # learned bit-widths (train.mixedbits): projected into 2..8
 
 
 MIN_SCALE = 1e-8
@@ -171,14 +173,21 @@ MIN_SCALE = 1e-8
 
 def _optimizer(args: argparse.Namespace, phase: Phase, model: nn.Module, total: int, warmup: int,
                device: torch.device) -> Optim:
+    from train.mixedbits import bit_widths, split_bit_group
     from train.quant import is_prepared, scale_parameters
 
     quant_lr = args.quant_lr if args.quant_lr is not None else phase.lr
-    opt = torch.optim.AdamW(param_groups(model, phase.lr, args.weight_decay, quant_lr, args.quant_weight_decay),
-                            lr=phase.lr, betas=(0.9, 0.999))
+    groups = param_groups(model, phase.lr, args.weight_decay, quant_lr, args.quant_weight_decay)
+    bits = bit_widths(model)
+    if bits:  # learned bit-widths: their own lr, no decay
+        from train.config import QuantConfig
+
+        groups = split_bit_group(groups, model, QuantConfig.from_dict(model.qvit_quant_config).mixed_bits.bit_lr)
+    opt = torch.optim.AdamW(groups, lr=phase.lr, betas=(0.9, 0.999))
     autocast, scaler = amp_context(device, args.amp)
     scales = list(scale_parameters(model)) if is_prepared(model) else []
-    return Optim(opt, torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total)), scaler, autocast, scales)
+    return Optim(opt, torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total)), scaler, autocast, scales,
+                 total, bits)
 
 
 def _step(args: argparse.Namespace, o: Optim, train_obj: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -191,8 +200,9 @@ def _step(args: argparse.Namespace, o: Optim, train_obj: nn.Module, x: torch.Ten
         o.scaler.unscale_(o.opt)
     else:
         loss.backward()
-    if args.clip_grad and args.clip_grad > 0:
-        nn.utils.clip_grad_norm_([p for g in o.opt.param_groups for p in g["params"]], args.clip_grad)
+    if args.clip_grad and args.clip_grad > 0:  # bit-widths apart: their large gradients must not shrink the rest
+        nn.utils.clip_grad_norm_([p for g in o.opt.param_groups if g.get("name") != "bits" for p in g["params"]],
+                                 args.clip_grad)
     if o.scaler is not None:
         o.scaler.step(o.opt)
         o.scaler.update()
@@ -202,6 +212,8 @@ def _step(args: argparse.Namespace, o: Optim, train_obj: nn.Module, x: torch.Ten
     with torch.no_grad():
         for p in o.scales:
             p.clamp_(min=MIN_SCALE)
+        for m in o.bit_widths:
+            m.project_()
     return loss, logits, parts
 
 
@@ -267,13 +279,17 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
             tr = _train_epoch(args, phase, epoch, train_obj, o, loaders, steps_per_epoch, step, dinfo, device, logger)
             step += steps_per_epoch
             ev = evaluate(model, loaders.val, device, args.max_eval_batches, o.autocast)
-            is_best, best = ev["top1"] > best, max(best, ev["top1"])
+            # a learned allocation still searching may be over budget: best.* only from the final allocation on
+            final = getattr(objective, "allocation_final", True)
+            is_best = ev["top1"] > best and final
+            best = max(best, ev["top1"]) if final else best
             row = {"epoch": epoch + 1, "step": step, "lr": o.sched.get_last_lr()[0], **tr,
                    "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"], "val_img_s": ev["img_s"]}
             top5 = "n/a" if ev["top5"] is None else "{:.2f}".format(ev["top5"])
             say("{} epoch {}/{}: train loss {:.4f} acc {:.2f} | val top-1 {:.2f} top-5 {} loss {:.4f} | "
-                "{:.0f} img/s".format(phase.name, epoch + 1, phase.epochs, tr["train_loss"], tr["train_acc"],
-                                      ev["top1"], top5, ev["loss"], tr["train_img_s"]), dinfo)
+                "{:.0f} img/s{}".format(phase.name, epoch + 1, phase.epochs, tr["train_loss"], tr["train_acc"],
+                                      ev["top1"], top5, ev["loss"], tr["train_img_s"],
+                                      " | " + objective.note() if hasattr(objective, "note") else ""), dinfo)
             if dinfo.is_main:
                 _save_epoch(phase, model, meta, row, best, is_best, o, logger.rows + [row])
                 logger.epoch(row)
@@ -290,10 +306,13 @@ def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, o: Optim,
     t0 = time.perf_counter()
     bar = tqdm(total=steps, desc="{} {}/{}".format(phase.name, epoch + 1, phase.epochs), disable=not dinfo.is_main,
                leave=False, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    progress = getattr(getattr(train_obj, "module", train_obj), "set_progress", None)  # learned bits: freezing
     for i, (x, y) in enumerate(loaders.train):
         if i >= steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if progress is not None:
+            progress(step + i, o.total)
         loss, logits, parts = _step(args, o, train_obj, x, y)
         lv = float(loss.detach())
         if not math.isfinite(lv):
@@ -308,7 +327,7 @@ def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, o: Optim,
         img_s = seen * dinfo.world_size / (time.perf_counter() - t0)
         if dinfo.is_main and (i % 10 == 0 or i == steps - 1):
             bar.set_postfix(loss="{:.4f}".format(loss_sum / seen), acc="{:.2f}".format(100 * correct / seen),
-                            img_s="{:.0f}".format(img_s), refresh=False)
+                            img_s="{:.0f}".format(img_s), refresh=False, **_bits_postfix(parts))
             logger.scalar("train/loss", lv, step + i + 1)
             logger.scalar("train/lr", o.sched.get_last_lr()[0], step + i + 1)
         bar.update(1)
@@ -319,6 +338,14 @@ def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, o: Optim,
            "train_img_s": seen / dt if dt > 0 else 0.0, "time_s": dt}
     out.update({"train_" + k: v / max(seen / dinfo.world_size, 1) for k, v in part_sums.items()})
     return out
+
+
+def _bits_postfix(parts: dict) -> dict:
+    """Progress-bar fields of a learned-bit run: mean weight/activation bits, BitOPs against the budget."""
+    if "bitops_ratio" not in parts:
+        return {}
+    return {"bits": "{:.2f}/{:.2f}".format(parts["w_bits"], parts["a_bits"]),
+            "bitops": "{:.2f}x".format(parts["bitops_ratio"])}
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -344,8 +371,8 @@ def _resume_state_for(out: str, meta: dict, repair: bool = True) -> tuple[Option
                                 out, last.get("epoch"), state.get("epoch"),
                                 " (best.safetensors, epoch {}, is intact and exportable)".format(best["epoch"])
                                 if best.get("epoch") else ""))
-    for key in ("model", "method", "quant", "data", "seed", "epochs", "batch_size"):
-        if last.get(key) != meta.get(key):
+    for key in ("model", "method", "quant", "data", "holdout", "seed", "epochs", "batch_size"):
+        if last.get(key, 0 if key == "holdout" else None) != meta.get(key):
             raise UserError("--resume: {} holds a run with {}={!r}, this command asks for {!r}; use the same flags "
                             "or another --out".format(out, key, last.get(key), meta.get(key)))
     if repair and "meta" in state:  # rank 0 rewrites what a kill left stale: last.*, metrics.csv, best.json
@@ -362,7 +389,8 @@ def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, ep
         "mean": list(spec.mean), "std": list(spec.std), "class_names": loaders.class_names,
         "method": method, "bits": qcfg.bits_summary() if qcfg is not None else None,
         "quant": qcfg.to_dict() if qcfg is not None else None, "distill": dcfg.to_dict() if dcfg is not None else None,
-        "data": args.data, "seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
+        "data": args.data, "holdout": getattr(args, "holdout", 0), "seed": args.seed, "epochs": epochs,
+        "batch_size": args.batch_size,
         "code_revision": code_revision(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
 
@@ -461,13 +489,14 @@ def _configs(args: argparse.Namespace):
     from train.models import create_model, model_spec
 
     spec = model_spec(args.model)  # unknown model -> UserError before any data is read
-    w_bits, a_bits = resolve_bits(args.bits, args.w_bits, args.a_bits)
+    mixed = mixed_settings(args)
+    w_bits, a_bits = resolve_bits(nominal_bits(mixed["budget"]) if mixed else args.bits, args.w_bits, args.a_bits)
     _check_run_folder(args)
     overrides = getattr(args, "quant_override", None) or {}
     if overrides and args.method == "fp":
         raise UserError("--quant-override needs a quantized --method (not fp)")
     qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity,
-                                  overrides=overrides)
+                                  overrides=overrides, mixed=mixed)
     dcfg = DistillConfig.for_method(args.method)
     if dcfg is not None and not (args.teacher or args.checkpoint or args.pretrained or args.fp_epochs):
         raise UserError("--method {} distils from a full-precision teacher: pass --teacher CKPT, --checkpoint CKPT, "
@@ -512,8 +541,16 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg):
     if dcfg is not None:
         from train.distill import Distiller
 
-        return model, Distiller(teacher, model, dcfg, label_smoothing=args.smoothing), meta, state
-    return model, Supervised(model, args.smoothing), meta, state
+        objective = Distiller(teacher, model, dcfg, label_smoothing=args.smoothing)
+    else:
+        objective = Supervised(model, args.smoothing)
+    if qcfg is not None and qcfg.mixed is not None:  # loss += BitOPs penalty; bits frozen after sigma
+        from train.mixedbits import BitBudget
+
+        objective = BitBudget(objective, model, log=lambda msg: say(msg, dinfo))
+        say("mixed bits: budget {:g}-bit = {:.4g} GBitOPs per image; starting at {}".format(
+            qcfg.mixed["budget"], objective.budget / 1e9, objective.note()), dinfo)
+    return model, objective, meta, state
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -525,7 +562,8 @@ def run(args: argparse.Namespace) -> dict:
         device = resolve_device(args.device, dinfo)
         loaders = build_loaders(args.data, spec.input_size, spec.mean, spec.std, args.batch_size,
                                 data_dir=args.data_dir, workers=args.workers, seed=args.seed, rank=dinfo.rank,
-                                world_size=dinfo.world_size, pin_memory=device.type == "cuda")
+                                world_size=dinfo.world_size, pin_memory=device.type == "cuda",
+                                holdout=getattr(args, "holdout", 0))
         if dinfo.is_main:  # after the data loaded: a typo in --data-dir leaves no empty run folder
             _open_run_folder(args)
         say("{} {} on {} ({} train / {} val images, {} classes, world size {}) -> {}".format(
@@ -546,6 +584,11 @@ def run(args: argparse.Namespace) -> dict:
             return {"epoch": state["epoch"], "finished": True}
         row = fit(args, Phase("qat" if qcfg is not None else "fp", args.out, args.epochs, args.lr), model, objective,
                   loaders, meta, dinfo, device, state)
+        if dinfo.is_main and not row.get("stopped") and qcfg is not None and qcfg.mixed is not None:
+            from train.mixedbits import write_report
+
+            paths = write_report(model, args.out, {"final_epoch": row})
+            say("mixed bits: {} -> {}".format(objective.note(), ", ".join(paths)), dinfo)
         if dinfo.is_main and not row.get("stopped"):
             best = ckpt.read_meta(os.path.join(args.out, "best.json")) or {}
             say("done: best top-1 {:.2f} -> {}".format(best.get("metrics", {}).get("top1", float("nan")),
