@@ -363,14 +363,24 @@ def site_specs(model: nn.Module) -> list[qformat.SiteSpec]:
     specs, owned = [], set()
     for name, m in model.named_modules():
         if isinstance(m, _QuantWeightMixin):
-            specs.append(m.spec(name))
+            specs.append(_named_spec(name, lambda m=m, name=name: m.spec(name)))
             owned.add(id(m.a_quant))
     for name, m in model.named_modules():
         if isinstance(m, ActQuantizer) and id(m) not in owned:
             if not bool(m.frozen):
                 raise UserError(f"{name} is not converted: call train.quant.convert(model) first")
-            specs.append(qformat.SiteSpec(name, "act", m.spec()))
+            specs.append(_named_spec(name, lambda m=m, name=name: qformat.SiteSpec(name, "act", m.spec())))
     return specs
+
+
+def _named_spec(name: str, build) -> qformat.SiteSpec:
+    """``build()``, with a contract violation (e.g. a learned step that went negative in a run made
+    before steps were kept positive) as one line naming the module."""
+    try:
+        return build()
+    except qformat.FormatError as e:
+        raise UserError(f"{name}: {e}: this checkpoint cannot be exported; retrain it (training now keeps every "
+                        "learned step positive)") from None
 
 
 def float_modules(model: nn.Module) -> list[str]:
