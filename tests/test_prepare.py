@@ -143,8 +143,6 @@ def test_teacher_attention_untouched_by_prepare_of_copy():
 def test_a_negative_learned_step_is_one_line_naming_the_module():
     """Checkpoints trained before steps were kept positive can hold a negative step: export must refuse
     them in one line that names the layer, not with a traceback from the format checks."""
-    from qformat.errors import UserError
-
     m = _tiny("vit_fmnist")
     prepare(m, QuantConfig.for_method("baseline", 2))
     calibrate(m, [torch.randn(4, 1, 28, 28)])
