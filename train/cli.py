@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qformat.argtypes import float_range, fraction, nonneg_float, nonneg_int
 from qformat.cli import add_model_args, add_override_arg, parser, read_overrides
 from qformat.errors import UserError, main_guard
-from train.config import DATASETS, METHODS, check_overrides, resolve_bits
+from train.config import DATASETS, METHODS, WEIGHT_SCALES, check_overrides, resolve_bits
 
 
 def _model_group(p: argparse.ArgumentParser) -> None:
@@ -21,11 +22,32 @@ def _model_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w-bits", type=int, default=None, help="override weight bits")
     g.add_argument("--a-bits", type=int, default=None, help="override activation bits")
     g.add_argument("--method", default="qvit", choices=METHODS,
-                   help="fp | baseline (no IRM/DGD) | irm | dgd | qvit (IRM+DGD)")
+                   help="fp | baseline (no IRM/DGD) | irm | dgd | qvit (IRM+DGD) | vvtq (KD only, OBR, module scales)")
     g.add_argument("--granularity", default="deploy", choices=("deploy", "paper"),
                    help="activation-scale granularity (QuantConfig.granularity)")
     g.add_argument("--calib-batches", type=int, default=4, help="batches for the quantizers' data-driven init")
     add_override_arg(g)
+
+
+def _vvtq_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("VVTQ (variation-aware QAT, train/vvtq.py); combine with any quantized --method")
+    bool_flag = argparse.BooleanOptionalAction
+    g.add_argument("--obr", action=bool_flag, default=None,
+                   help="oscillation-aware bin regularisation, λ raised by a cosine (default: on for --method vvtq)")
+    g.add_argument("--obr-lambda", type=nonneg_float, default=None, help="λ of OBR at the last step (default 0.01)")
+    g.add_argument("--obr-start", type=float_range(0.0, 1.0, hi_open=True), default=None,
+                   help="fraction of the steps with λ = 0 before it rises (default 0.25)")
+    g.add_argument("--module-scales", action=bool_flag, default=None,
+                   help="module-dependent scale gradients 1/sqrt(Qp*||w_m||_1) (default: on for --method vvtq)")
+    g.add_argument("--weight-scale", default=None, choices=WEIGHT_SCALES,
+                   help="one learned weight step per output row, or per module (q/k/v of one head; a layer)")
+    g.add_argument("--multicrop-kd", default=None, metavar="STORE",
+                   help="distil from this soft-label store (python -m train.softlabels): KD on its stored crops, "
+                        "no teacher forward (DGD still runs the teacher on them)")
+    g.add_argument("--osc-momentum", type=float_range(0.0, 1.0, lo_open=True), default=None,
+                   help="EMA momentum of the oscillation measure (default 0.01)")
+    g.add_argument("--osc-threshold", type=fraction, default=None,
+                   help="oscillation frequency above which a weight counts as oscillating (default 0.005)")
 
 
 def _weights_group(p: argparse.ArgumentParser) -> None:
@@ -61,6 +83,9 @@ def _data_run_groups(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=None, help="loader processes (default: 0 in-memory, 8 folders)")
     g.add_argument("--max-train-batches", type=int, default=None, help="cap steps per epoch (budget control)")
     g.add_argument("--max-eval-batches", type=int, default=None, help="cap validation batches")
+    g.add_argument("--holdout", type=nonneg_int, default=0,
+                   help="validate on N images carved from the training split (stratified, fixed seed) and "
+                        "train on the rest; the test split is not read (0: validate on the test split)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="output folder (checkpoints, metrics.csv, tb/)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -72,7 +97,7 @@ def _data_run_groups(p: argparse.ArgumentParser) -> None:
 
 def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     p = parser(prog, __doc__.split("\n\n")[0], defaults_help=True)
-    for group in (_model_group, _weights_group, _optim_group, _data_run_groups):
+    for group in (_model_group, _vvtq_group, _weights_group, _optim_group, _data_run_groups):
         group(p)
     return p
 
@@ -88,6 +113,11 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m train") -> 
         raise UserError("--fp-epochs must be >= 0")
     resolve_bits(args.bits, args.w_bits, args.a_bits)  # before torch is imported: a typo costs no start-up time
     args.quant_override = check_overrides(read_overrides(args.quant_override))
+    vvtq_flags = [f for f in ("obr", "obr_lambda", "obr_start", "module_scales", "weight_scale", "multicrop_kd",
+                              "osc_momentum", "osc_threshold") if getattr(args, f) is not None]
+    if vvtq_flags and args.method == "fp":
+        raise UserError("--{} needs a quantized --method (vvtq, baseline, irm, dgd or qvit), not fp".format(
+            vvtq_flags[0].replace("_", "-")))
     return args
 
 
