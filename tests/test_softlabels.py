@@ -78,7 +78,7 @@ def test_recover_keeps_topk_and_spreads_the_rest_evenly():
     assert torch.allclose(p, torch.tensor([[0.2, 0.2 / 3, 0.6, 0.2 / 3, 0.2 / 3]]))
 
 
-def test_interrupted_store_resumes_to_the_same_bytes(tmp_path):
+def test_interrupted_store_resumes_to_the_same_crops_and_labels(tmp_path):
     teacher, path, meta = _teacher(tmp_path)
     src = _source()
     whole = _write(tmp_path / "a", teacher, path, meta, src)
@@ -103,11 +103,11 @@ def test_interrupted_store_resumes_to_the_same_bytes(tmp_path):
     counted = Counting(teacher)
     again = _write(part, counted, path, meta, src)
     assert counted.seen == (16 + 8) * 3  # only the two missing chunks were labelled
-    assert again["chunks"][0] == whole["chunks"][0] and len(again["chunks"]) == 3
+    assert [c["count"] for c in again["chunks"]] == [c["count"] for c in whole["chunks"]]
     a, b = SoftLabelStore(str(tmp_path / "a")), SoftLabelStore(str(part))
     assert torch.equal(a.box, b.box) and torch.equal(a.flip, b.flip)  # same crops: seeded by (seed, chunk)
-    assert torch.equal(a.topk_index, b.topk_index)  # (the CPU GEMM may differ in the last bit with alignment)
-    assert torch.allclose(a.topk_prob, b.topk_prob, rtol=0, atol=1e-6)
+    # same labels (not the same bytes: the CPU GEMM may differ in the last bit with the buffers' alignment)
+    assert torch.allclose(recover(a.topk_index, a.topk_prob, 10), recover(b.topk_index, b.topk_prob, 10), atol=1e-6)
 
 
 def test_a_corrupt_chunk_fails_its_checksum(tmp_path):
@@ -150,7 +150,9 @@ def test_cli_writes_the_store_and_a_rerun_with_other_settings_is_refused(tmp_pat
     assert softlabels_main(argv) == 0
     assert "512 images x 2 crops" in capsys.readouterr().out
     assert softlabels_main(argv) == 0  # finished: nothing to redo
-    expect_error(softlabels_main, argv[:-4] + ["--topk", "4"], "made with other settings (topk: 3 vs 4)")
+    other = list(argv)
+    other[other.index("--topk") + 1] = "4"
+    expect_error(softlabels_main, other, "made with other settings (topk: 3 vs 4)")
     expect_error(softlabels_main, argv + ["--topk", "11"], "--topk 11 is above the teacher's 10 classes")
     expect_error(softlabels_main, argv + ["--scale", "0.9", "0.2"], "--scale 0.9 0.2: the low end")
 

@@ -303,3 +303,21 @@ def test_vvtq_config_ranges():
     assert VvtqConfig.for_method("vvtq").obr and not VvtqConfig.for_method("qvit").obr
     assert VvtqConfig.for_method("fp") is None
     assert QuantConfig.for_method("vvtq", 3).module_scales and not QuantConfig.for_method("qvit", 3).module_scales
+
+
+def test_vvtq_ablation_rows_and_refusals(expect_error, tmp_path):
+    from train.vvtq_ablation import ROWS, markdown
+    from train.vvtq_ablation import main as ablation_main
+
+    assert [k for k in ROWS] == ["lsqkd", "vvtq", "vvtq-mckd", "vvtq-ms", "vvtq-obr", "qvit", "vvtq+qvit"]
+    for key, (_, flags) in ROWS.items():  # every row is a valid command line of python -m train
+        args = parse_args([f.replace("{store}", "s") for f in flags] + ["--bits", "3"])
+        on = {"obr": args.obr, "ms": args.module_scales, "mckd": args.multicrop_kd}
+        if key.startswith("vvtq-"):
+            assert on[key[5:]] is False or (key == "vvtq-mckd" and on["mckd"] is None)
+    res = {"bits": [2], "rows_order": ["vvtq"], "rows": {"vvtq": {"2": {"val_top1": 80.0, "test_top1": 79.5,
+                                                                         "osc_rate": 1.25, "sdam": 0.012}}}}
+    assert "| VVTQ | 80.00 / 79.50 | 1.25 | 1.20e-02 |" in markdown(res)
+    teacher = str(tmp_path / "t.safetensors")
+    expect_error(ablation_main, ["--teacher", teacher, "--rows", "vvtq,nope"], "unknown --rows ['nope']")
+    expect_error(ablation_main, ["--teacher", teacher], "does not exist")
