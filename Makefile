@@ -15,7 +15,7 @@ STAMP   := .make/installed
 # the scripts (runtime/bench.py, ...) import the repository's packages without sys.path edits
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help quickstart test install data train ablation vvtq-ablation export engine bench demo plugins bench-gemm lint clean
+.PHONY: help quickstart test install data train ablation vvtq-ablation export engine bench demo plugins bench-gemm gpu-check lint clean
 
 help:
 	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU, ~10 min), export fp32/qdq/lowbit with parity, bench"
@@ -29,6 +29,7 @@ help:
 	@echo "make demo SOURCE=..        camera / video / image-folder demo"
 	@echo "make plugins               build libqvit_plugins.so (CMake, CUDA, TensorRT headers)"
 	@echo "make bench-gemm            packed low-bit GEMM kernels vs cuBLAS (needs a CUDA GPU)"
+	@echo "make gpu-check             one command on a GPU: build, pytest -m cuda, compute-sanitizer, bench, e2e (<= 8 min)"
 
 # ---------------------------------------------------------------- set-up (idempotent)
 data: $(FMNIST)
@@ -44,7 +45,7 @@ $(STAMP): pyproject.toml
 
 # ---------------------------------------------------------------- the two front-door commands
 quickstart: install data
-	$(PY) -m train --model vit_fmnist --bits 4 --method qvit --fp-epochs $(or $(FP_EPOCHS),3) --epochs $(or $(EPOCHS),1) --out runs/quickstart
+	$(PY) -m train --model vit_fmnist --bits 4 --method qvit --fp-epochs $(or $(FP_EPOCHS),3) --epochs $(or $(EPOCHS),1) --out runs/quickstart $(if $(wildcard runs/quickstart),--resume)
 	for f in fp32 qdq lowbit; do $(PY) -m export --checkpoint runs/quickstart/last.safetensors --format $$f --target ort --out $(OUT) || exit $$?; done
 	$(PY) runtime/bench.py --backend ort --compare --batch 32 --iters 30 --onnx $(OUT)/vit_fmnist_w4a4.fp32.onnx $(OUT)/vit_fmnist_w4a4.qdq.onnx $(OUT)/vit_fmnist_w4a4.lowbit.onnx
 
@@ -53,7 +54,7 @@ test: install data
 
 # ---------------------------------------------------------------- stages
 train: install data
-	$(PY) -m train --model $(MODEL) --bits $(BITS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out runs/$(MODEL)_w$(BITS)
+	$(PY) -m train --model $(MODEL) --bits $(BITS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out runs/$(MODEL)_w$(BITS) $(if $(wildcard runs/$(MODEL)_w$(BITS)),--resume)
 
 ablation: install data
 	$(PY) -m train.ablation --budget $(BUDGET) --out runs/ablation_$(BUDGET)
@@ -81,6 +82,10 @@ plugins:
 
 bench-gemm:
 	$(PY) -m runtime.torchtools.bench_gemm
+
+# No install step: the GPU machine has no package registry (results under $$OUT or runs/gpu-check/).
+gpu-check:
+	$(PY) -m runtime.torchtools.gpu_check
 
 lint:
 	ruff check .

@@ -8,8 +8,11 @@ import sys
 
 import qformat
 from qformat import targets
+from qformat.argtypes import fraction, int_range, nonneg_float, nonneg_int
 from qformat.cli import add_model_args, add_override_arg, parser, read_overrides
 from qformat.errors import UserError, main_guard
+from qformat.io import remove_stale_temps
+from qformat.paths import check_out_dir
 
 RANDOM_WEIGHTS = ("note: no checkpoint: exporting {model} at {bits} bits with RANDOM weights (structure and speed "
                   "only, accuracy meaningless); for a trained model run `make train MODEL={model} BITS={bits}` "
@@ -26,7 +29,7 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
     defaults = ", ".join(f"{t.name} {t.default_opset}" for t in targets.TARGETS)
     p.add_argument("--format", default="qdq", choices=qformat.FORMATS)
     p.add_argument("--target", default="ort", choices=targets.TARGET_NAMES)
-    p.add_argument("--opset", type=int, help=f"ONNX opset (default per target: {defaults})")
+    p.add_argument("--opset", type=int_range(), help=f"ONNX opset (default per target: {defaults})")
     p.add_argument("--list-targets", action="store_true", help="print what each target can build, then exit")
     p.add_argument("--out", default="artifacts", help="output directory")
     fn = p.add_mutually_exclusive_group()
@@ -38,10 +41,11 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
                    help="keep 4-bit weights in INT8 containers where the target has INT4 (--list-targets); "
                         "use this if your TensorRT build rejects INT8 x INT4")
     par = p.add_argument_group("parity")
-    par.add_argument("--parity-n", type=int, default=32, help="images for the parity check (0 = skip)")
-    par.add_argument("--atol", type=float, default=1e-3)
-    par.add_argument("--rtol", type=float, default=1e-3, help="relative to the largest |logit| (tie-aligned logits)")
-    par.add_argument("--min-agree", type=float, default=0.99, help="minimum top-1 agreement (fraction, tie-aligned)")
+    par.add_argument("--parity-n", type=nonneg_int, default=32, help="images for the parity check (0 = skip)")
+    par.add_argument("--atol", type=nonneg_float, default=1e-3)
+    par.add_argument("--rtol", type=nonneg_float, default=1e-3,
+                     help="relative to the largest |logit| (tie-aligned logits)")
+    par.add_argument("--min-agree", type=fraction, default=0.99, help="minimum top-1 agreement (fraction, tie-aligned)")
     par.add_argument("--calib-dir", help="image folder for the parity images instead of the Fashion-MNIST test set")
     return p
 
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m export") -> int:
         return 0
     targets.resolve_opset(targets.get_target(args.target), args.opset)  # refuse before any slow work
     overrides = read_overrides(args.quant_override)
+    check_out_dir(args.out, "--out")
+    remove_stale_temps(args.out)  # what a killed export left (only files of writers that are gone)
     if not args.checkpoint:
         if not args.model or args.bits is None:
             raise UserError("give --checkpoint CKPT, or --model NAME --bits B for a fresh calibrated model")

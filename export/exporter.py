@@ -22,7 +22,7 @@ import torch
 import qformat
 from qformat import targets
 from qformat.errors import UserError
-from qformat.io import atomic_write, code_revision, sidecar_path, write_json
+from qformat.io import atomic_write, code_revision, sha256_bytes, sidecar_path, write_json
 from qformat.spec import allocation
 
 from . import cleanup, graph, rules, trace
@@ -159,7 +159,7 @@ def check_parity(dep: Any, g: Graphs, fmt: str, n: int, atol: float, rtol: float
     return par
 
 
-def _sidecar(dep: Any, g: Graphs, fmt: str, target: str, bits: dict, par: Parity | None) -> dict:
+def _sidecar(dep: Any, g: Graphs, fmt: str, target: str, bits: dict, par: Parity | None, blob: bytes) -> dict:
     meta = dep.meta
     opset_used = next(o.version for o in g.deploy.opset_import if o.domain == "")
     return {
@@ -174,6 +174,7 @@ def _sidecar(dep: Any, g: Graphs, fmt: str, target: str, bits: dict, par: Parity
                     "namespace": qformat.LOWBIT_PLUGIN_NAMESPACE, "function_body": len(g.deploy.functions) > 0}
                    if g.lowbit_nodes else None),
         "parity": par.to_dict() if par else None, "source_checkpoint": meta.get("checkpoint"),
+        "onnx_sha256": sha256_bytes(blob),  # the runtime refuses a sidecar left from another export
     }
 
 
@@ -197,9 +198,11 @@ def export(dep: Any, fmt: str, target: str, out_dir: str, opset: int | None = No
                f"{100 * (par.aligned_top1_agree if par.aligned else par.top1_agree):.1f}% (min {100 * min_agree:g}%)")
         raise ParityError(f"parity check failed for {name}: {why}; graph kept at {bad} for inspection, "
                           f"not written as {path}")
-    atomic_write(path, g.deploy.SerializeToString())
+    blob = g.deploy.SerializeToString()
+    atomic_write(path, blob)
     side = sidecar_path(path)
-    write_json(side, _sidecar(dep, g, fmt, target, bits, par))
+    write_json(side, _sidecar(dep, g, fmt, target, bits, par, blob))  # last: a kill before it leaves a
+    # graph whose old sidecar no longer matches (onnx_sha256)
     log(f"  wrote {path} and {side} ({time.time() - t0:.1f}s)")
     return Result(path, side, par, g)
 

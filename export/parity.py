@@ -55,7 +55,6 @@ class Parity:
 def load_images(n: int, dep, calib_dir: str | None = None) -> torch.Tensor:
     """``n`` images preprocessed for the :class:`train.deploy.Deployable` ``dep``: Fashion-MNIST
     test (default) or the files of ``calib_dir``."""
-    size = dep.meta["input_size"]
     if not calib_dir:
         return dep.test_images(n)
     if not os.path.isdir(calib_dir):
@@ -64,20 +63,10 @@ def load_images(n: int, dep, calib_dir: str | None = None) -> torch.Tensor:
     if not files:
         raise UserError(f"--calib-dir {calib_dir} holds no images ({', '.join(_IMAGE_EXT)})")
     try:
-        from PIL import Image
+        import PIL  # noqa: F401
     except ImportError:
         raise UserError("--calib-dir needs Pillow (pip install pillow)") from None
-    imgs = []
-    for f in files[:n]:
-        try:
-            with Image.open(f) as im:
-                im = im.convert("L" if int(size[0]) == 1 else "RGB").resize((int(size[2]), int(size[1])))
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except OSError as e:
-            raise UserError(f"cannot read image {f} ({e})") from None
-        t = torch.from_numpy(a)
-        imgs.append(t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1))
-    return dep.preprocess(torch.stack(imgs))
+    return dep.image_files(files, n, calib_dir)
 
 
 def ort_session(model: onnx.ModelProto, threads: int | None = None):

@@ -12,14 +12,15 @@ elsewhere.  ``--backend ort`` skips the engine build (dry run on any machine).
 Python 3.6-compatible.
 """
 
-import argparse
 import os
 import sys
 import time
 
 from qformat import PACKED_BITS, targets
+from qformat.argtypes import ArgumentParser, bits_int, int_list, nonneg_int, positive_int
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, write_json
+from qformat.paths import check_out_file
 from runtime import bench, build
 from runtime.device import jetson_model
 
@@ -39,18 +40,20 @@ def pick_format(fmt, bits, board):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python3 -m jetson.bench_matrix", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python3 -m jetson.bench_matrix", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True)
-    p.add_argument("--bits", nargs="+", type=int, required=True)
+    p.add_argument("--bits", nargs="+", type=bits_int, required=True)
     p.add_argument("--format", default="auto", choices=("auto", "qdq", "lowbit", "fp32"))
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--backend", default="trt", choices=("trt", "ort"))
     p.add_argument("--plugins", action="append", default=[])
     p.add_argument("--batch", default="1")
-    p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--iters", type=positive_int, default=200)
+    p.add_argument("--warmup", type=nonneg_int, default=20)
     p.add_argument("--out", default=None, help="output stem (default runs/jetson/matrix-<time>)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    int_list(args.batch, 1, "--batch")
+    return args
 
 
 def run(args, log=print):
@@ -58,6 +61,8 @@ def run(args, log=print):
     out = args.out or os.path.join("runs", "jetson", "matrix-{}".format(time.strftime("%Y%m%d-%H%M%S")))
     rows, records = [], []
     pairs = [(m, b) for m in args.models for b in args.bits]
+    for path in [out + ".md", out + ".json"] + [out + ".{}_w{}.json".format(m, b) for m, b in pairs]:
+        check_out_file(path, "--out")  # an hour of benchmarks must not end in an unwritable table
     for i, (model, bits) in enumerate(pairs):
         fmt = pick_format(args.format, bits, board)
         path = onnx_path(args.artifacts, model, bits, fmt)

@@ -9,14 +9,9 @@ import argparse
 import json
 import os
 
+from .argtypes import ArgumentParser as Parser
+from .argtypes import bits_int, nonneg_int
 from .errors import UserError
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one ``error: ...`` line (exit 2) like every other user error."""
-
-    def error(self, message):
-        raise UserError("{} (see {} --help)".format(message, self.prog))
 
 
 def parser(prog, description, defaults_help=False):
@@ -27,7 +22,7 @@ def parser(prog, description, defaults_help=False):
 def add_model_args(group, model_default=None, model_help="registry name (python -m train --list-models)"):
     """``--model`` and ``--bits`` (train: the run; export: a fresh model, or checked against the checkpoint)."""
     group.add_argument("--model", default=model_default, help=model_help)
-    group.add_argument("--bits", type=int, default=None, help="weight and activation bits (2..8)")
+    group.add_argument("--bits", type=bits_int, default=None, help="weight and activation bits (2..8)")
 
 
 def add_override_arg(group):
@@ -64,6 +59,6 @@ def add_runtime_args(group, threads=True, providers=False):
     """The backend flags bench, demo and build share."""
     group.add_argument("--plugins", action="append", default=[], help="trt: plugin library to load (repeatable)")
     if threads:
-        group.add_argument("--threads", type=int, default=0, help="ort: intra-op threads (0 = ORT default)")
+        group.add_argument("--threads", type=nonneg_int, default=0, help="ort: intra-op threads (0 = ORT default)")
     if providers:
         group.add_argument("--providers", nargs="+", default=None, help="ort: execution providers (default CPU)")

@@ -8,6 +8,8 @@ TensorRT / ONNX Runtime backends.  Python 3.6-compatible.
 import os
 import resource
 
+from runtime.preprocess import check_input
+
 #: Backend names (bench/demo ``--backend``); runtime.backends.open_backend maps them to classes.
 BACKENDS = ("trt", "ort", "torch")
 
@@ -39,6 +41,11 @@ class Backend:
             raise BatchUnsupported("{} has a fixed batch of {}".format(os.path.basename(self.path), self.fixed_batch))
 
     def run(self, x):
+        """Logits for a preprocessed ``[N, C, H, W]`` batch. Refuses (UserError) a batch of the wrong shape
+        or one with NaN/Inf frames (:class:`runtime.preprocess.NonFiniteInput`), at the cost of one sum."""
+        return self._run(check_input(x, self.meta, self.path))
+
+    def _run(self, x):
         raise NotImplementedError
 
     def memory(self):

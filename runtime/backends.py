@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from qformat.errors import UserError
-from qformat.io import sha256_file
+from qformat.io import sha256_file, sidecar_path
 from qformat.ort import session_options
 from runtime import engine_cache, model_meta, trt_compat
 from runtime.backend_api import BACKENDS, Backend, BatchUnsupported, host_peak_rss_mb  # noqa: F401 (re-exported)
@@ -50,12 +50,17 @@ class OrtBackend(Backend):
         self.input_name = self.meta["input_name"]
         outs = [o.name for o in self.session.get_outputs()]
         self.output_name = self.meta["output_name"] if self.meta["output_name"] in outs else outs[0]
-        dim0 = inputs[names.index(self.input_name)].shape[0]
+        inp = inputs[names.index(self.input_name)]
+        model_meta.check_input_shape(self.meta, list(inp.shape), onnx_path, sidecar_path(onnx_path))
+        if inp.type != "tensor(float)":
+            raise UserError("{} takes {} input, the runtime feeds float32 images: re-export the model".format(
+                onnx_path, inp.type))
+        dim0 = inp.shape[0]
         self.fixed_batch = dim0 if isinstance(dim0, int) and dim0 > 0 else None
         self.precision = str(self.meta.get("format", "fp32"))
         self.providers = providers
 
-    def run(self, x):
+    def _run(self, x):
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
 
@@ -81,6 +86,7 @@ class TrtBackend(Backend):
         trt_compat.load_plugins(trt, self.logger, plugins)
         engine_cache.check_compatible(engine_path, self.meta, caps.version_str, gpu_info(),
                                       [sha256_file(p) for p in plugins])
+        engine_cache.check_engine_file(engine_path, self.meta)
         self.cuda = open_cuda()
         self.free0, self.total = self.cuda.mem_info()
         with open(engine_path, "rb") as f:
@@ -89,9 +95,10 @@ class TrtBackend(Backend):
         if self.engine is None:
             raise UserError("TensorRT could not deserialize {}: rebuild it here with `python3 -m runtime.build "
                             "--onnx {}`".format(engine_path, self.meta.get("onnx_path", "<model>.onnx")))
-        self.context = self.engine.create_execution_context()
         self.io = trt_compat.engine_io(trt, self.engine, caps)
         self.inp = [t for t in self.io if t["is_input"]][0]
+        model_meta.check_input_shape(self.meta, list(self.inp["shape"]), engine_path, engine_path + ".json")
+        self.context = self.engine.create_execution_context()
         self.outs = [t for t in self.io if not t["is_input"]]
         self.out = [t for t in self.outs if t["name"] == self.meta["output_name"]] or self.outs[:1]
         self.out = self.out[0]
@@ -139,7 +146,7 @@ class TrtBackend(Backend):
             else:
                 self.use_graph = False
 
-    def run(self, x):
+    def _run(self, x):
         hin = self.host[self.inp["name"]]
         np.copyto(hin, x.astype(hin.dtype, copy=False))
         self.cuda.h2d(self.ptrs[self.inp["name"]], hin, self.stream)

@@ -26,9 +26,11 @@ except ImportError:  # `python3 runtime/<script>.py` where the package is neithe
 
 import numpy as np  # noqa: E402
 
+from qformat.argtypes import int_list, nonneg_int, positive_float, positive_int, seed_int  # noqa: E402
 from qformat.cli import add_runtime_args, parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
 from qformat.io import write_json  # noqa: E402
+from qformat.paths import check_out_file  # noqa: E402
 from runtime import model_meta  # noqa: E402
 from runtime.backends import BACKENDS, BatchUnsupported, open_backend  # noqa: E402
 from runtime.device import gpu_info, jetson_model  # noqa: E402
@@ -38,13 +40,7 @@ SCHEMA = "qvit-edge.bench/1"
 
 
 def parse_batches(text):
-    try:
-        out = sorted(set(int(v) for v in str(text).split(",") if v.strip()))
-    except ValueError:
-        raise UserError("--batch takes a comma list of integers like 1,4,8, got {!r}".format(text)) from None
-    if not out or out[0] < 1:
-        raise UserError("--batch values must be >= 1")
-    return out
+    return int_list(text, 1, "--batch")
 
 
 def parse_args(argv=None, prog="python3 runtime/bench.py"):
@@ -57,9 +53,10 @@ def parse_args(argv=None, prog="python3 runtime/bench.py"):
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
                    help="backend(s) for the --onnx files (default ort); engines always use trt, checkpoints torch")
     p.add_argument("--compare", action="store_true", help="print img/s ratios against the first model/backend")
-    p.add_argument("--iters", "--iterations", dest="iters", type=int, default=200, help="timed iterations (200)")
-    p.add_argument("--duration", type=float, default=0.0, help="time budget in s per run instead of --iters")
-    p.add_argument("--warmup", type=int, default=20, help="untimed warm-up iterations (20)")
+    p.add_argument("--iters", "--iterations", dest="iters", type=positive_int, default=200,
+                   help="timed iterations (200)")
+    p.add_argument("--duration", type=positive_float, default=None, help="time budget in s per run instead of --iters")
+    p.add_argument("--warmup", type=nonneg_int, default=20, help="untimed warm-up iterations (20)")
     p.add_argument("--batch", default="1", help="batch size or sweep, e.g. 1,4,8 (default 1)")
     p.add_argument("--json", dest="json_path", default=None, help="result file (default runs/bench/bench-<time>.json)")
     add_runtime_args(p, threads=True, providers=True)
@@ -68,14 +65,15 @@ def parse_args(argv=None, prog="python3 runtime/bench.py"):
     p.add_argument("--precision", default="auto", help="trt with --onnx: precision for the engine build")
     p.add_argument("--lowbit-cuda", action="store_true", help="torch: swap Linears for the low-bit CUDA kernels")
     p.add_argument("--no-power", dest="power", action="store_false", help="do not read tegrastats on a Jetson")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if not (args.onnx or args.engine or args.checkpoint):
         p.error("give --onnx, --engine or --checkpoint")
-    if args.iters < 1 and args.duration <= 0:
-        p.error("--iters must be >= 1 (or give --duration)")
+    args.duration = args.duration or 0.0  # 0: --iters decides
     args.batches = parse_batches(args.batch)
+    if args.json_path is None:
+        args.json_path = os.path.join("runs", "bench", "bench-{}.json".format(time.strftime("%Y%m%d-%H%M%S")))
     return args
 
 
@@ -213,6 +211,7 @@ def fmt_run(r):
 def run(args, log=print):
     """Run every target x batch; write the JSON; return the result dict."""
     targets = targets_of(args)
+    check_out_file(args.json_path, "--json")  # before minutes of timing
     runs = []
     total = len(targets) * len(args.batches)
     n = 0
@@ -249,7 +248,7 @@ def run(args, log=print):
         for row in result["compare"]["ratios"]:
             log("{:<48} {:>6} {:>10.1f} {:>7.2f}x".format(row["label"], row["batch"], row["img_per_s"],
                                                            row["speedup"]))
-    path = args.json_path or os.path.join("runs", "bench", "bench-{}.json".format(time.strftime("%Y%m%d-%H%M%S")))
+    path = args.json_path
     write_json(path, result)
     result["json_path"] = path
     return result

@@ -11,6 +11,7 @@ Python 3.6-compatible (JetPack 4.6).
 """
 
 import os
+import shlex
 import sys
 import time
 
@@ -22,9 +23,11 @@ except ImportError:  # `python3 runtime/<script>.py` where the package is neithe
     sys.exit(2)
 
 from qformat import LOWBIT_OP, targets  # noqa: E402
+from qformat.argtypes import check_le, nonneg_int, positive_int  # noqa: E402
 from qformat.cli import parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
-from qformat.io import atomic_write, sha256_file  # noqa: E402
+from qformat.io import atomic_write, sha256_file, sidecar_path  # noqa: E402
+from qformat.paths import check_out_dir, check_out_file  # noqa: E402
 from runtime import engine_cache, model_meta, onnx_info, trt_compat  # noqa: E402
 from runtime.device import gpu_info, gpu_label  # noqa: E402
 
@@ -80,7 +83,7 @@ def _shape_str(name, dims):
 def trtexec_command(onnx, engine, plan, input_name=None, dims=None, batch=1, max_batch=1, workspace=1024,
                     timing_cache=None, plugins=(), dla_core=None, gpu_fallback=True, memory_pool_api=True,
                     strongly_typed=False):
-    """The ``trtexec`` line that builds the same engine (for cross-checking)."""
+    """The ``trtexec`` line that builds the same engine (for cross-checking), shell-quoted."""
     cmd = ["trtexec", "--onnx=" + onnx, "--saveEngine=" + engine]
     if strongly_typed:
         cmd.append("--stronglyTyped")
@@ -105,7 +108,7 @@ def trtexec_command(onnx, engine, plan, input_name=None, dims=None, batch=1, max
         cmd.append("--useDLACore={}".format(dla_core))
         if gpu_fallback:
             cmd.append("--allowGPUFallback")
-    return " ".join(cmd)
+    return " ".join(shlex.quote(c) for c in cmd)
 
 
 def parse_args(argv=None, prog="python3 -m runtime.build"):
@@ -118,16 +121,16 @@ def parse_args(argv=None, prog="python3 -m runtime.build"):
     p.add_argument("--fp16", action="store_const", const="fp16", dest="precision_flag", help="= --precision fp16")
     p.add_argument("--int8", action="store_const", const="int8", dest="precision_flag", help="= --precision int8")
     p.add_argument("--best", action="store_const", const="best", dest="precision_flag", help="= --precision best")
-    p.add_argument("--batch", type=int, default=1, help="optimal batch of the profile (default 1)")
-    p.add_argument("--max-batch", "--maxBatch", type=int, default=None, dest="max_batch",
+    p.add_argument("--batch", type=positive_int, default=1, help="optimal batch of the profile (default 1)")
+    p.add_argument("--max-batch", "--maxBatch", type=positive_int, default=None, dest="max_batch",
                    help="largest batch the engine accepts (dynamic-batch ONNX only; default = --batch)")
-    p.add_argument("--workspace", type=int, default=1024, help="builder workspace limit in MiB (default 1024)")
+    p.add_argument("--workspace", type=positive_int, default=1024, help="builder workspace limit in MiB (default 1024)")
     p.add_argument("--timingCacheFile", dest="timing_cache", default=None,
                    help="timing cache to read/update (default: timing.<trt>.<gpu>.cache beside the engine)")
     p.add_argument("--no-timing-cache", action="store_true", help="do not read or write a timing cache")
     p.add_argument("--plugins", action="append", default=[],
                    help="plugin library to load (repeatable; default: $QVIT_PLUGINS, colon-separated)")
-    p.add_argument("--useDLACore", dest="dla_core", type=int, default=None, help="DLA core (Jetson Orin/Xavier)")
+    p.add_argument("--useDLACore", dest="dla_core", type=nonneg_int, default=None, help="DLA core (Jetson Orin/Xavier)")
     p.add_argument("--no-gpu-fallback", dest="gpu_fallback", action="store_false",
                    help="fail instead of running DLA-unsupported layers on the GPU")
     p.add_argument("--strongly-typed", "--stronglyTyped", dest="strongly_typed", action="store_true",
@@ -143,9 +146,9 @@ def parse_args(argv=None, prog="python3 -m runtime.build"):
         args.plugins = [p for p in os.environ["QVIT_PLUGINS"].split(":") if p]
     if args.precision_flag:
         args.precision = args.precision_flag
-    if args.batch < 1:
-        p.error("--batch must be >= 1")
-    args.max_batch = max(args.max_batch or args.batch, args.batch)
+    if args.max_batch is None:
+        args.max_batch = args.batch
+    check_le(args.batch, args.max_batch, "--batch", "--max-batch")
     return args
 
 
@@ -176,11 +179,12 @@ class _Graph:
         self.has_qdq = bool(self.info["ops"] & set(onnx_info.QDQ_OPS))
         self.is_lowbit = self.meta.get("format") == "lowbit" or LOWBIT_OP in self.info["ops"]
         self.int4_weights = bool(self.info.get("int4_weights"))
-        self.dims = None
-        for name, d in self.info["inputs"]:
-            if name == self.meta["input_name"]:
-                self.dims = d
-        dims = self.dims
+        self.dims = dims = model_meta.onnx_input_dims(self.meta, self.info, args.onnx)
+        if not args.print_only:
+            if args.engine:
+                check_out_file(args.engine, "--saveEngine")
+            else:
+                check_out_dir(os.path.dirname(os.path.abspath(args.onnx)), "the engine cache beside --onnx")
         if dims and dims[0] != -1 and (args.batch != dims[0] or args.max_batch != dims[0]):
             raise UserError("{} has a fixed batch of {}: use --batch {} or re-export with a dynamic batch axis".format(
                 args.onnx, dims[0], dims[0]))
@@ -283,6 +287,11 @@ def build(args, log=print):
         log("note: " + note)
     key, engine_path, timing_cache, plugins, onnx_sha = _cache_paths(args, caps, gpu, plan)
     log(g.trtexec(args, engine_path, plan, timing_cache, caps.memory_pool_api))
+    engine_flag = "--saveEngine" if args.engine else "the default engine path (name one with --saveEngine)"
+    for path, flag in ((engine_path, engine_flag), (sidecar_path(engine_path), "the engine sidecar"),
+                       (timing_cache, "--timingCacheFile")):
+        if path:  # before minutes of building: the name must fit and the folder take it
+            check_out_file(path, flag)
     if not args.force and engine_cache.cached_engine(engine_path, key):
         log("engine cache hit: {} (key {}; --force rebuilds)".format(engine_path, key))
         return engine_path, engine_cache.read_engine_meta(engine_path)

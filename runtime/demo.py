@@ -6,12 +6,15 @@
     python3 runtime/demo.py --onnx m.onnx --source clip.mp4 --headless --out clip_annotated.mp4
 
 Preprocessing is the training transform from the sidecar (runtime/preprocess.py).
-A lost camera reconnects with back-off, a bad frame is skipped with a message, Ctrl-C
+A lost camera reconnects with back-off (one that never opened fails at once), a bad
+frame is skipped with a message (no good frame at all is an error), Ctrl-C
 (or q/Esc in the window) ends with a summary.  Python 3.6-compatible.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 try:
@@ -23,13 +26,15 @@ except ImportError:  # `python3 runtime/<script>.py` where the package is neithe
 
 import numpy as np  # noqa: E402
 
+from qformat.argtypes import nonneg_int, positive_int  # noqa: E402
 from qformat.cli import add_runtime_args, parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
-from qformat.io import atomic_write  # noqa: E402
+from qformat.io import TEMP_SUFFIX, atomic_write, output_error, remove_stale_temps, temp_prefix  # noqa: E402
+from qformat.paths import check_out_dir, check_out_file  # noqa: E402
 from runtime import model_meta  # noqa: E402
 from runtime.backends import BACKENDS, open_backend  # noqa: E402
 from runtime.overlay import annotate  # noqa: E402
-from runtime.preprocess import require_cv2, softmax, to_input, topk  # noqa: E402
+from runtime.preprocess import NonFiniteInput, require_cv2, softmax, to_input, topk  # noqa: E402
 from runtime.sources import open_source  # noqa: E402
 
 VIDEO_EXTS = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
@@ -55,7 +60,11 @@ class Output:
         self.size = None
         self.count = 0
         if self.ext not in VIDEO_EXTS:
-            os.makedirs(path, exist_ok=True)
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as e:
+                raise output_error(path, e) from None
+        remove_stale_temps(path if self.ext not in VIDEO_EXTS else os.path.dirname(os.path.abspath(path)))
 
     def write(self, img, tag):
         cv2 = require_cv2()
@@ -65,12 +74,23 @@ class Output:
             return
         if self.writer is None:
             d = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(d, exist_ok=True)
-            self.tmp = os.path.join(d, "." + os.path.basename(self.path) + ".part" + self.ext)
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as e:
+                raise output_error(self.path, e) from None
+            # the video grows in a temp folder with a bounded name (a 250-byte --out still fits) under a short
+            # name whose extension tells OpenCV the container; close() renames it into place
+            try:
+                self.tmp_dir = tempfile.mkdtemp(prefix=temp_prefix(self.path), suffix=TEMP_SUFFIX, dir=d)
+            except OSError as e:
+                raise output_error(self.path, e) from None
+            self.tmp = os.path.join(self.tmp_dir, "video" + self.ext)
             self.size = (img.shape[1], img.shape[0])
             self.writer = cv2.VideoWriter(self.tmp, cv2.VideoWriter_fourcc(*VIDEO_EXTS[self.ext]), self.fps,
                                           self.size)
             if not self.writer.isOpened():
+                self.writer = None
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
                 raise UserError("OpenCV cannot write {} video here: use --out <folder> for PNGs".format(self.ext))
         if (img.shape[1], img.shape[0]) != self.size:
             img = cv2.resize(img, self.size)
@@ -79,8 +99,13 @@ class Output:
     def close(self):
         if self.writer is not None:
             self.writer.release()
-            os.replace(self.tmp, self.path)  # the finished file appears in one step
             self.writer = None
+            try:
+                os.replace(self.tmp, self.path)  # the finished file appears in one step
+            except OSError as e:
+                raise output_error(self.path, e) from None
+            finally:
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
 def parse_args(argv=None, prog="python3 runtime/demo.py"):
@@ -92,16 +117,16 @@ def parse_args(argv=None, prog="python3 runtime/demo.py"):
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: from the file kind")
     p.add_argument("--source", default="0",
                    help="camera index, /dev/videoN, csi://N (Jetson), gst:<pipeline>, URL, video file or image folder")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument("--headless", action="store_true", help="no window: write annotated frames to --out")
     p.add_argument("--out", default=None, help="headless output: video file (.mp4/.avi/.mkv) or folder of PNGs")
     p.add_argument("--screenshot", default=None, help="also save the first annotated frame as this PNG")
-    p.add_argument("--max-frames", type=int, default=0, help="stop after N frames (0 = until the source ends)")
+    p.add_argument("--max-frames", type=nonneg_int, default=0, help="stop after N frames (0 = until the source ends)")
     p.add_argument("--loop", action="store_true", help="restart a video / image folder at its end")
-    p.add_argument("--width", type=int, default=1280, help="CSI capture width")
-    p.add_argument("--height", type=int, default=720, help="CSI capture height")
-    p.add_argument("--fps", type=int, default=30, help="CSI capture rate, and the output video's rate")
-    p.add_argument("--retries", type=int, default=10, help="reconnect attempts for a lost camera")
+    p.add_argument("--width", type=positive_int, default=1280, help="CSI capture width")
+    p.add_argument("--height", type=positive_int, default=720, help="CSI capture height")
+    p.add_argument("--fps", type=positive_int, default=30, help="CSI capture rate, and the output video's rate")
+    p.add_argument("--retries", type=nonneg_int, default=10, help="reconnect attempts for a lost camera")
     add_runtime_args(p, threads=True)
     args = p.parse_args(argv)
     if args.headless and not args.out and not args.screenshot:
@@ -110,6 +135,17 @@ def parse_args(argv=None, prog="python3 runtime/demo.py"):
         args.backend = "trt" if args.engine else ("torch" if args.checkpoint else "ort")
     args.model = args.onnx or args.engine or args.checkpoint
     return args
+
+
+def check_outputs(args):
+    """--out (video file or PNG folder) and --screenshot, checked before the model and source open."""
+    if args.headless and args.out:
+        if os.path.splitext(args.out)[1].lower() in VIDEO_EXTS:
+            check_out_file(args.out, "--out")
+        else:
+            check_out_dir(args.out, "--out")
+    if args.screenshot:
+        check_out_file(args.screenshot, "--screenshot")
 
 
 def _open_window(cv2, name):
@@ -123,6 +159,7 @@ def _open_window(cv2, name):
 def run(args, log=print):
     """The demo loop; returns the summary dict (also printed as one line)."""
     cv2 = require_cv2()
+    check_outputs(args)
     backend = open_backend(args.backend, args.model, threads=args.threads, plugins=args.plugins, log=log)
     meta = backend.meta
     title = "{} [{}]".format(model_meta.label(meta, args.model), backend.name)
@@ -146,7 +183,12 @@ def run(args, log=print):
                 log("warning: bad frame {} skipped ({})".format(tag, e))
                 continue
             t0 = time.perf_counter()
-            probs = softmax(backend.run(x))[0]
+            try:
+                probs = softmax(backend.run(x))[0]
+            except NonFiniteInput:
+                source.bad_frames += 1
+                log("warning: frame {} holds NaN/Inf after preprocessing: skipped".format(tag))
+                continue
             infer_ms.append((time.perf_counter() - t0) * 1e3)
             now = time.perf_counter()
             inst = 1.0 / max(now - last, 1e-6)
@@ -183,6 +225,9 @@ def run(args, log=print):
 
 def _summary(args, source, frames, seconds, infer_ms, interrupted, screenshot, wrote, log):
     """The demo's result dict, also printed as one line."""
+    if frames == 0 and not interrupted:  # e.g. a folder of only corrupt images: a failure, not a result
+        raise UserError("no frame from {} could be classified ({} unreadable or bad): check --source".format(
+            args.source, source.bad_frames))
     summary = {"frames": frames, "seconds": seconds, "fps": frames / seconds if seconds > 0 else 0.0,
                "infer_ms_p50": float(np.percentile(infer_ms, 50)) if infer_ms else None,
                "bad_frames": source.bad_frames, "reconnects": source.reconnects, "interrupted": interrupted,

@@ -12,7 +12,7 @@ import os
 import time
 
 from qformat.errors import UserError
-from qformat.io import atomic_write, read_json, sidecar_path, write_json
+from qformat.io import atomic_write, read_json, sha256_bytes, sha256_file, sidecar_path, write_json
 
 ENGINE_SIDECAR_VERSION = 1
 #: What an engine sidecar always holds (besides the model's preprocessing keys).
@@ -42,6 +42,7 @@ def write_engine(path, blob, sidecar):
     """Atomically write the engine, then its sidecar (so a sidecar never names a partial engine)."""
     atomic_write(path, blob)
     meta = dict(sidecar)
+    meta["engine_sha256"] = sha256_bytes(blob)  # checked on load: a sidecar left from another build is refused
     meta["engine_format_version"] = ENGINE_SIDECAR_VERSION
     meta.setdefault("built_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_json(sidecar_path(path), meta)
@@ -62,6 +63,15 @@ def read_engine_meta(path):
         raise UserError("engine sidecar {} lacks {}: rebuild the engine with `python3 -m runtime.build`".format(
             side, ", ".join(missing)))
     return meta
+
+
+def check_engine_file(path, meta):
+    """Refuse an engine whose sidecar was written for another build (interrupted build, copied files)."""
+    want = meta.get("engine_sha256")
+    if want and sha256_file(path) != want:
+        raise UserError("engine sidecar {} was written for another build of {} (a build was interrupted, or "
+                        "files were copied separately): rebuild it with `python3 -m runtime.build --onnx {}`".format(
+                            sidecar_path(path), os.path.basename(path), meta.get("onnx_path") or "<model>.onnx"))
 
 
 def mismatches(meta, trt_version, gpu, plugin_sha256=None):
@@ -98,6 +108,9 @@ def cached_engine(path, key):
         return None
     try:
         meta = read_json(sidecar_path(path), "engine sidecar")
+        if meta.get("cache_key") != key:
+            return None
+        check_engine_file(path, meta)
     except UserError:
         return None
-    return path if meta.get("cache_key") == key else None
+    return path

@@ -9,7 +9,7 @@ import os
 
 from qformat import SIDECAR_KEYS, FormatError, check_format_version
 from qformat.errors import UserError
-from qformat.io import read_json, sidecar_path
+from qformat.io import read_json, sha256_file, sidecar_path
 
 #: Sidecar keys copied into an engine's sidecar (everything bench/demo read).
 PREPROCESS_KEYS = ("model", "format", "target", "bits", "input_size", "mean", "std", "class_names",
@@ -44,6 +44,9 @@ def load_onnx_meta(onnx_path):
             onnx_path, path))
     meta = read_json(path, "model sidecar")
     validate(meta, path)
+    if meta.get("onnx_sha256") and meta["onnx_sha256"] != sha256_file(onnx_path):
+        raise UserError("{} does not match its sidecar {} (sha256 differs: the file was truncated, replaced, or "
+                        "an export was interrupted before its sidecar): re-export the model".format(onnx_path, path))
     if "format_version" in meta:  # version 1 and 2 sidecars are read alike; a newer one is refused
         try:
             check_format_version(meta["format_version"], path)
@@ -53,6 +56,36 @@ def load_onnx_meta(onnx_path):
     if missing:  # only the preprocessing keys are required; the rest is provenance
         meta.setdefault("_warnings", []).append("sidecar lacks " + ", ".join(missing))
     return meta
+
+
+def _shape_text(dims):
+    return "[{}]".format(", ".join("N" if i == 0 and d == -1 else ("?" if d == -1 else str(d))
+                                   for i, d in enumerate(dims)))
+
+
+def check_input_shape(meta, dims, where, sidecar="its sidecar"):
+    """The model's input ``dims`` (``[N, C, H, W]``; -1, None or a name where dynamic) must match the
+    sidecar's ``input_size``; otherwise one line naming both shapes."""
+    got = [d if isinstance(d, int) and d > 0 else -1 for d in dims]
+    want = [int(v) for v in meta["input_size"]]
+    if len(got) != 4 or any(g != -1 and g != w for g, w in zip(got[1:], want)):
+        raise UserError("{} takes input {!r} of shape {} but {} says input_size {} (N, {}): they belong to "
+                        "different models; re-export the model so both match".format(
+                            where, meta.get("input_name"), _shape_text(got), sidecar, want,
+                            ", ".join(str(w) for w in want)))
+    return got
+
+
+def onnx_input_dims(meta, info, onnx_path):
+    """The dims of the sidecar's ``input_name`` in an :func:`runtime.onnx_info.inspect` result, checked
+    against ``input_size`` (None when the ``onnx`` package is absent and the graph was not parsed)."""
+    if not info.get("exact"):
+        return None
+    inputs = dict(info["inputs"])
+    if meta["input_name"] not in inputs:
+        raise UserError("sidecar input_name {!r} is not an input of {} (inputs: {}); re-export the model".format(
+            meta["input_name"], onnx_path, ", ".join(inputs) or "none"))
+    return check_input_shape(meta, inputs[meta["input_name"]], onnx_path, sidecar_path(onnx_path))
 
 
 def preprocess_subset(meta):

@@ -10,6 +10,7 @@ Python 3.6-compatible.
 """
 
 from qformat import LOWBIT_OP
+from qformat.errors import UserError
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 INT4_TYPES = (21, 22)  # TensorProto.UINT4, TensorProto.INT4 (absent from old onnx releases)
@@ -23,16 +24,35 @@ def _onnx():
     return onnx
 
 
+def _not_onnx(path, why):
+    return UserError("{} is not a readable ONNX model ({}): re-export it (python3 -m export ...)".format(path, why))
+
+
+def load_checked(path):
+    """``onnx.load`` + ``onnx.checker``: a truncated, empty or non-ONNX file is one UserError naming it."""
+    onnx = _onnx()
+    try:
+        model = onnx.load(path, load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError, ValidationError, ValueError, ...
+        raise _not_onnx(path, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]) from None
+    if not model.graph.node:
+        raise _not_onnx(path, "the graph has no nodes")
+    return model
+
+
 def inspect(path):
     """``{"ops", "inputs": [(name, dims)], "has_local_lowbit_fn", "int4_weights", "exact"}``."""
     onnx = _onnx()
     if onnx is None:
         with open(path, "rb") as f:
             blob = f.read()
+        if blob[:1] != b"\x08":  # every ModelProto starts with field 1 (ir_version, a varint)
+            raise _not_onnx(path, "empty" if not blob else "no ONNX header")
         ops = set(op for op in QDQ_OPS + (LOWBIT_OP,) if op.encode("ascii") in blob)
         return {"ops": ops, "inputs": [], "has_local_lowbit_fn": LOWBIT_OP in ops, "int4_weights": False,
                 "exact": False}
-    model = onnx.load(path, load_external_data=False)
+    model = load_checked(path)
     ops = set(n.op_type for n in model.graph.node)
     for fn in model.functions:
         ops.update(n.op_type for n in fn.node)

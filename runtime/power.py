@@ -16,12 +16,14 @@ Python 3.6-compatible.
     python3 -m jetson.tegrastats --seconds 10      # log and print mean power
 """
 
-import argparse
 import re
 import shutil
 import subprocess
 import threading
 import time
+
+from qformat.argtypes import ArgumentParser, positive_float, positive_int
+from qformat.errors import UserError, main_guard
 
 RAIL_RE = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?=\s|$)")
 INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
@@ -126,15 +128,16 @@ def nvpmodel_mode():
     return parse_nvpmodel(out.decode("utf-8", "replace"))
 
 
+@main_guard
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python3 -m jetson.tegrastats", description="mean board power over a window")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--interval", type=int, default=100, help="tegrastats interval in ms")
+    p = ArgumentParser(prog="python3 -m jetson.tegrastats", description="mean board power over a window")
+    p.add_argument("--seconds", type=positive_float, default=10.0)
+    p.add_argument("--interval", type=positive_int, default=100, help="tegrastats interval in ms")
     args = p.parse_args(argv)
     try:
         logger = PowerLogger(args.interval)
     except OSError as e:
-        raise SystemExit("error: {} (run this on a Jetson)".format(e)) from None
+        raise UserError("{} (run this on a Jetson)".format(e)) from None
     logger.start()
     time.sleep(args.seconds)
     s = logger.stop()

@@ -8,13 +8,52 @@ OpenCV is imported lazily (bench needs none of it).  Python 3.6-compatible.
 
 import numpy as np
 
+from qformat.errors import UserError
+
+
+class NonFiniteInput(UserError):
+    """Input frames holding NaN or Inf: refused, because the quantized graphs would turn them into a
+    confident class (QuantizeLinear maps NaN to a code) while the FP32 graph returns NaN."""
+
+    def __init__(self, frames, where):
+        shown = ", ".join(str(i) for i in frames[:8]) + (" ..." if len(frames) > 8 else "")
+        UserError.__init__(self, "{} frame(s) of the input batch for {} hold NaN or Inf (frame {}): "
+                                 "check the preprocessing; refused rather than classified".format(
+                                     len(frames), where, shown))
+        self.frames = list(frames)
+
+
+def nonfinite_frames(x):
+    """Indices of the frames (first axis) of ``x`` that hold NaN or Inf.
+
+    Cheap when there are none, which is the normal case: one pass summing the batch (NaN and
+    Inf survive a sum); only a non-finite sum pays for the per-element test.
+    """
+    x = np.asarray(x)
+    with np.errstate(all="ignore"):
+        if x.size == 0 or np.isfinite(x.sum()):
+            return []
+    bad = ~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+    return [int(i) for i in np.flatnonzero(bad)]
+
+
+def check_input(x, meta, where):
+    """A float32 ``[N, C, H, W]`` batch matching ``meta["input_size"]`` with finite values, or UserError."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    want = tuple(int(v) for v in meta["input_size"])
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        raise UserError("input batch of shape {} does not fit {}: it takes [N, {}]".format(
+            list(x.shape), where, ", ".join(str(v) for v in want)))
+    bad = nonfinite_frames(x)
+    if bad:
+        raise NonFiniteInput(bad, where)
+    return x
+
 
 def require_cv2():
     try:
         import cv2
     except ImportError:
-        from qformat.errors import UserError
-
         raise UserError("OpenCV is needed for images/cameras: pip install opencv-python-headless "
                         "(Jetson: apt-get install python3-opencv)") from None
     return cv2
@@ -30,6 +69,8 @@ def to_input(frame_bgr, meta):
     if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError("bad frame shape {}".format(img.shape))
     if img.dtype != np.uint8:
+        if img.dtype.kind == "f" and nonfinite_frames(img[None]):
+            raise ValueError("frame holds NaN or Inf values")
         img = np.clip(img, 0, 255).astype(np.uint8)
     if img.shape[2] == 4:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)

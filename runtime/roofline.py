@@ -12,7 +12,6 @@ and kernel efficiency are ignored, so measured numbers will be well below the bo
     python3 runtime/roofline.py [--markdown] [--png docs/roofline.png]
 """
 
-import argparse
 import sys
 
 try:
@@ -22,7 +21,10 @@ except ImportError:  # `python3 runtime/<script>.py` where the package is neithe
                      "PYTHONPATH=<repository root>\n")
     sys.exit(2)
 
+from qformat.argtypes import ArgumentParser  # noqa: E402
+from qformat.errors import main_guard  # noqa: E402
 from qformat.io import atomic_write  # noqa: E402
+from qformat.paths import check_out_file  # noqa: E402
 
 IMG, PATCH, CLASSES, DEPTH, MLP = 224, 16, 1000, 12, 4
 #: DeiT widths/heads (Touvron et al. 2021, Table 1)
@@ -149,11 +151,14 @@ def plot(rows, path):
     return path
 
 
+@main_guard
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python3 runtime/roofline.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python3 runtime/roofline.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--png", default=None, help="also write the plot (e.g. docs/roofline.png)")
     p.add_argument("--markdown", action="store_true", help="print the README table")
     args = p.parse_args(argv)
+    if args.png:
+        check_out_file(args.png, "--png")
     rows = table()
     if args.markdown:
         print(markdown(rows), end="")

@@ -1,8 +1,10 @@
 """Frame sources for the demo: camera index, V4L2 device, Jetson CSI (GStreamer), stream URL, video, image folder.
 
-Live sources reconnect with exponential back-off when the camera disappears (USB
-unplugged, nvargus daemon restarted) instead of ending the demo; bad frames and
-unreadable photos are reported and skipped.  Every source yields ``(frame_bgr, tag)``.
+A camera that never opens is an error at once (wrong index, busy device); one that was
+working and disappears (USB unplugged, nvargus daemon restarted) reconnects with
+exponential back-off instead of ending the demo.  A missing file is named as missing; bad
+frames and unreadable photos are reported, counted and skipped.  Every source yields
+``(frame_bgr, tag)``.
 Python 3.6-compatible; OpenCV imported lazily.
 """
 
@@ -115,10 +117,11 @@ class Capture(Source):
 
     def __iter__(self):
         self.cap = self._open()
-        if self.cap is None:
+        if self.cap is None:  # never opened: fail now; the back-off is for a camera that was working
             if not self.live:
                 raise UserError("cannot open video {} (unsupported codec or not a video)".format(self.desc))
-            self._reconnect("cannot open")
+            raise UserError("cannot open {} {}: check that it is connected, not used by another program, and that "
+                            "--source names it".format(self.kind, self.desc))
         n = 0
         misses = 0
         while True:
@@ -171,5 +174,8 @@ def open_source(spec, loop=False, width=1280, height=720, fps=30, max_retries=10
         return ImageFolder(spec, loop=loop, log=log)
     if os.path.isfile(spec):
         return Capture(spec, live=False, loop=loop, desc=spec, log=log)
+    if os.path.splitext(spec)[1] or os.sep in spec:
+        what = "image" if spec.lower().endswith(IMAGE_EXTS) else "video file or folder"
+        raise UserError("--source {}: no such {} (check the path)".format(spec, what))
     raise UserError("--source {!r} is not a camera index, /dev/video*, csi://N, gst:<pipeline>, URL, video file "
                     "or image folder".format(spec))

@@ -154,6 +154,47 @@ def test_imagefolder(tmp_path):
         data.build_loaders("imagefolder", (3, 32, 32), (0.5,) * 3, (0.5,) * 3, 2, data_dir=str(tmp_path / "train"))
 
 
+def _rgb_folder(root, classes=("cat", "dog"), n=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_imagefolder_skips_undecodable_files_and_converts_rgb_to_the_model_channels(tmp_path, capsys):
+    _rgb_folder(tmp_path)
+    (tmp_path / "train" / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    (tmp_path / "train" / "dog" / "empty.png").write_bytes(b"")
+    good = (tmp_path / "train" / "cat" / "0.png").read_bytes()
+    (tmp_path / "train" / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])  # opens, fails to decode
+    ld = data.build_loaders("imagefolder", (1, 28, 28), (0.3,), (0.3,), 2, data_dir=str(tmp_path), workers=0)
+    err = capsys.readouterr().err
+    assert "warning: skipped 2 of 9 image(s)" in err and "cat/corrupt.jpg" in err and "dog/empty.png" in err
+    assert "top-5 accuracy is not reported" in err
+    ds = ld.train.dataset
+    assert len(ds) == 7
+    xs = [ds[i][0] for i in range(len(ds))]  # every item decodes, RGB -> the model's one channel
+    assert all(x.shape == (1, 28, 28) for x in xs)
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot decode") == 1 and "truncated.png (image file is truncated)" in err
+    assert next(iter(ld.val))[0].shape == (2, 1, 28, 28)
+
+
+def test_imagefolder_with_nothing_readable_or_one_class(tmp_path):
+    _rgb_folder(tmp_path / "a")
+    for f in (tmp_path / "a" / "train").rglob("*.png"):
+        f.write_bytes(b"")
+    with pytest.raises(UserError, match=r"no readable image in .*train: all 6 file\(s\) fail to decode"):
+        data.build_loaders("imagefolder", (3, 32, 32), (0.5,) * 3, (0.5,) * 3, 2, data_dir=str(tmp_path / "a"))
+    _rgb_folder(tmp_path / "b", classes=("only",))
+    with pytest.raises(UserError, match=r"has 1 class folder\(s\) \(only\): a classifier needs at least 2"):
+        data.build_loaders("imagefolder", (3, 32, 32), (0.5,) * 3, (0.5,) * 3, 2, data_dir=str(tmp_path / "b"))
+
+
 def test_eval_images(fmnist_dir):
     x, y = data.eval_images(5, model="vit_fmnist", data_dir=fmnist_dir)
     assert x.shape == (5, 1, 28, 28) and x.dtype == torch.float32 and y.tolist() == [9, 2, 1, 1, 6]

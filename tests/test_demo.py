@@ -111,16 +111,71 @@ def test_lost_camera_reconnects_with_backoff(model, monkeypatch, tmp_path):
     assert any("reconnecting in 0.5 s" in line for line in logs) and any("reconnected" in line for line in logs)
 
 
-def test_camera_gone_for_good_is_a_clear_error(model, monkeypatch, tmp_path):
+def test_camera_that_never_opened_fails_fast(model, monkeypatch, tmp_path):
     class Dead(FakeCamera):
         def isOpened(self):
             return False
 
+    sleeps = []
     monkeypatch.setattr(cv2, "VideoCapture", Dead)
-    monkeypatch.setattr(time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    with pytest.raises(UserError, match="cannot open camera /dev/video7: check that it is connected"):
+        demo.run(_args(model, "--source", "/dev/video7", "--out", str(tmp_path / "x"), "--retries", "3"),
+                 log=lambda *a: None)
+    assert sleeps == []  # no back-off for a camera that was never there
+
+
+def test_camera_lost_for_good_is_a_clear_error(model, monkeypatch, tmp_path):
+    class Unplugged(FakeCamera):
+        def isOpened(self):
+            return FakeCamera.opens == 1  # works once, never comes back
+
+        def read(self):
+            return False, None
+
+    FakeCamera.opens = 0
+    sleeps = []
+    monkeypatch.setattr(cv2, "VideoCapture", Unplugged)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
     with pytest.raises(UserError, match="gone after 3 reconnect attempts"):
         demo.run(_args(model, "--source", "/dev/video7", "--out", str(tmp_path / "x"), "--retries", "3"),
                  log=lambda *a: None)
+    assert sleeps == [0.5, 1.0, 2.0]
+
+
+def test_missing_video_file_is_named(model, tmp_path):
+    for name, what in (("clip.mp4", "no such video file"), ("shots/", "no such video file or folder"),
+                       ("x.png", "no such image")):
+        with pytest.raises(UserError, match=what):
+            sources.open_source(str(tmp_path / name))
+
+
+def test_folder_of_only_corrupt_images_fails(model, tmp_path):
+    src = tmp_path / "broken"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (src / "b.png").write_bytes(b"")
+    logs = []
+    with pytest.raises(UserError, match="no frame from .* could be classified \\(2 unreadable"):
+        demo.run(_args(model, "--source", str(src), "--out", str(tmp_path / "o")), log=logs.append)
+    assert sum("cannot read image" in line for line in logs) == 2
+    assert not os.listdir(tmp_path / "o")
+
+
+def test_nan_frame_is_a_bad_frame_not_a_class():
+    from runtime.preprocess import nonfinite_frames
+
+    meta = {"input_size": [1, 8, 8], "mean": [0.5], "std": [0.5]}
+    frame = np.full((16, 16, 3), 100.0, np.float32)
+    assert to_input(frame, meta).shape == (1, 8, 8)
+    frame[3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        to_input(frame, meta)
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    x[2, 0, 1, 1] = np.inf
+    x[3, 0, 0, 0] = -np.inf
+    assert nonfinite_frames(x) == [2, 3] and nonfinite_frames(x[:2]) == []
+    assert nonfinite_frames(np.full((2, 3), 3e38, np.float32)) == []  # a sum that overflows is not NaN input
 
 
 def test_ctrl_c_exits_with_summary(model, photo_dir, monkeypatch, tmp_path):
@@ -170,7 +225,7 @@ def test_source_specs_and_bad_source(tmp_path):
     assert sources.open_source("/dev/video0").api == cv2.CAP_V4L2
     assert sources.open_source("2").target == 2
     with pytest.raises(UserError, match="not a camera index"):
-        sources.open_source(str(tmp_path / "missing.mp4"))
+        sources.open_source("webcam")
     r = subprocess.run([sys.executable, "runtime/demo.py", "--onnx", "x.onnx", "--headless"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--headless needs --out" in r.stderr

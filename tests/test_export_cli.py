@@ -78,9 +78,18 @@ def test_corrupt_checkpoint(tmp_path, capsys):
     assert e.value.code == 2 and "corrupt" in _error(capsys)
 
 
-def test_parity_failure_exits_1_and_keeps_canonical_name_free(checkpoint, tmp_path, capsys):
-    rc = main(["--checkpoint", checkpoint, "--format", "qdq", "--out", str(tmp_path), "--parity-n", "8",
-               "--atol", "-1"])
+def test_parity_failure_exits_1_and_keeps_canonical_name_free(checkpoint, tmp_path, capsys, monkeypatch):
+    from export import exporter
+
+    real = exporter.run_parity
+
+    def failing(*a, **k):  # a graph that disagrees with PyTorch (negative tolerances are refused as input)
+        par = real(*a, **k)
+        par.passed, par.mismatches = False, 3
+        return par
+
+    monkeypatch.setattr(exporter, "run_parity", failing)
+    rc = main(["--checkpoint", checkpoint, "--format", "qdq", "--out", str(tmp_path), "--parity-n", "8"])
     assert rc == 1
     assert "parity check failed" in _error(capsys)
     assert not (tmp_path / "vit_fmnist_w3a3.qdq.onnx").exists()
@@ -114,3 +123,25 @@ def test_dynamic_batch(name, converted):
     for b in (1, 3):  # every batch size gives the PyTorch logits of the same images
         y = sess.run(None, {"input": x[:b].numpy()})[0]
         np.testing.assert_allclose(y, want[:b], rtol=1e-4, atol=1e-4)
+
+
+def test_calib_dir_skips_undecodable_images(tmp_path, capsys, converted):
+    from PIL import Image
+
+    from export.parity import load_images
+    from qformat.errors import UserError
+
+    meta = converted("vit_fmnist", 4, calib_n=8)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "a_corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (tmp_path / "b_empty.png").write_bytes(b"")
+    x = load_images(10, meta, str(tmp_path))
+    assert x.shape == (3, 1, 28, 28)  # RGB files converted to the model's one channel
+    err = capsys.readouterr().err
+    assert "skipped 2 of 5 image(s)" in err and "a_corrupt.jpg" in err and "b_empty.png" in err
+    for f in tmp_path.glob("*.png"):
+        f.write_bytes(b"")
+    with pytest.raises(UserError, match="no readable image"):
+        load_images(10, meta, str(tmp_path))

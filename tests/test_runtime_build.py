@@ -120,3 +120,28 @@ def test_lowbit_with_plugin_builds_fp16_without_reference_function(tmp_path, mon
     if version == "8.2.1":
         assert meta["precision"] == "fp16"
         assert any("low-bit weight plugins" in line for line in lines)
+
+
+def test_trtexec_line_is_shell_quoted(tmp_path, capsys):
+    import shlex
+
+    d = tmp_path / "my models $HOME;'x'"
+    d.mkdir()
+    onnx = make_toy_model(d, "toy w4a4.qdq")
+    engine = str(d / "out engine.plan")
+    assert build.main(["--onnx", onnx, "--print-only", "--saveEngine", engine]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("trtexec ")][0]
+    argv = shlex.split(line)  # what a shell would pass: every path survives as one argument
+    assert "--onnx=" + onnx in argv and "--saveEngine=" + engine in argv
+
+
+def test_batch_above_max_batch_and_zero_workspace_are_refused(tmp_path, capsys):
+    onnx = make_toy_model(tmp_path, "toy_w4a4.qdq")
+    for argv, needle in ((["--batch", "8", "--max-batch", "4"], "--batch 8 is above --max-batch 4"),
+                         (["--workspace", "0"], "argument --workspace: must be >= 1, got 0"),
+                         (["--useDLACore", "-1"], "argument --useDLACore: must be >= 0, got -1")):
+        with pytest.raises(SystemExit) as e:
+            build.main(["--onnx", onnx, "--print-only"] + argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1

@@ -69,3 +69,29 @@ def test_missing_or_partial_engine_sidecar(tmp_path, monkeypatch):
     (tmp_path / "foreign.engine").write_bytes(b"x")
     with pytest.raises(UserError, match="has no sidecar.*rebuild"):
         engine_cache.read_engine_meta(str(tmp_path / "foreign.engine"))
+
+
+def test_engine_replaced_under_its_sidecar_is_refused_and_rebuilt(tmp_path, monkeypatch):
+    """A build killed between the engine and its sidecar (or a copied engine) leaves a pair that does not match:
+    the backend refuses it before deserializing, and the cache treats it as a miss."""
+    path = _engine(tmp_path, monkeypatch)
+    side = read_json(sidecar_path(path))
+    assert len(side["engine_sha256"]) == 64
+    assert engine_cache.cached_engine(path, side["cache_key"]) == path
+    with open(path, "ab") as f:
+        f.write(b"another build")
+    assert engine_cache.cached_engine(path, side["cache_key"]) is None
+    monkeypatch.setattr(backends, "gpu_info", lambda: dict(GPU))
+    with pytest.raises(UserError, match="was written for another build of .*rebuild it"):
+        backends.TrtBackend(path)
+
+
+def test_engine_input_disagreeing_with_its_sidecar(tmp_path, monkeypatch):
+    path = _engine(tmp_path, monkeypatch)
+    side = read_json(sidecar_path(path))
+    side.update(input_size=[1, 28, 28], mean=[0.3], std=[0.3])
+    write_json(sidecar_path(path), side)
+    monkeypatch.setattr(backends, "gpu_info", lambda: dict(GPU))
+    monkeypatch.setattr("runtime.cuda_mem.open_cuda", lambda: type("C", (), {"mem_info": lambda s: (1, 2)})())
+    with pytest.raises(UserError, match=r"\[N, 3, 32, 32\] but .*\.engine\.json says input_size \[1, 28, 28\]"):
+        backends.TrtBackend(path)

@@ -15,8 +15,11 @@ import os
 import sys
 import time
 
+from qformat import FormatError, check_bits
+from qformat.argtypes import ArgumentParser, positive_float, seed_int
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, read_json, write_json
+from qformat.paths import check_out_dir
 
 METHOD_ROWS = (("baseline", "Baseline"), ("irm", "+IRM"), ("dgd", "+DGD"), ("qvit", "+IRM+DGD (Q-ViT)"))
 
@@ -88,16 +91,16 @@ def plot(results: dict, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.ablation", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m train.ablation", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget", default="small", choices=sorted(BUDGETS))
     p.add_argument("--model", default="vit_fmnist")
     p.add_argument("--bits", default="4,3,2", help="comma-separated bit-widths")
     p.add_argument("--methods", default=",".join(k for k, _ in METHOD_ROWS))
     p.add_argument("--data", default="fmnist", choices=("fmnist", "imagefolder", "synthetic"))
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fp-lr", type=float, default=2e-3, help="peak lr of the FP teacher")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--fp-lr", type=positive_float, default=2e-3, help="peak lr of the FP teacher")
     p.add_argument("--out", default="runs/ablation_small")
     p.add_argument("--fp-dir", default=None, help="reuse the FP teacher run in this folder (default: OUT/fp)")
     p.add_argument("--extra", default="", help="extra flags for every python -m train run (quoted)")
@@ -109,13 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     budget = BUDGETS[args.budget]
     try:
-        bits = [int(b) for b in args.bits.split(",") if b]
-    except ValueError:
-        raise UserError(f"--bits {args.bits!r}: give comma-separated integers, e.g. 4,3,2") from None
+        bits = [check_bits(int(b), "--bits") for b in args.bits.split(",") if b.strip()]
+    except ValueError as e:  # FormatError is a ValueError
+        why = str(e) if isinstance(e, FormatError) else "give comma-separated integers, e.g. 4,3,2"
+        raise UserError(f"--bits {args.bits!r}: {why}") from None
+    if not bits:
+        raise UserError("--bits is empty: give comma-separated bit-widths, e.g. 4,3,2")
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - {k for k, _ in METHOD_ROWS}
     if unknown:
         raise UserError(f"unknown --methods {sorted(unknown)}: use {', '.join(k for k, _ in METHOD_ROWS)}")
+    check_out_dir(args.out, "--out")
+    if args.fp_dir:
+        check_out_dir(args.fp_dir, "--fp-dir")
     common = ["--model", args.model, "--data", args.data, "--seed", str(args.seed), "--no-tensorboard"]
     if args.data_dir:
         common += ["--data-dir", args.data_dir]

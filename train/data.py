@@ -12,9 +12,11 @@ set never shows, which costs accuracy on the short budgets this project trains w
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -186,6 +188,66 @@ class Synthetic(Dataset):
 
 # ----------------------------------------------------------------------------- image folders
 
+class UnreadableImage(Exception):
+    """An image file PIL cannot decode (corrupt, truncated, empty, not an image)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__("{} ({})".format(path, reason))
+        self.path, self.reason = path, reason
+
+
+def _reason(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def load_image(path: str, mode: str):
+    """Decode ``path`` with PIL and convert it to ``mode`` ("L" or "RGB": the model's input channels)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        raise UnreadableImage(path, _reason(e)) from None
+
+
+def image_mode(input_size: Sequence[int]) -> str:
+    c = int(input_size[0])
+    if c not in (1, 3):
+        raise UserError("image folders feed 1- or 3-channel models, this one takes {} channels".format(c))
+    return "L" if c == 1 else "RGB"
+
+
+def readable_images(paths: Sequence[str]) -> tuple[list, list]:
+    """(indices PIL can identify, [(path, reason)] it cannot): header-only, no pixels decoded."""
+    from PIL import Image
+
+    good, bad = [], []
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                if 0 in im.size:
+                    raise ValueError("empty image")
+            good.append(i)
+        except Exception as e:  # noqa: BLE001 - see load_image
+            bad.append((p, _reason(e)))
+    return good, bad
+
+
+def warn_unreadable(bad: list, where: str, total: int) -> None:
+    """One counted warning naming the skipped files; a UserError when nothing readable is left."""
+    if not bad:
+        return
+    names = ", ".join("{} ({})".format(os.path.relpath(p, where) if p.startswith(where) else p, why)
+                      for p, why in bad[:5])
+    more = " and {} more".format(len(bad) - 5) if len(bad) > 5 else ""
+    if len(bad) == total:
+        raise UserError("no readable image in {}: all {} file(s) fail to decode: {}{}".format(
+            where, total, names, more))
+    sys.stderr.write("warning: skipped {} of {} image(s) in {} that cannot be decoded: {}{}\n".format(
+        len(bad), total, where, names, more))
+
+
 def _image_folder(root: str, split: str, input_size: Sequence[int], mean, std, train: bool):
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
@@ -195,10 +257,40 @@ def _image_folder(root: str, split: str, input_size: Sequence[int], mean, std, t
         raise UserError("image folder {} not found: --data-dir must hold train/ and val/ with one "
                         "sub-folder per class (ImageNet layout)".format(d))
     tf = create_transform(tuple(input_size), is_training=train, mean=tuple(mean), std=tuple(std))
+
     try:
-        return ImageFolder(d, transform=tf)
+        folder = ImageFolder(d, transform=tf, loader=functools.partial(load_image, mode=image_mode(input_size)))
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError("image folder {}: {}".format(d, e)) from None
+    good, bad = readable_images([p for p, _ in folder.samples])
+    warn_unreadable(bad, d, len(folder.samples))
+    folder.samples = folder.imgs = [folder.samples[i] for i in good]
+    folder.targets = [t for _, t in folder.samples]
+    return CheckedImageFolder(folder)
+
+
+class CheckedImageFolder(Dataset):
+    """A torchvision ImageFolder whose files that break mid-decode are reported once and replaced by
+    the next readable one (the header scan already dropped the ones that do not even open)."""
+
+    def __init__(self, folder):
+        self.folder, self.classes, self.root = folder, folder.classes, folder.root
+        self.warned: set = set()
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, i: int):
+        n = len(self.folder.samples)
+        for j in range(n):
+            k = (i + j) % n
+            try:
+                return self.folder[k]
+            except UnreadableImage as e:
+                if k not in self.warned:
+                    self.warned.add(k)
+                    sys.stderr.write("warning: cannot decode {}; using another image in its place\n".format(e))
+        raise UserError("no image in {} can be decoded".format(self.root))
 
 
 # ----------------------------------------------------------------------------- held-out validation
@@ -273,12 +365,23 @@ def build_datasets(data: str, input_size: Sequence[int], mean, std, data_dir: Op
         va = _image_folder(data_dir, "val", input_size, mean, std, train=False)
         if tr.classes != va.classes:
             raise UserError("{}: train/ and val/ have different class folders".format(data_dir))
+        check_classes(tr.classes, os.path.join(data_dir, "train"))
         return tr, va, list(tr.classes)
     if data == "synthetic":
         tr = Synthetic(synthetic_size[0], input_size, seed=seed, split="train")
         va = Synthetic(synthetic_size[1], input_size, seed=seed, split="val")
         return tr, va, list(tr.classes)
     raise UserError("unknown data set {!r}: use one of {}".format(data, ", ".join(DATASETS)))
+
+
+def check_classes(classes: Sequence[str], where: str) -> None:
+    """A classifier needs two classes; with five or fewer, top-5 accuracy means nothing (said once)."""
+    if len(classes) < 2:
+        raise UserError("{} has {} class folder(s) ({}): a classifier needs at least 2 classes, one sub-folder "
+                        "each".format(where, len(classes), ", ".join(classes) or "none"))
+    if len(classes) <= 5:
+        sys.stderr.write("note: {} has {} classes: top-5 accuracy is not reported (it would be 100 %)\n".format(
+            where, len(classes)))
 
 
 def build_loaders(data: str, input_size: Sequence[int], mean, std, batch_size: int, data_dir: Optional[str] = None,

@@ -47,6 +47,28 @@ class Deployable:
                            std=self.meta["std"])
         return x
 
+    def image_files(self, files: list[str], n: int, folder: str) -> torch.Tensor:
+        """The first ``n`` decodable ``files``, preprocessed; undecodable ones are skipped and named on
+        stderr (a folder with none readable is a UserError)."""
+        import numpy as np
+
+        from train.data import UnreadableImage, image_mode, load_image, warn_unreadable
+
+        size = self.meta["input_size"]
+        imgs, bad = [], []
+        for f in files:  # decode until n images are readable
+            if len(imgs) >= n:
+                break
+            try:
+                im = load_image(f, image_mode(size)).resize((int(size[2]), int(size[1])))
+            except UnreadableImage as e:
+                bad.append((e.path, e.reason))
+                continue
+            t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+            imgs.append(t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1))
+        warn_unreadable(bad, folder, len(bad) + len(imgs))
+        return self.preprocess(torch.stack(imgs))
+
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[N, C, H, W]`` pixels in [0, 1] -> model input (channels, size, mean/std as in training)."""
         from train.data import adapt

@@ -16,9 +16,11 @@ from train.dist import all_reduce_sum
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, max_batches: Optional[int] = None,
              autocast=contextlib.nullcontext) -> dict:
-    """Returns {top1, top5, loss, images, img_s}; accuracies in percent. Leaves the model in eval mode."""
+    """Returns {top1, top5, loss, images, img_s}; accuracies in percent. Leaves the model in eval mode.
+    ``top5`` is None with 5 classes or fewer, where it would be 100 % by construction."""
     model.eval()
     loss_sum = top1 = top5 = n = 0.0
+    classes = 0
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -28,7 +30,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_batches: Option
             logits = model(x)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        k = min(5, logits.shape[1])
+        classes = logits.shape[1]
+        k = min(5, classes)
         pred = logits.topk(k, dim=1).indices
         hit = pred.eq(y[:, None])
         top1 += hit[:, 0].sum().item()
@@ -37,5 +40,5 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_batches: Option
     dt = time.perf_counter() - t0
     loss_sum, top1, top5, n = all_reduce_sum([loss_sum, top1, top5, n], device)
     n_ = max(n, 1.0)
-    return {"top1": 100.0 * top1 / n_, "top5": 100.0 * top5 / n_, "loss": loss_sum / n_,
+    return {"top1": 100.0 * top1 / n_, "top5": 100.0 * top5 / n_ if classes > 5 else None, "loss": loss_sum / n_,
             "images": int(n), "img_s": n / dt if dt > 0 else 0.0}

@@ -27,13 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from qformat.errors import UserError
-from qformat.io import code_revision
+from qformat.io import code_revision, output_error, remove_stale_temps
+from qformat.paths import check_out_dir
 from train import checkpoint as ckpt
 from train import dist
 from train.config import resolve_bits
 from train.data import Loaders, build_loaders
 from train.evaluate import evaluate
-from train.logger import RunLogger
+from train.logger import RunLogger, write_metrics_csv
 
 # ----------------------------------------------------------------------------- small pieces
 
@@ -222,19 +223,22 @@ def _restore(state: dict, o: Optim) -> tuple[int, int, float]:
 
 
 def _save_epoch(phase: Phase, model: nn.Module, meta: dict, row: dict, best: float, is_best: bool,
-                o: Optim, objective: Optional[nn.Module] = None) -> None:
-    """best, then last, then the state that points at them: the order keeps a crash consistent."""
+                o: Optim, rows: list, objective: Optional[nn.Module] = None) -> None:
+    """best first (a new file of its own), then the one-file commit of the epoch (weights, metadata,
+    optimizer, RNG, metric rows), then the ``last.*`` copies derived from it: a kill anywhere leaves
+    either epoch N-1 or epoch N, never a mix."""
     metrics = {"top1": row["val_top1"], "top5": row["val_top5"], "val_loss": row["val_loss"],
                "train_loss": row["train_loss"], "best_top1": best}
-    m = dict(meta, epoch=row["epoch"], step=row["step"], metrics=metrics)
+    m = dict(meta, epoch=row["epoch"], step=row["step"], metrics=metrics, save_id=ckpt.new_save_id())
     if is_best:
         ckpt.save_checkpoint(os.path.join(phase.out, "best"), model, m)
-    ckpt.save_checkpoint(os.path.join(phase.out, "last"), model, m)
     ckpt.save_state(os.path.join(phase.out, "last.state.pt"), {
         "epoch": row["epoch"], "step": row["step"], "best_top1": best, "phase": phase.name,
+        "model": ckpt.cpu_state(model), "meta": m, "rows": rows,
         "optimizer": o.opt.state_dict(), "scheduler": o.sched.state_dict(),
         "scaler": o.scaler.state_dict() if o.scaler is not None else None, "rng": rng_state(),
         "objective": objective_hook(objective, "resume_state")})
+    ckpt.save_checkpoint(os.path.join(phase.out, "last"), model, m)
 
 
 def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.Module, loaders: Loaders,
@@ -258,7 +262,8 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
 
         train_obj = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     logger = RunLogger(phase.out, enabled=dinfo.is_main, tensorboard=not args.no_tensorboard,
-                       resume_epoch=start_epoch, resume_step=step)
+                       resume_epoch=start_epoch, resume_step=step,
+                       resume_rows=resume_state.get("rows") if resume_state is not None else None)
     row: dict = {}
     try:
         for epoch in range(start_epoch, phase.epochs):
@@ -276,12 +281,13 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
             row = {"epoch": epoch + 1, "step": step, "lr": o.sched.get_last_lr()[0], **tr,
                    "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"], "val_img_s": ev["img_s"],
                    **extra}
-            say("{} epoch {}/{}: train loss {:.4f} acc {:.2f} | val top-1 {:.2f} top-5 {:.2f} loss {:.4f} | "
+            top5 = "n/a" if ev["top5"] is None else "{:.2f}".format(ev["top5"])
+            say("{} epoch {}/{}: train loss {:.4f} acc {:.2f} | val top-1 {:.2f} top-5 {} loss {:.4f} | "
                 "{:.0f} img/s{}".format(phase.name, epoch + 1, phase.epochs, tr["train_loss"], tr["train_acc"],
-                                        ev["top1"], ev["top5"], ev["loss"], tr["train_img_s"],
+                                        ev["top1"], top5, ev["loss"], tr["train_img_s"],
                                         "".join(" | {} {:.4g}".format(k, v) for k, v in extra.items())), dinfo)
             if dinfo.is_main:
-                _save_epoch(phase, model, meta, row, best, is_best, o, objective)
+                _save_epoch(phase, model, meta, row, best, is_best, o, logger.rows + [row], objective)
                 logger.epoch(row)
             dist.barrier()
     finally:
@@ -331,20 +337,35 @@ def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, o: Optim,
 # ----------------------------------------------------------------------------- the recipe
 
 
-def _resume_state_for(out: str, meta: dict, epochs: int) -> tuple[Optional[dict], Optional[dict]]:
-    """(state, weights) to continue the run in ``out``, or (None, None) when there is none."""
+def _resume_state_for(out: str, meta: dict, repair: bool = True) -> tuple[Optional[dict], Optional[dict]]:
+    """(state, weights) to continue the run in ``out``, or (None, None) when there is none.
+
+    The state file is the one-file commit of an epoch (weights + metadata + optimizer + RNG), so
+    nothing else is read; ``last.*`` is rewritten from it when a kill left it behind or ahead."""
     state_path = os.path.join(out, "last.state.pt")
     if not os.path.isfile(state_path):
         return None, None
     state = ckpt.load_state_file(state_path)
-    sd, last = ckpt.load_checkpoint(os.path.join(out, "last.safetensors"))
+    sd, last = state.get("model"), state.get("meta")
+    if sd is None or last is None:  # a state written before checkpoints were one file: check the pair
+        sd, last = ckpt.load_checkpoint(os.path.join(out, "last.safetensors"))
+        if last.get("epoch") != state.get("epoch"):
+            best = ckpt.read_meta(os.path.join(out, "best.json")) or {}
+            raise UserError("--resume: {} holds a mixed checkpoint set (last.safetensors at epoch {}, last.state.pt "
+                            "at epoch {}: a save was interrupted), which cannot continue exactly; nothing was "
+                            "changed -- start a new run with another --out{}".format(
+                                out, last.get("epoch"), state.get("epoch"),
+                                " (best.safetensors, epoch {}, is intact and exportable)".format(best["epoch"])
+                                if best.get("epoch") else ""))
     for key in ("model", "method", "quant", "data", "seed", "epochs", "batch_size", "holdout", "vvtq"):
         if _as_saved(key, last.get(key, _META_DEFAULTS.get(key))) != meta.get(key):
             raise UserError("--resume: {} holds a run with {}={!r}, this command asks for {!r}; use the same flags "
                             "or another --out".format(out, key, last.get(key), meta.get(key)))
-    if last.get("epoch") != state.get("epoch"):
-        raise UserError("--resume: {} has last.json at epoch {} but last.state.pt at epoch {} (interrupted while "
-                        "saving); delete {} to restart".format(out, last.get("epoch"), state.get("epoch"), out))
+    if repair and "meta" in state:  # rank 0 rewrites what a kill left stale: last.*, metrics.csv, best.json
+        if not ckpt.is_current(os.path.join(out, "last"), last.get("save_id")):
+            ckpt.save_checkpoint(os.path.join(out, "last"), sd, last)
+        write_metrics_csv(os.path.join(out, "metrics.csv"), state.get("rows") or [])
+        ckpt.repair_sidecar(os.path.join(out, "best"))
     return state, sd
 
 
@@ -408,21 +429,15 @@ def _fp_teacher(args, spec, loaders: Loaders, dinfo, device) -> Optional[str]:
         return None
     out = os.path.join(args.out, "teacher")
     meta = _base_meta(args, spec, loaders, "fp", args.fp_epochs, None, None)
-    done = ckpt.read_meta(os.path.join(out, "last.json"))
-    keys = ("model", "seed", "data", "holdout", "epochs", "num_classes")
-    same = done and all(done.get(k, _META_DEFAULTS.get(k)) == meta[k] for k in keys)
-    if same and done.get("epoch") == args.fp_epochs and os.path.isfile(os.path.join(out, "best.safetensors")):
-        say("fp-teacher: reusing {} (top-1 {:.2f})".format(os.path.join(out, "best.safetensors"),
-                                                          done.get("metrics", {}).get("best_top1", float("nan"))),
-            dinfo)
-        return os.path.join(out, "best.safetensors")
+    state, sd = _resume_state_for(out, meta, dinfo.is_main) if args.resume else (None, None)
+    best_path = os.path.join(out, "best.safetensors")
+    if state is not None and state["epoch"] >= args.fp_epochs and os.path.isfile(best_path):
+        say("fp-teacher: reusing {} (top-1 {:.2f})".format(best_path, state.get("best_top1", float("nan"))), dinfo)
+        return best_path
     seed_everything(args.seed)
     model = _new_model(args, loaders.num_classes).to(device)
-    state = None
-    if args.resume and same:
-        state, sd = _resume_state_for(out, meta, args.fp_epochs)
-        if sd is not None:
-            ckpt.load_state(model, sd, os.path.join(out, "last.safetensors"))
+    if sd is not None:
+        ckpt.load_state(model, sd, os.path.join(out, "last.state.pt"))
     phase = Phase("fp-teacher", out, args.fp_epochs, args.fp_lr)
     row = fit(args, phase, model, Supervised(model, args.smoothing), loaders, meta, dinfo, device, state)
     if row.get("stopped"):
@@ -446,6 +461,43 @@ def _vvtq_configs(args: argparse.Namespace) -> tuple[dict, dict, object]:
     return quant, distill, vcfg
 
 
+def _check_run_folder(args: argparse.Namespace) -> None:
+    """Before any work: --out must be writable, and an earlier run there is continued or replaced, never
+    silently overwritten."""
+    check_out_dir(args.out, "--out")
+    if args.resume and not os.path.isdir(args.out):
+        raise UserError("--resume: {} does not exist; drop --resume to start a new run".format(args.out))
+    earlier = ckpt.run_files(args.out)
+    if earlier and not (args.resume or args.force):
+        last = ckpt.read_meta(os.path.join(args.out, "last.json")) or {}
+        at = " (epoch {}/{})".format(last["epoch"], last.get("epochs")) if last.get("epoch") else ""
+        raise UserError("--out {} already holds a run{} ({}): continue it with --resume, replace it with --force, "
+                        "or pick a new --out".format(args.out, at, ", ".join(earlier[:3])))
+    if args.force and earlier:
+        out = os.path.realpath(args.out)
+        for flag in ("checkpoint", "teacher"):
+            p = getattr(args, flag)
+            if p and os.path.realpath(p).startswith(out + os.sep):
+                raise UserError("--{} {} lies inside --out {}, which --force would delete: copy it elsewhere or "
+                                "pick a new --out".format(flag, p, args.out))
+
+
+def _open_run_folder(args: argparse.Namespace) -> None:
+    """Create --out (rank 0, after the data loaded); --force removes the earlier run, leftovers of a
+    killed save are cleaned."""
+    if args.force:
+        removed = ckpt.remove_run(args.out)
+        if removed:
+            sys.stderr.write("note: --force: removed the earlier run in {} ({})\n".format(args.out, ", ".join(removed)))
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise output_error(args.out, e) from None
+    for d in (args.out, os.path.join(args.out, "teacher")):
+        for name in remove_stale_temps(d):
+            sys.stderr.write("note: removed {}, left by an interrupted save\n".format(os.path.join(d, name)))
+
+
 def _configs(args: argparse.Namespace):
     """(model spec, QuantConfig | None, DistillConfig | None, VvtqConfig | None) of a command line, refused
     before any work."""
@@ -454,8 +506,7 @@ def _configs(args: argparse.Namespace):
 
     spec = model_spec(args.model)  # unknown model -> UserError before any data is read
     w_bits, a_bits = resolve_bits(args.bits, args.w_bits, args.a_bits)
-    if args.resume and not os.path.isdir(args.out):
-        raise UserError("--resume: {} does not exist; drop --resume to start a new run".format(args.out))
+    _check_run_folder(args)
     overrides = getattr(args, "quant_override", None) or {}
     if overrides and args.method == "fp":
         raise UserError("--quant-override needs a quantized --method (not fp)")
@@ -485,7 +536,7 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, v
     meta = dict(_base_meta(args, spec, loaders, args.method, args.epochs, qcfg, dcfg, vcfg), teacher=fp_path)
     state, sd = (None, None)
     if args.resume:
-        state, sd = _resume_state_for(args.out, meta, args.epochs)
+        state, sd = _resume_state_for(args.out, meta, dinfo.is_main)
         if state is None and dinfo.is_main:  # e.g. interrupted before its first epoch ended
             sys.stderr.write("note: --resume: no training state in {} yet; starting this phase from its "
                              "beginning\n".format(args.out))
@@ -527,7 +578,7 @@ def run(args: argparse.Namespace) -> dict:
                                 data_dir=args.data_dir, workers=args.workers, seed=args.seed, rank=dinfo.rank,
                                 world_size=dinfo.world_size, pin_memory=device.type == "cuda", holdout=args.holdout)
         if dinfo.is_main:  # after the data loaded: a typo in --data-dir leaves no empty run folder
-            os.makedirs(args.out, exist_ok=True)
+            _open_run_folder(args)
         say("{} {} on {} ({} train / {} val images, {} classes, world size {}) -> {}".format(
             args.model, qcfg.tag if qcfg else "fp32", args.data, len(loaders.train.dataset),
             len(loaders.val.dataset) * dinfo.world_size if dinfo.enabled else len(loaders.val.dataset),

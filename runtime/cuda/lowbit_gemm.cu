@@ -1,26 +1,36 @@
 // lowbit_gemm.cu -- packed 2/3/4-bit weight GEMM kernels behind QvitLowBitLinear.
 //
 // Kernels (chosen by qvit_select_kernel in lowbit_host.cpp):
-//   A16 GEMV   fp16/fp32 activations, small M: weights streamed once, unpacked in registers.
-//   A16 tiled  fp16/fp32 activations, SIMT fp32 FMA: TX2 (sm_62, no fast int8) and sm_53.
-//   A8  MMA    int8 tensor cores through WMMA int8 16x16x16 (sm_72+: Xavier/Turing/Ampere/Orin).
-//   A8  DP4A   SIMT __dp4a (sm_61 / sm_70 only; sm_62 has no fast dp4a -> A16).
+//   GEMV DP4A  small M (<= 16), sm_61 / sm_70+: each block quantizes the activations once into
+//              shared memory, then every lane streams 16-byte weight vectors, expands each word
+//              with one shift + AND into int8x4 lanes and accumulates with __dp4a.
+//   MMA SYNC   large M, sm_80+: mma.sync m16n8k32 s8 x u8 tensor cores, 128x128 tiles, cp.async
+//              multi-stage pipeline for the int8 activations, weights expanded once per tile.
+//   A16 GEMV   fp16/fp32 activations, small M, no fast int8 (TX2 sm_62, sm_53): fp32 FMA.
+//   A16 tiled  large M on TX2 / sm_53: SIMT fp32 FMA.
+//   A8  MMA    WMMA int8 16x16x16 (sm_72 / sm_75: Xavier, Turing).
+//   A8  DP4A   SIMT __dp4a (sm_61 / sm_70).
 //   A8  INT    same SIMT kernel, plain int32 multiply-add (portable fallback).
 //
 // Every path reproduces the node exactly: activations are quantized with the node's
 // quantizer (IEEE x / act_scale, round-half-even, clip to [act_lo, act_hi]) and the dot
-// products are exact integers.  The A16 kernels multiply integer-valued floats (|xq| <= 128,
-// |q| <= 8) and fold fp32 partial sums into int32 before they can exceed 2^24, so their
-// accumulators equal the A8 ones bit for bit.
+// products are exact integers.  The int8 kernels multiply the unsigned weight codes
+// (q + 2^(b-1)) and subtract 2^(b-1) * sum(xq) per row; the A16 kernels multiply
+// integer-valued floats and fold fp32 partial sums into int32 before they can exceed 2^24.
 //
-// Weights are the shared packed format, repacked once (qvit_repack_weights: padding only).
+// Weights are repacked once (qvit_repack_weights): each code sits in its "expand order" slot
+// (qvit_lowbit_format.h), so one shift and one AND give four consecutive codes as int8x4.
 // C++14; builds with CUDA 10.2 (sm_53/62/72) and current CUDA (sm_75/80/86/87/89/90).
-// Arch-specific code is inside `#if __CUDA_ARCH__ >= ...` guards only.
+// Arch-specific code is inside `#if` guards on QVIT_DEVICE_HAS_* / __CUDA_ARCH__ only.
 
 #include "lowbit_gemm.h"
 
 #include <cuda_fp16.h>
 #include <mma.h>
+
+#include <atomic>
+#include <tuple>
+#include <utility>
 
 #include "qvit_lowbit_format.h"
 
@@ -30,18 +40,20 @@
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 610)
 #define QVIT_DEVICE_HAS_DP4A 1  // __dp4a intrinsic exists (fast on sm_61 / sm_70+)
 #endif
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+#define QVIT_DEVICE_HAS_MMA_SYNC_S8 1  // mma.sync m16n8k32 s8/u8, ldmatrix, cp.async (sm_80+)
+#endif
 
 namespace qvit {
 namespace {
 
 // ------------------------------------------------------------------ element helpers
 
-// Signed value of element k of a packed row (shift, mask, subtract: the format contract).
+// Signed value of element k of a repacked row.
 template <int BITS>
 __device__ __forceinline__ int weight_at(const uint32_t* __restrict__ row, int k) {
   constexpr int kPer = 32 / BITS;
-  const uint32_t word = __ldg(row + k / kPer);
-  return static_cast<int>((word >> (BITS * (k % kPer))) & ((1u << BITS) - 1u)) - (1 << (BITS - 1));
+  return static_cast<int>(slot_code(__ldg(row + k / kPer), BITS, k % kPer)) - (1 << (BITS - 1));
 }
 
 __device__ __forceinline__ float load_float(const void* p, int dtype, size_t i) {
@@ -59,18 +71,36 @@ __device__ __forceinline__ int quantize_act(const void* x, int dtype, size_t i, 
   return static_cast<int>(fminf(fmaxf(v, static_cast<float>(lo)), static_cast<float>(hi)));
 }
 
+// Four quantized activations as one int8x4 word (little-endian: element 0 in the low byte).
+__device__ __forceinline__ int quantize4(const void* x, int dtype, size_t row_base, int k0, int k, float scale,
+                                        int lo, int hi, int* sum) {
+  int packed = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int kk = k0 + j;
+    const int v = kk < k ? quantize_act(x, dtype, row_base + kk, scale, lo, hi) : 0;
+    *sum += v;
+    packed |= (v & 0xff) << (8 * j);
+  }
+  return packed;
+}
+
 struct Epilogue {
   void* y;
   int y_dtype;
   const float* weight_scale;
   const float* bias;
+  const int* col_map;
   float act_scale;
   int m;
-  int n;
+  int n;    // weight rows of this launch
+  int ldy;  // output row stride
 };
 
-__device__ __forceinline__ void store_output(const Epilogue& e, int row, int col, int acc) {
-  const size_t idx = static_cast<size_t>(row) * e.n + col;
+// y[row, col(r)] from the exact accumulator of weight row r.
+__device__ __forceinline__ void store_output(const Epilogue& e, int row, int r, int acc) {
+  const int col = e.col_map != nullptr ? __ldg(e.col_map + r) : r;
+  const size_t idx = static_cast<size_t>(row) * e.ldy + col;
   if (e.y_dtype == QVIT_DTYPE_I32) {
     static_cast<int*>(e.y)[idx] = acc;
     return;
@@ -84,21 +114,67 @@ __device__ __forceinline__ void store_output(const Epilogue& e, int row, int col
   }
 }
 
-// ------------------------------------------------------------------ activation quantization (A8)
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
 
-// x [m, k] -> int8 codes [m, lda], zero-padded to lda (a multiple of 32).
+// ------------------------------------------------------------------ expand: packed word -> int8x4 codes
+//
+// kE int8x4 words per repacked word (expand_word in qvit_lowbit_format.h, tested on the host).
+template <int BITS>
+struct Expand {
+  static constexpr int kE = expand_words(BITS);
+  static __device__ __forceinline__ void run(uint32_t w, int* e) {
+    uint32_t u[kE];
+    expand_word(w, BITS, u);
+#pragma unroll
+    for (int i = 0; i < kE; ++i) e[i] = static_cast<int>(u[i]);
+  }
+};
+
+// Element index of byte slot t (0 .. 4*kE-1) of a word's expansion, or -1 for a zero slot.
+template <int BITS>
+__device__ __forceinline__ int expand_slot_element(int t) {
+  return (BITS == 3 && t >= 10) ? -1 : t;
+}
+
+// ------------------------------------------------------------------ activation quantization (A8 kernels)
+
+// Legacy A8 kernels: x [m, k] -> int8 codes [m, lda], zero-padded to lda (a multiple of 32).
 __global__ void quantize_act_kernel(const void* __restrict__ x, int x_dtype, int m, int k, int lda, float scale,
                                     int lo, int hi, int8_t* __restrict__ xq) {
-  const size_t total = static_cast<size_t>(m) * lda;
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const int r = static_cast<int>(i / lda);
-    const int c = static_cast<int>(i % lda);
-    xq[i] = c < k ? static_cast<int8_t>(quantize_act(x, x_dtype, static_cast<size_t>(r) * k + c, scale, lo, hi)) : 0;
+  const int words = lda / 4;
+  for (int r = blockIdx.y; r < m; r += gridDim.y) {
+    const size_t base = static_cast<size_t>(r) * k;
+    int* out = reinterpret_cast<int*>(xq + static_cast<size_t>(r) * lda);
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < words; c += gridDim.x * blockDim.x) {
+      int unused = 0;
+      out[c] = quantize4(x, x_dtype, base, 4 * c, k, scale, lo, hi, &unused);
+    }
   }
 }
 
-// ------------------------------------------------------------------ A16 GEMV (small M)
+// MMA SYNC: one warp per row: x [m, k] -> int8 codes [m, lda] (natural order, zero past k) and
+// the row sums of the codes (the offset-binary correction).  lda is a multiple of 32.
+constexpr int kQuantRowsPerBlock = 8;
+
+__global__ void __launch_bounds__(kQuantRowsPerBlock * 32)
+    quantize_rows_kernel(const void* __restrict__ x, int x_dtype, int m, int k, int lda, float scale, int lo, int hi,
+                         int8_t* __restrict__ xq, int* __restrict__ row_sum) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * kQuantRowsPerBlock + (threadIdx.x >> 5);
+  if (row >= m) return;
+  const size_t base = static_cast<size_t>(row) * k;
+  int* out = reinterpret_cast<int*>(xq + static_cast<size_t>(row) * lda);
+  int sum = 0;
+  for (int c = lane; c < lda / 4; c += 32) out[c] = quantize4(x, x_dtype, base, 4 * c, k, scale, lo, hi, &sum);
+  sum = warp_sum(sum);
+  if (lane == 0) row_sum[row] = sum;
+}
+
+// ------------------------------------------------------------------ A16 GEMV (small M, no fast int8)
 //
 // Block = 4 warps = 4 output channels, grid.y = groups of MT rows.  Activations are
 // quantized once per block into shared memory in word-major order (xs[m][j][w] holds
@@ -117,7 +193,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int col = blockIdx.x * kGemvWarps + warp;  // output channel (rows >= n exist: padded)
+  const int col = blockIdx.x * kGemvWarps + warp;  // weight row (rows >= n exist: padded)
   const int row0 = blockIdx.y * MT;
   const uint32_t* wrow = w + static_cast<size_t>(col) * ldw;
   const float zero_off = static_cast<float>(1 << (BITS - 1));
@@ -148,7 +224,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       const uint32_t word = __ldg(wrow + w0 + wl);
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
-        const float q = static_cast<float>((word >> (BITS * j)) & ((1u << BITS) - 1u)) - zero_off;
+        const float q = static_cast<float>(slot_code(word, BITS, j)) - zero_off;
 #pragma unroll
         for (int i = 0; i < MT; ++i) part[i] = fmaf(xs[i * kChunk + j * kGemvChunkWords + wl], q, part[i]);
       }
@@ -159,18 +235,183 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     __syncthreads();
   }
 #pragma unroll
-  for (int i = 0; i < MT; ++i) {
-    int v = acc[i];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    acc[i] = v;
-  }
+  for (int i = 0; i < MT; ++i) acc[i] = warp_sum(acc[i]);
   if (lane == 0 && col < epi.n) {
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
       if (row0 + i < epi.m) store_output(epi, row0 + i, col, acc[i]);
     }
   }
+}
+
+// ------------------------------------------------------------------ GEMV DP4A (small M, sm_61 / sm_70+)
+//
+// Block = 8 warps; a warp covers 32 / lpr weight rows at once, lpr lanes per row (lpr chosen by
+// the host so that every lane streams >= 2 16-byte weight vectors).  Per K slab:
+//   0. each lane issues the loads of its first kGemvDepth weight vectors (in flight meanwhile);
+//   1. the whole block quantizes the slab of the MT activation rows ONCE into shared memory, in
+//      the weights' expand order (kE int8x4 words per packed word), row sums by warp shuffles
+//      and one shared atomic per warp; one barrier;
+//   2. each lane consumes its vectors, keeping kGemvDepth loads in flight, expands each word
+//      with one shift + AND per int8x4 and runs kE __dp4a per activation row; no barrier here.
+// Lanes of a row reduce with shuffles; acc - 2^(b-1) * rowsum is the exact integer dot product.
+constexpr int kDp4aWarps = 8;
+constexpr int kDp4aSmemBytes = 32 * 1024;  // activation slab (static: fits every arch)
+// 16-byte weight loads in flight per lane (fewer at 16 rows: registers; the loads are amortized anyway).
+template <int MT>
+struct GemvDepth {
+  static constexpr int kValue = MT >= 16 ? 2 : 4;
+};
+
+template <int BITS>
+struct GemvLayout {
+  static constexpr int kE = Expand<BITS>::kE;
+  static constexpr int kPer = 32 / BITS;
+  static constexpr int kVecInts = 4 * kE;  // int8x4 words of activations per weight vector (4 words)
+};
+
+// Activations of vectors [v0, v0 + vs) for rows m < MT into xs[m][v][4 * kE] (int8x4 words);
+// row sums of the codes added to row_sum[m].  The 8 warps form min(MT, 8) groups; group g stages
+// rows g, g + groups, ... with all its lanes (one latency round per row it owns).
+template <int BITS, int MT>
+__device__ __forceinline__ void gemv_stage_acts(const void* __restrict__ x, int x_dtype, int k, int v0, int vs,
+                                                int row0, const Epilogue& epi, int lo, int hi, int* xs,
+                                                int* row_sum) {
+  using L = GemvLayout<BITS>;
+  constexpr int kGroups = MT < kDp4aWarps ? MT : kDp4aWarps;
+  constexpr int kGroupThreads = kDp4aWarps / kGroups * 32;
+  const int group = (threadIdx.x >> 5) % kGroups;
+  const int gt = (threadIdx.x >> 5) / kGroups * 32 + (threadIdx.x & 31);  // thread index inside the group
+  const int ints = vs * L::kVecInts;
+#pragma unroll 1
+  for (int mi = group; mi < MT; mi += kGroups) {
+    const int row = row0 + mi;
+    const bool live = row < epi.m;
+    const size_t base = static_cast<size_t>(live ? row : 0) * k;
+    int sum = 0;
+    for (int c = gt; c < ints; c += kGroupThreads) {
+      const int word = 4 * v0 + c / L::kE;     // packed word index in the row
+      const int t0 = 4 * (c % L::kE);          // first byte slot of this int8x4
+      int packed = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int e = expand_slot_element<BITS>(t0 + j);
+        const int kk = word * L::kPer + e;
+        if (live && e >= 0 && kk < k) {
+          const int v = quantize_act(x, x_dtype, base + kk, epi.act_scale, lo, hi);
+          sum += v;
+          packed |= (v & 0xff) << (8 * j);
+        }
+      }
+      xs[mi * ints + c] = packed;
+    }
+    sum = warp_sum(sum);
+    if ((threadIdx.x & 31) == 0 && sum != 0) atomicAdd(row_sum + mi, sum);
+  }
+}
+
+template <int BITS, int MT>
+__device__ __forceinline__ void gemv_dot(uint4 wv, const int* __restrict__ xv, int ints, int* acc) {
+#if defined(QVIT_DEVICE_HAS_DP4A)
+  using L = GemvLayout<BITS>;
+  const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+  int e[4][L::kE];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) Expand<BITS>::run(words[q], e[q]);
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) {
+    const int4* a = reinterpret_cast<const int4*>(xv + mi * ints);
+#pragma unroll
+    for (int i = 0; i < L::kE; ++i) {
+      const int4 av = a[i];  // int8x4 words 4i .. 4i+3 of this vector
+      const int aw[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int flat = 4 * i + j;  // (word q, expansion s) = (flat / kE, flat % kE)
+        acc[mi] = __dp4a(aw[j], e[flat / L::kE][flat % L::kE], acc[mi]);
+      }
+    }
+  }
+#endif
+}
+
+template <int BITS, int MT>
+struct GemvSlab {
+  static constexpr int kVecs = kDp4aSmemBytes / (MT * GemvLayout<BITS>::kVecInts * 4);  // vectors per slab
+};
+
+// `passes` > 1 (only when the whole K fits one slab): the block stages the activations once and
+// then serves `passes` consecutive groups of rows, so large layers do not re-quantize per 8 rows.
+template <int BITS, int MT>
+__global__ void __launch_bounds__(kDp4aWarps * 32, 2)
+    gemv_dp4a_kernel(const void* __restrict__ x, int x_dtype, const uint32_t* __restrict__ w, int ldw, int k,
+                     int act_lo, int act_hi, int lpr, int passes, Epilogue epi) {
+#if defined(QVIT_DEVICE_HAS_DP4A)
+  using L = GemvLayout<BITS>;
+  constexpr int kSlabVecs = GemvSlab<BITS, MT>::kVecs;
+  constexpr int kGemvDepth = GemvDepth<MT>::kValue;
+  __shared__ __align__(16) int xs[kSlabVecs * MT * L::kVecInts];
+  __shared__ int row_sum[MT];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int rows_per_warp = 32 / lpr;
+  const int sub = lane % lpr;
+  const int row0 = blockIdx.y * MT;
+  const int vecs = (packed_words(k, BITS) + 3) / 4;  // real 16-byte vectors per row (ldw % 4 == 0)
+  if (threadIdx.x < MT) row_sum[threadIdx.x] = 0;
+  constexpr int kOff = 1 << (BITS - 1);
+
+  for (int p = 0; p < passes; ++p) {
+    const int wrow_idx = ((blockIdx.x * passes + p) * kDp4aWarps + warp) * rows_per_warp + lane / lpr;
+    const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(min(wrow_idx, epi.n - 1)) * ldw);
+    int acc[MT];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) acc[i] = 0;
+    uint4 ring[kGemvDepth];
+    for (int v0 = 0; v0 < vecs; v0 += kSlabVecs) {
+      const int vs = min(kSlabVecs, vecs - v0);
+#pragma unroll
+      for (int d = 0; d < kGemvDepth; ++d) {  // weight loads in flight while the activations are staged
+        const int v = sub + d * lpr;
+        if (v < vs) ring[d] = __ldg(wrow + v0 + v);
+      }
+      if (p == 0) {  // passes > 1 only with one slab: staged once
+        __syncthreads();  // previous slab consumed (and row_sum initialised)
+        gemv_stage_acts<BITS, MT>(x, x_dtype, k, v0, vs, row0, epi, act_lo, act_hi, xs, row_sum);
+        __syncthreads();
+      }
+      const int ints = vs * L::kVecInts;
+      for (int base = sub; base < vs; base += kGemvDepth * lpr) {
+#pragma unroll
+        for (int d = 0; d < kGemvDepth; ++d) {
+          const int v = base + d * lpr;
+          if (v < vs) {
+            const uint4 cur = ring[d];
+            const int vn = v + kGemvDepth * lpr;
+            if (vn < vs) ring[d] = __ldg(wrow + v0 + vn);  // refill: kGemvDepth loads stay in flight
+            gemv_dot<BITS, MT>(cur, xs + v * L::kVecInts, ints, acc);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      if (off < lpr) {
+#pragma unroll
+        for (int i = 0; i < MT; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+      }
+    }
+    if (sub == 0 && wrow_idx < epi.n) {
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        if (row0 + i < epi.m) store_output(epi, row0 + i, wrow_idx, acc[i] - kOff * row_sum[i]);
+      }
+    }
+  }
+#else
+  __trap();  // never selected without __dp4a
+#endif
 }
 
 // ------------------------------------------------------------------ A16 tiled (SIMT fp32)
@@ -414,85 +655,456 @@ __global__ void __launch_bounds__(kMmaThreads)
 #endif
 }
 
+// ------------------------------------------------------------------ MMA SYNC (large M, sm_80+)
+//
+// BM x 128 output tile (BM = 64 or 128), 8 warps (2 x 4) of (BM/2) x 32, mma.sync m16n8k32 with
+// s8 activations and u8 weight codes (exact int32).  Per K tile of kKT elements, kStages deep:
+//   A (int8 codes from quantize_rows_kernel) and B (packed words) arrive by cp.async;
+//   after one barrier the block expands the packed B tile with shifts/ANDs into int8 codes in
+//     natural K order (one shared buffer), a second barrier, then ldmatrix + mma;
+//   shared rows are padded by 16 bytes (conflict-free ldmatrix).
+// The epilogue loads each column's scale and bias once, subtracts 2^(b-1) * rowsum(xq) and stores
+// straight from the accumulators (pairs of adjacent columns as one 4/8-byte store when it can).
+template <int BITS, int BM>
+struct MmaCfg {
+  static constexpr int kBM = BM;
+  static constexpr int kBN = 128;
+  static constexpr int kThreads = 256;
+  static constexpr int kMI = BM / 32;                                    // m16 tiles per warp
+  static constexpr int kWords = BITS == 3 ? 16 : (BITS == 4 ? 8 : 4);  // packed words per row per K tile
+  static constexpr int kKT = kWords * (32 / BITS);                       // 64, 64, 160 elements
+  static constexpr int kStages = BITS == 3 ? 2 : 3;
+  static constexpr int kStride = kKT + 16;                               // smem row bytes (80 / 176)
+  static constexpr int kABytes = kBM * kStride;                          // one A stage
+  static constexpr int kBpBytes = kBN * kWords * 4;                      // one packed B stage
+  static constexpr int kSmemBytes = kStages * (kABytes + kBpBytes) + kBN * kStride;
+  static constexpr int kWordsPerThread = kBN * kWords / kThreads;       // 4, 2, 8
+  static_assert(kWordsPerThread * kThreads == kBN * kWords && kWordsPerThread % 2 == 0, "B tile split");
+  static_assert(kKT % 32 == 0 && kStride % 16 == 0 && kBpBytes % 16 == 0, "whole k32 steps, 16-byte rows");
+  static_assert(kMI * 32 == kBM && (kMI == 2 || kMI == 4), "8 warps as 2 x 4, m16 tiles per warp");
+};
+
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void mma_s8u8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One K tile of A (int8 codes, rows past m zero-filled) and packed B (rows past n: any valid row).
+template <int BITS, int BM>
+__device__ __forceinline__ void mma_load_tile(const int8_t* __restrict__ xq, int lda, int m, int m0,
+                                              const uint32_t* __restrict__ w, int ldw, int n, int n0, int kt,
+                                              int8_t* as, uint32_t* bp) {
+  using C = MmaCfg<BITS, BM>;
+  constexpr int kAChunks = C::kKT / 16;
+  for (int c = threadIdx.x; c < C::kBM * kAChunks; c += C::kThreads) {
+    const int r = c / kAChunks;
+    const int q = c % kAChunks;
+    const bool valid = m0 + r < m;
+    const int8_t* src = xq + static_cast<size_t>(valid ? m0 + r : 0) * lda + kt * C::kKT + q * 16;
+    cp_async16(as + r * C::kStride + q * 16, src, valid);
+  }
+  constexpr int kBChunks = C::kWords / 4;  // 16-byte chunks of packed words per row
+  for (int c = threadIdx.x; c < C::kBN * kBChunks; c += C::kThreads) {
+    const int r = c / kBChunks;
+    const int q = c % kBChunks;
+    const uint32_t* src = w + static_cast<size_t>(min(n0 + r, n - 1)) * ldw + kt * C::kWords + q * 4;
+    cp_async16(bp + r * C::kWords + q * 4, src, true);
+  }
+}
+#endif
+
+// The packed B tile in shared memory -> int8 codes in natural K order (row tid / 2, half tid % 2).
+template <int BITS, int BM>
+__device__ __forceinline__ void mma_expand_b(const uint32_t* bp, int8_t* bx) {
+  using C = MmaCfg<BITS, BM>;
+  constexpr int kOutInts = C::kWordsPerThread * (32 / BITS) / 4;  // 8, 8, 20
+  const uint32_t* src = bp + (threadIdx.x / 2) * C::kWords + (threadIdx.x % 2) * C::kWordsPerThread;
+  uint32_t wv[C::kWordsPerThread];
+#pragma unroll
+  for (int i = 0; i < C::kWordsPerThread; i += 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(src + i);
+    wv[i] = v.x;
+    wv[i + 1] = v.y;
+  }
+  int out[kOutInts];
+  if (BITS == 3) {
+#pragma unroll
+    for (int p = 0; p < C::kWordsPerThread / 2; ++p) {  // a word pair = 20 codes = 5 int8x4
+      uint32_t u[5];
+      expand_pair3(wv[2 * p], wv[2 * p + 1], u);
+#pragma unroll
+      for (int i = 0; i < 5; ++i) out[5 * p + i] = static_cast<int>(u[i]);
+    }
+  } else {
+    constexpr int kE = Expand<BITS>::kE;
+#pragma unroll
+    for (int q = 0; q < C::kWordsPerThread; ++q) Expand<BITS>::run(wv[q], out + q * kE);
+  }
+  int8_t* dst = bx + (threadIdx.x / 2) * C::kStride + (threadIdx.x % 2) * (kOutInts * 4);
+#pragma unroll
+  for (int i = 0; i < kOutInts; i += 4) {
+    *reinterpret_cast<int4*>(dst + 4 * i) = make_int4(out[i], out[i + 1], out[i + 2], out[i + 3]);
+  }
+}
+
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+// Two adjacent output columns (col, col + 1) of one row; one 4/8-byte store when both are plain.
+__device__ __forceinline__ void store_pair(const Epilogue& e, int row, int col, const int (&acc)[2],
+                                           const float (&alpha)[2], const float (&beta)[2], const int (&cols)[2],
+                                           bool pair_ok) {
+  const size_t idx = static_cast<size_t>(row) * e.ldy + cols[0];
+  if (pair_ok && e.y_dtype == QVIT_DTYPE_F16) {
+    *reinterpret_cast<__half2*>(static_cast<__half*>(e.y) + idx) =
+        __floats2half2_rn(fmaf(static_cast<float>(acc[0]), alpha[0], beta[0]),
+                          fmaf(static_cast<float>(acc[1]), alpha[1], beta[1]));
+    return;
+  }
+  if (pair_ok && e.y_dtype == QVIT_DTYPE_F32) {
+    *reinterpret_cast<float2*>(static_cast<float*>(e.y) + idx) =
+        make_float2(fmaf(static_cast<float>(acc[0]), alpha[0], beta[0]),
+                    fmaf(static_cast<float>(acc[1]), alpha[1], beta[1]));
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    if (col + c < e.n) store_output(e, row, col + c, acc[c]);
+  }
+}
+#endif
+
+template <int BITS, int BM>
+__global__ void __launch_bounds__(256)
+    mma_sync_kernel(const int8_t* __restrict__ xq, const int* __restrict__ row_sum, int lda,
+                    const uint32_t* __restrict__ w, int ldw, Epilogue epi) {
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+  using C = MmaCfg<BITS, BM>;
+  extern __shared__ __align__(16) int8_t smem[];
+  int8_t* bx = smem + C::kStages * (C::kABytes + C::kBpBytes);
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int wm = (warp >> 2) * (BM / 2);  // warp tile origin in the block tile
+  const int wn = (warp & 3) * 32;
+  const int m0 = blockIdx.y * C::kBM;
+  const int n0 = blockIdx.x * C::kBN;
+  const int tiles = lda / C::kKT;
+  auto a_tile = [&](int s) { return smem + s * C::kABytes; };
+  auto b_tile = [&](int s) { return reinterpret_cast<uint32_t*>(smem + C::kStages * C::kABytes + s * C::kBpBytes); };
+
+  int acc[C::kMI][4][4];
+#pragma unroll
+  for (int i = 0; i < C::kMI; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+
+#pragma unroll
+  for (int s = 0; s < C::kStages - 1; ++s) {
+    if (s < tiles) mma_load_tile<BITS, BM>(xq, lda, epi.m, m0, w, ldw, epi.n, n0, s, a_tile(s), b_tile(s));
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < tiles; ++kt) {
+    cp_async_wait<C::kStages - 2>();
+    __syncthreads();  // tile kt landed; everyone is done with tile kt - 1 (its stage and bx are free)
+    const int next = kt + C::kStages - 1;
+    if (next < tiles) {
+      const int s = next % C::kStages;
+      mma_load_tile<BITS, BM>(xq, lda, epi.m, m0, w, ldw, epi.n, n0, next, a_tile(s), b_tile(s));
+    }
+    cp_async_commit();
+    mma_expand_b<BITS, BM>(b_tile(kt % C::kStages), bx);
+    __syncthreads();
+    const int8_t* as = a_tile(kt % C::kStages);
+#pragma unroll
+    for (int k32 = 0; k32 < C::kKT / 32; ++k32) {
+      uint32_t a[C::kMI][4];
+      uint32_t b[4][2];
+#pragma unroll
+      for (int i = 0; i < C::kMI; ++i) {
+        const int r = wm + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4(a[i], as + r * C::kStride + k32 * 32 + (lane >> 4) * 16);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        uint32_t t[4];
+        const int r = wn + j * 16 + (lane & 7) + (lane >> 4) * 8;
+        ldmatrix_x4(t, bx + r * C::kStride + k32 * 32 + ((lane >> 3) & 1) * 16);
+        b[2 * j][0] = t[0];
+        b[2 * j][1] = t[1];
+        b[2 * j + 1][0] = t[2];
+        b[2 * j + 1][1] = t[3];
+      }
+#pragma unroll
+      for (int i = 0; i < C::kMI; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_s8u8(acc[i][j], a[i], b[j][0], b[j][1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: this thread's 8 columns (4 n8 tiles x 2), their scale / bias / output column once.
+  constexpr int kOff = 1 << (BITS - 1);
+  const int g = lane >> 2;
+  const int t2 = (lane & 3) * 2;
+  float alpha[4][2];
+  float beta[4][2];
+  int cols[4][2];
+  bool pair_ok[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int r = min(n0 + wn + j * 8 + t2 + c, epi.n - 1);
+      cols[j][c] = epi.col_map != nullptr ? __ldg(epi.col_map + r) : r;
+      alpha[j][c] = epi.act_scale * __ldg(epi.weight_scale + cols[j][c]);
+      beta[j][c] = epi.bias != nullptr ? __ldg(epi.bias + cols[j][c]) : 0.0f;
+    }
+    pair_ok[j] = epi.col_map == nullptr && n0 + wn + j * 8 + t2 + 1 < epi.n && (epi.ldy & 1) == 0;
+  }
+#pragma unroll
+  for (int i = 0; i < C::kMI; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + wm + i * 16 + g + h * 8;
+      if (row >= epi.m) continue;
+      const int corr = kOff * __ldg(row_sum + row);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = n0 + wn + j * 8 + t2;
+        if (col >= epi.n) continue;
+        const int v[2] = {acc[i][j][2 * h] - corr, acc[i][j][2 * h + 1] - corr};
+        store_pair(epi, row, col, v, alpha[j], beta[j], cols[j], pair_ok[j]);
+      }
+    }
+  }
+#else
+  __trap();  // never selected below sm_80
+#endif
+}
+
 // ------------------------------------------------------------------ launchers
+//
+// Kernels are launched through cudaLaunchKernel, so each launch reports its OWN status
+// (cudaGetLastError would also return, and clear, an earlier error of another library).
 
 unsigned ceil_div(int a, int b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+template <typename... P, typename Tuple, size_t... I>
+cudaError_t launch_tuple(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Tuple& t,
+                         std::index_sequence<I...>) {
+  void* args[] = {static_cast<void*>(&std::get<I>(t))..., nullptr};
+  return cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, block, args, smem, stream);
+}
+
+template <typename... P, typename... A>
+cudaError_t launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A... a) {
+  std::tuple<P...> t(a...);  // exact parameter types: the argument array must match the kernel signature
+  return launch_tuple(kernel, grid, block, smem, stream, t, std::index_sequence_for<P...>{});
+}
+
+Epilogue make_epilogue(const LowBitGemmArgs& a) {
+  return Epilogue{a.y, a.y_dtype, a.weight_scale, a.bias, a.col_map, a.act_scale, a.m, a.n, a.ldy > 0 ? a.ldy : a.n};
+}
+
 template <int BITS, int MT>
-void launch_gemv(const LowBitGemmArgs& a, const Epilogue& epi, cudaStream_t stream) {
+cudaError_t launch_a16_gemv(const LowBitGemmArgs& a, cudaStream_t stream) {
   const dim3 grid(ceil_div(a.n, kGemvWarps), ceil_div(a.m, MT));
-  a16_gemv_kernel<BITS, MT><<<grid, kGemvWarps * 32, 0, stream>>>(a.x, a.x_dtype, a.w, a.ldw, a.k, a.act_lo,
-                                                                   a.act_hi, epi);
+  return launch(a16_gemv_kernel<BITS, MT>, grid, dim3(kGemvWarps * 32), 0, stream, a.x, a.x_dtype, a.w, a.ldw, a.k,
+                a.act_lo, a.act_hi, make_epilogue(a));
+}
+
+// Lanes per weight row: as many as keep >= 2 16-byte vectors per lane (power of two, 1..32).
+int gemv_lanes_per_row(int k, int bits) {
+  const int vecs = (packed_words(k, bits) + 3) / 4;
+  int lpr = 32;
+  while (lpr > 1 && vecs < 2 * lpr) lpr >>= 1;
+  return lpr;
+}
+
+// Multiprocessors of the current device (cached per device).
+int sm_count() {
+  static std::atomic<int> cache[16];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 0;
+  if (dev < 16 && cache[dev].load() > 0) return cache[dev].load();
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+  if (dev < 16) cache[dev].store(n);
+  return n;
+}
+
+template <int BITS, int MT>
+cudaError_t launch_gemv_dp4a(const LowBitGemmArgs& a, cudaStream_t stream) {
+  const int lpr = gemv_lanes_per_row(a.k, BITS);
+  const int rows_per_block = kDp4aWarps * (32 / lpr);
+  const int blocks = static_cast<int>(ceil_div(a.n, rows_per_block));
+  // Large layers: about two blocks per SM, each serving several row groups from one staged slab.
+  const int vecs = (packed_words(a.k, BITS) + 3) / 4;
+  const int target = 2 * sm_count();
+  int passes = 1;
+  if (vecs <= GemvSlab<BITS, MT>::kVecs && target > 0 && blocks > target) {
+    passes = min(8, static_cast<int>(ceil_div(blocks, target)));
+  }
+  const dim3 grid(ceil_div(blocks, passes), ceil_div(a.m, MT));
+  return launch(gemv_dp4a_kernel<BITS, MT>, grid, dim3(kDp4aWarps * 32), 0, stream, a.x, a.x_dtype, a.w, a.ldw, a.k,
+                a.act_lo, a.act_hi, lpr, passes, make_epilogue(a));
+}
+
+// One instantiation per row-group size MT in {1, 2, 4, 8, 16}; larger M runs in groups of 16.
+template <int BITS, bool kDp4a>
+cudaError_t launch_gemv(const LowBitGemmArgs& a, cudaStream_t stream) {
+  if (a.m <= 1) return kDp4a ? launch_gemv_dp4a<BITS, 1>(a, stream) : launch_a16_gemv<BITS, 1>(a, stream);
+  if (a.m <= 2) return kDp4a ? launch_gemv_dp4a<BITS, 2>(a, stream) : launch_a16_gemv<BITS, 2>(a, stream);
+  if (a.m <= 4) return kDp4a ? launch_gemv_dp4a<BITS, 4>(a, stream) : launch_a16_gemv<BITS, 4>(a, stream);
+  if (a.m <= 8 || !kDp4a) return kDp4a ? launch_gemv_dp4a<BITS, 8>(a, stream) : launch_a16_gemv<BITS, 8>(a, stream);
+  return launch_gemv_dp4a<BITS, 16>(a, stream);
+}
+
+// Dynamic shared memory above 48 KB must be opted into once per kernel and device.
+template <int BITS, int BM>
+cudaError_t enable_mma_smem() {
+  static std::atomic<unsigned long long> done_devices{0};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const unsigned long long bit = 1ull << (dev & 63);
+  if ((done_devices.load() & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(reinterpret_cast<const void*>(mma_sync_kernel<BITS, BM>),
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, MmaCfg<BITS, BM>::kSmemBytes);
+  if (err == cudaSuccess) done_devices.fetch_or(bit);
+  return err;
+}
+
+// M tile: 64 rows below kMmaSmallM (more blocks for the GPU when M x N is small), else 128.
+constexpr int kMmaSmallM = 2048;
+
+template <int BITS, int BM>
+cudaError_t launch_mma_tiles(const LowBitGemmArgs& a, const int8_t* xq, const int* row_sum, int lda,
+                             cudaStream_t stream) {
+  using C = MmaCfg<BITS, BM>;
+  const cudaError_t err = enable_mma_smem<BITS, BM>();
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(a.n, C::kBN), ceil_div(a.m, C::kBM));
+  return launch(mma_sync_kernel<BITS, BM>, grid, dim3(C::kThreads), static_cast<size_t>(C::kSmemBytes), stream,
+                xq, row_sum, lda, a.w, a.ldw, make_epilogue(a));
+}
+
+template <int BITS>
+cudaError_t launch_mma_sync(const LowBitGemmArgs& a, cudaStream_t stream) {
+  const int lda = repacked_k(a.k, BITS);
+  int8_t* xq = static_cast<int8_t*>(a.workspace);
+  int* row_sum = reinterpret_cast<int*>(xq + (static_cast<size_t>(a.m) * lda + 255) / 256 * 256);
+  const cudaError_t err = launch(quantize_rows_kernel, dim3(ceil_div(a.m, kQuantRowsPerBlock)),
+                                 dim3(kQuantRowsPerBlock * 32), 0, stream, a.x, a.x_dtype, a.m, a.k, lda, a.act_scale,
+                                 a.act_lo, a.act_hi, xq, row_sum);
+  if (err != cudaSuccess) return err;
+  if (a.m < kMmaSmallM) return launch_mma_tiles<BITS, 64>(a, xq, row_sum, lda, stream);
+  return launch_mma_tiles<BITS, 128>(a, xq, row_sum, lda, stream);
+}
+
+template <int BITS>
+cudaError_t launch_legacy_a8(const LowBitGemmArgs& a, int kernel, cudaStream_t stream) {
+  const int lda = a8_lda(a.k);
+  int8_t* xq = static_cast<int8_t*>(a.workspace);
+  const dim3 qgrid(ceil_div(lda / 4, 256), static_cast<unsigned>(a.m < 65535 ? a.m : 65535));
+  cudaError_t err = launch(quantize_act_kernel, qgrid, dim3(256), 0, stream, a.x, a.x_dtype, a.m, a.k, lda,
+                           a.act_scale, a.act_lo, a.act_hi, xq);
+  if (err != cudaSuccess) return err;
+  const dim3 tiles(ceil_div(a.n, kTile), ceil_div(a.m, kTile));
+  const int8_t* cxq = xq;
+  const Epilogue epi = make_epilogue(a);
+  if (kernel == QVIT_KERNEL_A8_MMA) {
+    return launch(a8_mma_kernel<BITS>, tiles, dim3(kMmaThreads), 0, stream, cxq, lda, a.w, a.ldw, epi);
+  }
+  if (kernel == QVIT_KERNEL_A8_DP4A) {
+    return launch(a8_simt_kernel<BITS, true>, tiles, dim3(256), 0, stream, cxq, lda, a.w, a.ldw, epi);
+  }
+  return launch(a8_simt_kernel<BITS, false>, tiles, dim3(256), 0, stream, cxq, lda, a.w, a.ldw, epi);
 }
 
 template <int BITS>
 cudaError_t launch_bits(const LowBitGemmArgs& a, int kernel, cudaStream_t stream) {
-  const Epilogue epi{a.y, a.y_dtype, a.weight_scale, a.bias, a.act_scale, a.m, a.n};
-  const dim3 tiles(ceil_div(a.n, kTile), ceil_div(a.m, kTile));
   switch (kernel) {
+    case QVIT_KERNEL_GEMV_DP4A:
+      return launch_gemv<BITS, true>(a, stream);
     case QVIT_KERNEL_A16_GEMV:
-      if (a.m <= 1) {
-        launch_gemv<BITS, 1>(a, epi, stream);
-      } else if (a.m <= 2) {
-        launch_gemv<BITS, 2>(a, epi, stream);
-      } else if (a.m <= 4) {
-        launch_gemv<BITS, 4>(a, epi, stream);
-      } else {
-        launch_gemv<BITS, 8>(a, epi, stream);
-      }
-      break;
-    case QVIT_KERNEL_A16_TILED:
-      a16_tiled_kernel<BITS><<<tiles, 256, 0, stream>>>(a.x, a.x_dtype, a.w, a.ldw, a.k, a.act_lo, a.act_hi, epi);
-      break;
+      return launch_gemv<BITS, false>(a, stream);
+    case QVIT_KERNEL_MMA_SYNC:
+      return launch_mma_sync<BITS>(a, stream);
+    case QVIT_KERNEL_A16_TILED: {
+      const dim3 tiles(ceil_div(a.n, kTile), ceil_div(a.m, kTile));
+      return launch(a16_tiled_kernel<BITS>, tiles, dim3(256), 0, stream, a.x, a.x_dtype, a.w, a.ldw, a.k, a.act_lo,
+                    a.act_hi, make_epilogue(a));
+    }
     case QVIT_KERNEL_A8_MMA:
     case QVIT_KERNEL_A8_DP4A:
-    case QVIT_KERNEL_A8_INT: {
-      const int lda = a8_lda(a.k);
-      int8_t* xq = static_cast<int8_t*>(a.workspace);
-      const size_t total = static_cast<size_t>(a.m) * lda;
-      const unsigned qblocks = static_cast<unsigned>(total / 256 + 1 < 4096 ? total / 256 + 1 : 4096);
-      quantize_act_kernel<<<qblocks, 256, 0, stream>>>(a.x, a.x_dtype, a.m, a.k, lda, a.act_scale, a.act_lo,
-                                                        a.act_hi, xq);
-      const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-      if (kernel == QVIT_KERNEL_A8_MMA) {
-        a8_mma_kernel<BITS><<<tiles, kMmaThreads, 0, stream>>>(xq, lda, a.w, a.ldw, epi);
-      } else if (kernel == QVIT_KERNEL_A8_DP4A) {
-        a8_simt_kernel<BITS, true><<<tiles, 256, 0, stream>>>(xq, lda, a.w, a.ldw, epi);
-      } else {
-        a8_simt_kernel<BITS, false><<<tiles, 256, 0, stream>>>(xq, lda, a.w, a.ldw, epi);
-      }
-      break;
-    }
+    case QVIT_KERNEL_A8_INT:
+      return launch_legacy_a8<BITS>(a, kernel, stream);
     default:
       return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
+}
+
+// Rows of one launch along grid.y, per kernel (grid.y <= 65535).
+int rows_per_grid_y(int kernel) {
+  switch (kernel) {
+    case QVIT_KERNEL_GEMV_DP4A: return 16;
+    case QVIT_KERNEL_A16_GEMV: return 8;
+    case QVIT_KERNEL_MMA_SYNC: return 64;
+    default: return kTile;
+  }
 }
 
 bool valid_args(const LowBitGemmArgs& a, int kernel) {
   if (a.m < 0 || a.n <= 0 || a.k <= 0 || !is_packed_bits(a.bits)) return false;
   if (a.x == nullptr || a.y == nullptr || a.w == nullptr || a.weight_scale == nullptr) return false;
   if (a.ldw != repacked_words(a.k, a.bits)) return false;
+  if (a.ldy != 0 && a.ldy < a.n && a.col_map == nullptr) return false;
+  if ((reinterpret_cast<uintptr_t>(a.w) & 15u) != 0) return false;  // 16-byte weight vectors
   if (a.x_dtype != QVIT_DTYPE_F32 && a.x_dtype != QVIT_DTYPE_F16 && a.x_dtype != QVIT_DTYPE_I8) return false;
   if (a.y_dtype != QVIT_DTYPE_F32 && a.y_dtype != QVIT_DTYPE_F16 && a.y_dtype != QVIT_DTYPE_I32) return false;
   if (a.act_lo > a.act_hi || a.act_lo < -128 || a.act_hi > 127 || !(a.act_scale > 0.0f)) return false;
   if (kernel <= QVIT_KERNEL_INVALID || kernel >= QVIT_NUM_KERNELS) return false;
-  const size_t need = qvit_workspace_size(a.m, a.k, kernel);
+  const size_t need = qvit_workspace_size(a.m, a.k, a.bits, kernel);
+  // The kernels read the workspace with 16-byte accesses: that is all the alignment they need.
   if (need > 0 && (a.workspace == nullptr || a.workspace_bytes < need ||
-                   (reinterpret_cast<uintptr_t>(a.workspace) & 255u) != 0)) {
+                   (reinterpret_cast<uintptr_t>(a.workspace) & 15u) != 0)) {
     return false;
   }
-  // grid.y limit (65535) of the tiled kernels; GEMV groups rows by up to 8.
-  const int rows_per_block = kernel == QVIT_KERNEL_A16_GEMV ? 8 : kTile;
-  return static_cast<long long>(ceil_div(a.m, rows_per_block)) <= 65535;
+  return static_cast<long long>(ceil_div(a.m, rows_per_grid_y(kernel))) <= 65535;
 }
 
 }  // namespace
 
 cudaError_t lowbit_gemm(const LowBitGemmArgs& args, int kernel, cudaStream_t stream) {
+  if (args.m == 0) return cudaSuccess;  // before the pointer checks: empty tensors may have null data
   if (!valid_args(args, kernel)) return cudaErrorInvalidValue;
-  if (args.m == 0) return cudaSuccess;
   switch (args.bits) {
     case 2:
       return launch_bits<2>(args, kernel, stream);

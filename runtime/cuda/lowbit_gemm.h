@@ -29,17 +29,22 @@ struct LowBitGemmArgs {
   int y_dtype = QVIT_DTYPE_F32;  // F32 / F16 / I32 (raw accumulators, tests)
   const uint32_t* w = nullptr;   // repacked words [repacked_rows(n), ldw] (qvit_repack_weights)
   int ldw = 0;                   // repacked_words(k, bits)
-  const float* weight_scale = nullptr;  // [n]
-  const float* bias = nullptr;          // [n] or nullptr
+  // Output column of weight row r: col_map[r] (device, [n]), or r when null.  A mixed-bit
+  // layer runs one launch per bit width over its rows of that width (a row "segment").
+  const int* col_map = nullptr;
+  int ldy = 0;                          // row stride of y in elements (0: n)
+  const float* weight_scale = nullptr;  // indexed by output column
+  const float* bias = nullptr;          // indexed by output column, or nullptr
   float act_scale = 1.0f;
   int act_lo = -128;
   int act_hi = 127;
-  void* workspace = nullptr;  // >= qvit_workspace_size(m, k, kernel) bytes, 256-byte aligned
+  void* workspace = nullptr;  // >= qvit_workspace_size(m, k, bits, kernel) bytes, 16-byte aligned
   size_t workspace_bytes = 0;
 };
 
 // Enqueue one GEMM with an explicit kernel (QVIT_KERNEL_*; pick it with qvit_select_kernel).
-// Returns cudaErrorInvalidValue for bad arguments, otherwise the launch status.
+// m == 0 is a no-op (null x / y allowed).  Returns cudaErrorInvalidValue for bad arguments,
+// otherwise the status of this call's own launches (cudaLaunchKernel), not an earlier error.
 cudaError_t lowbit_gemm(const LowBitGemmArgs& args, int kernel, cudaStream_t stream);
 
 }  // namespace qvit

@@ -7,20 +7,21 @@ namespace {
 
 bool valid_dims(int m, int n, int k) { return m >= 0 && n > 0 && k > 0; }
 
-// Path for fp activations when A8 is requested: tensor cores where WMMA int8 exists (sm_72+),
-// __dp4a where it is fast (sm_61, sm_70), else generic int32.  sm_62 (TX2 GP10B) and sm_53 have
-// no fast int8, so "auto" sends them to the A16 kernels instead.
-int a8_kernel_for(int cc_major, int cc_minor) {
-  const int cc = cc_major * 10 + cc_minor;
+int cc_of(int cc_major, int cc_minor) { return cc_major * 10 + cc_minor; }
+
+// __dp4a is fast on sm_61 and sm_70+; sm_62 (TX2 GP10B) and sm_53 have no fast int8 at all.
+bool has_fast_dp4a(int cc) { return cc == 61 || cc >= 70; }
+
+// Large-M int8 kernel: mma.sync m16n8k32 on sm_80+, WMMA int8 on sm_72/75, __dp4a on sm_61/70,
+// else the generic int32 SIMT kernel.
+int a8_kernel_for(int cc) {
+  if (cc >= 80) return QVIT_KERNEL_MMA_SYNC;
   if (cc >= 72) return QVIT_KERNEL_A8_MMA;
   if (cc == 61 || cc == 70) return QVIT_KERNEL_A8_DP4A;
   return QVIT_KERNEL_A8_INT;
 }
 
-bool has_fast_int8(int cc_major, int cc_minor) {
-  const int cc = cc_major * 10 + cc_minor;
-  return cc == 61 || cc >= 70;
-}
+size_t round256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 }  // namespace
 
@@ -30,30 +31,33 @@ int qvit_select_kernel(int m, int n, int k, int bits, int x_dtype, int path, int
   if (!valid_dims(m, n, k) || !qvit::is_packed_bits(bits)) return QVIT_KERNEL_INVALID;
   if (x_dtype != QVIT_DTYPE_F32 && x_dtype != QVIT_DTYPE_F16 && x_dtype != QVIT_DTYPE_I8) return QVIT_KERNEL_INVALID;
   if (cc_major < 5) return QVIT_KERNEL_INVALID;
+  const int cc = cc_of(cc_major, cc_minor);
+  const bool small = m <= QVIT_GEMV_MAX_M;
   switch (path) {
     case QVIT_PATH_A8:
-      return a8_kernel_for(cc_major, cc_minor);
+      return small && has_fast_dp4a(cc) ? QVIT_KERNEL_GEMV_DP4A : a8_kernel_for(cc);
     case QVIT_PATH_A16:
-      return m <= QVIT_GEMV_MAX_M ? QVIT_KERNEL_A16_GEMV : QVIT_KERNEL_A16_TILED;
+      return small ? QVIT_KERNEL_A16_GEMV : QVIT_KERNEL_A16_TILED;
     case QVIT_PATH_AUTO:
-      if (m <= QVIT_GEMV_MAX_M) return QVIT_KERNEL_A16_GEMV;  // weight-bandwidth bound: fewest bytes wins
-      if (has_fast_int8(cc_major, cc_minor)) return a8_kernel_for(cc_major, cc_minor);
-      return QVIT_KERNEL_A16_TILED;
+      if (small) return has_fast_dp4a(cc) ? QVIT_KERNEL_GEMV_DP4A : QVIT_KERNEL_A16_GEMV;
+      return has_fast_dp4a(cc) ? a8_kernel_for(cc) : QVIT_KERNEL_A16_TILED;
     default:
       return QVIT_KERNEL_INVALID;
   }
 }
 
-size_t qvit_workspace_size(int m, int k, int kernel) {
-  if (m <= 0 || k <= 0) return 0;
+size_t qvit_workspace_size(int m, int k, int bits, int kernel) {
+  if (m <= 0 || k <= 0 || !qvit::is_packed_bits(bits)) return 0;
   switch (kernel) {
     case QVIT_KERNEL_A8_MMA:
     case QVIT_KERNEL_A8_DP4A:
-    case QVIT_KERNEL_A8_INT: {
-      // int8 activations [m, a8_lda(k)], zero-padded, rounded to 256 bytes.
-      const size_t bytes = static_cast<size_t>(m) * static_cast<size_t>(qvit::a8_lda(k));
-      return (bytes + 255) / 256 * 256;
-    }
+    case QVIT_KERNEL_A8_INT:
+      // int8 activations [m, a8_lda(k)], zero-padded.
+      return round256(static_cast<size_t>(m) * static_cast<size_t>(qvit::a8_lda(k)));
+    case QVIT_KERNEL_MMA_SYNC:
+      // int8 activations [m, repacked_k(k, bits)] + int32 row sums [m].
+      return round256(static_cast<size_t>(m) * static_cast<size_t>(qvit::repacked_k(k, bits))) +
+             round256(static_cast<size_t>(m) * sizeof(int));
     default:
       return 0;
   }
@@ -66,6 +70,8 @@ const char* qvit_kernel_name(int kernel) {
     case QVIT_KERNEL_A8_MMA: return "a8_mma";
     case QVIT_KERNEL_A8_DP4A: return "a8_dp4a";
     case QVIT_KERNEL_A8_INT: return "a8_int";
+    case QVIT_KERNEL_GEMV_DP4A: return "gemv_dp4a";
+    case QVIT_KERNEL_MMA_SYNC: return "mma_sync";
     default: return "invalid";
   }
 }
@@ -78,14 +84,27 @@ int qvit_repacked_words(int k, int bits) {
 
 int qvit_repack_weights(const uint32_t* src, int n, int k, int bits, uint32_t* dst) {
   if (src == nullptr || dst == nullptr || n <= 0 || k <= 0 || !qvit::is_packed_bits(bits)) return -1;
+  const int per = qvit::values_per_word(bits);
   const int words = qvit::packed_words(k, bits);
   const int rows = qvit::repacked_rows(n);
   const int ldw = qvit::repacked_words(k, bits);
-  const uint32_t pad = qvit::zero_word(bits);
+  const uint32_t mask = (1u << bits) - 1u;
+  const uint32_t pad = qvit::repacked_zero_word(bits);
   for (int r = 0; r < rows; ++r) {
     uint32_t* out = dst + static_cast<size_t>(r) * ldw;
     const uint32_t* in = src + static_cast<size_t>(r) * words;
-    for (int c = 0; c < ldw; ++c) out[c] = (r < n && c < words) ? in[c] : pad;
+    for (int c = 0; c < ldw; ++c) {
+      if (r >= n || c >= words) {
+        out[c] = pad;
+        continue;
+      }
+      uint32_t codes[16];
+      for (int j = 0; j < per; ++j) {
+        // Elements past K already hold the code of zero in the qformat word (its padding rule).
+        codes[j] = (in[c] >> (bits * j)) & mask;
+      }
+      out[c] = qvit::slot_word(codes, bits);
+    }
   }
   return 0;
 }

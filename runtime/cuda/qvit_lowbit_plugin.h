@@ -1,50 +1,29 @@
-// qvit_lowbit_plugin.h -- TensorRT plugin for the QvitLowBitLinear ONNX node.
+// qvit_lowbit_plugin.h -- QvitLowBitLinear as a TensorRT 8.x IPluginV2DynamicExt (TX2 / JetPack 4.6 and 5).
 //
-// Registered (REGISTER_TENSORRT_PLUGIN) as kLowbitOp / kLowbitPluginVersion /
-// kLowbitPluginNamespace from qvit_lowbit_format.h, so the ONNX parser's plugin fallback
-// maps the exporter's node to it; plugin fields are the node attributes (LOWBIT_ATTRS).
-// Load the library (dlopen / ctypes.CDLL / trtexec --plugins) before parsing or deserializing.
+// Registered as kLowbitOp / kLowbitPluginVersion / kLowbitPluginNamespace (qvit_lowbit_format.h), so
+// the ONNX parser's plugin fallback maps the exporter's node to it; plugin fields are the node
+// attributes.  A thin adapter over qvit_lowbit_core.h; TensorRT >= 10 builds the IPluginV3 front-end
+// (qvit_lowbit_plugin_v3.h) instead -- qvit_trt_compat.h decides.
 #ifndef QVIT_LOWBIT_PLUGIN_H
 #define QVIT_LOWBIT_PLUGIN_H
 
-#include <cstddef>
-#include <cstdint>
+#include "qvit_trt_compat.h"
+
+#if !QVIT_PLUGIN_V3
+
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "qvit_trt_compat.h"
-
 namespace qvit {
-
-// Node attributes; weights kept in the shared packed format (what the engine serializes).
-struct LowBitLinearParams {
-  int32_t bits = 0;
-  int32_t in_features = 0;
-  int32_t out_features = 0;
-  int32_t act_lo = -128;
-  int32_t act_hi = 127;
-  int32_t act_bits = 8;
-  float act_scale = 1.0f;
-  std::vector<uint32_t> weight_packed;  // [out_features, packed_words(in_features, bits)]
-  std::vector<float> weight_scale;      // [out_features]
-  std::vector<float> bias;              // [out_features]
-
-  // Empty string when consistent, else what is wrong (one line).
-  std::string validate() const;
-};
-
-// Device copies of the repacked weights; shared by a plugin and its clones (ref-counted).
-struct LowBitDeviceWeights;
 
 QVIT_TRT_SUPPRESS_DEPRECATION_BEGIN
 
 class LowBitLinearPlugin final : public nvinfer1::IPluginV2DynamicExt {
  public:
-  LowBitLinearPlugin(const std::string& name, LowBitLinearParams params);
-  LowBitLinearPlugin(const std::string& name, const void* data, size_t length);  // deserialize; throws
+  LowBitLinearPlugin(const std::string& name, LowBitLinearParams params);  // params already validated
   LowBitLinearPlugin() = delete;
-  ~LowBitLinearPlugin() override;
+  ~LowBitLinearPlugin() override = default;
 
   // IPluginV2
   const char* getPluginType() const noexcept override;
@@ -77,15 +56,11 @@ class LowBitLinearPlugin final : public nvinfer1::IPluginV2DynamicExt {
                   cudaStream_t stream) noexcept override;
 
  private:
-  void query_device();
-
   std::string name_;
   std::string namespace_;
   LowBitLinearParams params_;
-  std::shared_ptr<LowBitDeviceWeights> device_;
-  int cc_major_ = 0;
-  int cc_minor_ = 0;
-  int path_ = 0;  // QVIT_PATH_*, from env QVIT_LOWBIT_PATH=auto|a8|a16 (bench / debugging)
+  std::shared_ptr<LowBitLinearRunner> runner_;  // device weights, shared by clones
+  int path_ = 0;                                 // QVIT_PATH_*, from QVIT_LOWBIT_PATH
 };
 
 class LowBitLinearPluginCreator final : public nvinfer1::IPluginCreator {
@@ -112,4 +87,5 @@ QVIT_TRT_SUPPRESS_DEPRECATION_END
 
 }  // namespace qvit
 
+#endif  // !QVIT_PLUGIN_V3
 #endif  // QVIT_LOWBIT_PLUGIN_H

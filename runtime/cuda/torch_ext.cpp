@@ -1,11 +1,11 @@
-// torch_ext.cpp -- PyTorch binding of the low-bit GEMM kernels (runtime/gemm_ext.py builds it JIT).
+// torch_ext.cpp -- PyTorch binding of the low-bit GEMM kernels (runtime/torchtools/gemm_ext.py builds it JIT).
 //
 // Same kernels as the TensorRT plugin, so they can be tested and benchmarked without TensorRT.
 // Built by torch.utils.cpp_extension with the C++ standard torch requires (17 or 20); the kernels stay C++14.
 #include <torch/extension.h>
 
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <string>
 
@@ -14,6 +14,14 @@
 #include "qvit_lowbit_format.h"
 
 namespace {
+
+// Messages are built with std::to_string, never by streaming integers: with the H200 image's
+// toolchain, TORCH_CHECK streaming an int64 into c10's ostringstream crashed (SIGSEGV in
+// basic_ostream::_M_insert<long>, seen in the first GPU window); strings and devices are safe.
+template <typename T>
+std::string num(T v) {
+  return std::to_string(v);
+}
 
 int dtype_code(const torch::Tensor& t) {
   switch (t.scalar_type()) {
@@ -30,45 +38,82 @@ torch::ScalarType scalar_of(int64_t code) {
     case QVIT_DTYPE_F32: return torch::kFloat32;
     case QVIT_DTYPE_F16: return torch::kFloat16;
     case QVIT_DTYPE_I32: return torch::kInt32;
-    default: TORCH_CHECK(false, "unsupported output dtype code ", code);
+    default: TORCH_CHECK(false, "unsupported output dtype code " + num(code));
   }
 }
 
-// y[m, n] = QvitLowBitLinear(x2d[m, k]) with an explicit kernel id (QVIT_KERNEL_*).
-torch::Tensor gemm(const torch::Tensor& x2d, const torch::Tensor& w, const torch::Tensor& weight_scale,
-                   const c10::optional<torch::Tensor>& bias, int64_t bits, int64_t n, double act_scale,
-                   int64_t act_lo, int64_t act_hi, int64_t kernel, int64_t out_dtype) {
-  TORCH_CHECK(x2d.is_cuda() && w.is_cuda() && weight_scale.is_cuda(), "tensors must be on a CUDA device");
+// t is a contiguous CUDA tensor of `dtype` with `numel` elements on x's device.
+void check_operand(const torch::Tensor& t, const torch::Tensor& x, torch::ScalarType dtype, int64_t numel,
+                   const char* what) {
+  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), what, " must be on ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, what, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+  TORCH_CHECK(numel < 0 || t.numel() == numel, what, " must have " + num(numel) + " elements, got " + num(t.numel()));
+}
+
+// y[:, col_map] = QvitLowBitLinear(x2d[m, k]) over the n weight rows of w, with an explicit kernel id.
+// y [m, ldy] is written in place (ldy = y.size(1)); col_map (int32 [n]) maps weight row -> y column.
+void gemm_into(torch::Tensor y, const torch::Tensor& x2d, const torch::Tensor& w, const torch::Tensor& weight_scale,
+               const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& col_map, int64_t bits,
+               int64_t n, double act_scale, int64_t act_lo, int64_t act_hi, int64_t kernel,
+               const c10::optional<torch::Tensor>& workspace) {
+  TORCH_CHECK(x2d.is_cuda(), "x must be a CUDA tensor, got ", x2d.device());
   TORCH_CHECK(x2d.dim() == 2 && x2d.is_contiguous(), "x must be a contiguous [M, K] tensor");
-  TORCH_CHECK(w.scalar_type() == torch::kInt32 && w.is_contiguous() && w.dim() == 2, "w must be repacked int32 words");
-  TORCH_CHECK(weight_scale.scalar_type() == torch::kFloat32 && weight_scale.numel() == n, "weight_scale: float32 [N]");
+  const int x_dtype = dtype_code(x2d);
+  TORCH_CHECK(x_dtype == QVIT_DTYPE_F32 || x_dtype == QVIT_DTYPE_F16 || x_dtype == QVIT_DTYPE_I8,
+              "x must be float32, float16 or int8 (act codes), got ", x2d.scalar_type());
   const int64_t m = x2d.size(0);
   const int64_t k = x2d.size(1);
-  TORCH_CHECK(m <= INT32_MAX && k <= INT32_MAX && n <= INT32_MAX, "problem too large");
-  TORCH_CHECK(w.size(0) == qvit_repacked_rows(static_cast<int>(n)) &&
-                  w.size(1) == qvit_repacked_words(static_cast<int>(k), static_cast<int>(bits)),
-              "w has the wrong repacked shape for N, K, bits");
+  TORCH_CHECK(m <= INT32_MAX && k <= INT32_MAX && n <= INT32_MAX && n > 0, "problem too large or empty");
+  const int rows = qvit_repacked_rows(static_cast<int>(n));
+  const int ldw = qvit_repacked_words(static_cast<int>(k), static_cast<int>(bits));
+  TORCH_CHECK(ldw > 0, "bits must be 2, 3 or 4, got " + num(bits));
+  check_operand(w, x2d, torch::kInt32, -1, "w (repacked words)");
+  const std::string want = "w must be repacked [" + num(rows) + ", " + num(ldw) + "] for N=" + num(n) + " K=" +
+                           num(k) + " bits=" + num(bits);
+  TORCH_CHECK(w.dim() == 2, want + ", got a " + num(w.dim()) + "-d tensor");
+  TORCH_CHECK(w.size(0) == rows && w.size(1) == ldw, want + ", got [" + num(w.size(0)) + ", " + num(w.size(1)) + "]");
+  check_operand(y, x2d, y.scalar_type(), -1, "y");
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == m, "y must be [M, *]");
+  const int64_t ldy = y.size(1);
+  const int* map_ptr = nullptr;
+  if (col_map.has_value() && col_map->defined()) {
+    check_operand(*col_map, x2d, torch::kInt32, n, "col_map");
+    map_ptr = col_map->data_ptr<int>();
+  } else {
+    TORCH_CHECK(ldy == n, "y must have N=" + num(n) + " columns without a col_map");
+  }
+  check_operand(weight_scale, x2d, torch::kFloat32, ldy, "weight_scale");
   const float* bias_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == torch::kFloat32 && bias->numel() == n, "bias: float32 [N]");
+    check_operand(*bias, x2d, torch::kFloat32, ldy, "bias");
     bias_ptr = bias->data_ptr<float>();
   }
   const c10::cuda::CUDAGuard guard(x2d.device());
-  torch::Tensor y = torch::empty({m, n}, x2d.options().dtype(scalar_of(out_dtype)));
-  const size_t ws_bytes = qvit_workspace_size(static_cast<int>(m), static_cast<int>(k), static_cast<int>(kernel));
+  const size_t ws_bytes = qvit_workspace_size(static_cast<int>(m), static_cast<int>(k), static_cast<int>(bits),
+                                              static_cast<int>(kernel));
   torch::Tensor ws;
-  if (ws_bytes > 0) ws = torch::empty({static_cast<int64_t>(ws_bytes)}, x2d.options().dtype(torch::kUInt8));
+  if (ws_bytes > 0) {
+    if (workspace.has_value() && workspace->defined() && static_cast<size_t>(workspace->numel()) >= ws_bytes) {
+      check_operand(*workspace, x2d, torch::kUInt8, -1, "workspace");
+      ws = *workspace;
+    } else {
+      ws = torch::empty({static_cast<int64_t>(ws_bytes)}, x2d.options().dtype(torch::kUInt8));
+    }
+  }
   qvit::LowBitGemmArgs a;
   a.m = static_cast<int>(m);
   a.n = static_cast<int>(n);
   a.k = static_cast<int>(k);
   a.bits = static_cast<int>(bits);
   a.x = x2d.data_ptr();
-  a.x_dtype = dtype_code(x2d);
+  a.x_dtype = x_dtype;
   a.y = y.data_ptr();
-  a.y_dtype = static_cast<int>(out_dtype);
+  a.y_dtype = dtype_code(y);
   a.w = reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>());
-  a.ldw = static_cast<int>(w.size(1));
+  a.ldw = ldw;
+  a.col_map = map_ptr;
+  a.ldy = static_cast<int>(ldy);
   a.weight_scale = weight_scale.data_ptr<float>();
   a.bias = bias_ptr;
   a.act_scale = static_cast<float>(act_scale);
@@ -77,8 +122,18 @@ torch::Tensor gemm(const torch::Tensor& x2d, const torch::Tensor& w, const torch
   a.workspace = ws_bytes > 0 ? ws.data_ptr() : nullptr;
   a.workspace_bytes = ws_bytes;
   const cudaError_t err = qvit::lowbit_gemm(a, static_cast<int>(kernel), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "lowbit_gemm(", qvit_kernel_name(static_cast<int>(kernel)),
-              ") failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, std::string("lowbit_gemm(") + qvit_kernel_name(static_cast<int>(kernel)) +
+                                      ") failed: " + cudaGetErrorString(err) + " (m=" + num(m) + " n=" + num(n) +
+                                      " k=" + num(k) + " bits=" + num(bits) + ")");
+}
+
+// Allocating form: y [M, N] of out_dtype.
+torch::Tensor gemm(const torch::Tensor& x2d, const torch::Tensor& w, const torch::Tensor& weight_scale,
+                   const c10::optional<torch::Tensor>& bias, int64_t bits, int64_t n, double act_scale,
+                   int64_t act_lo, int64_t act_hi, int64_t kernel, int64_t out_dtype) {
+  TORCH_CHECK(x2d.dim() == 2, "x must be [M, K]");
+  torch::Tensor y = torch::empty({x2d.size(0), n}, x2d.options().dtype(scalar_of(out_dtype)));
+  gemm_into(y, x2d, w, weight_scale, bias, c10::nullopt, bits, n, act_scale, act_lo, act_hi, kernel, c10::nullopt);
   return y;
 }
 
@@ -89,6 +144,11 @@ int64_t select_kernel(int64_t m, int64_t n, int64_t k, int64_t bits, int64_t x_d
                             static_cast<int>(cc_minor));
 }
 
+int64_t workspace_size(int64_t m, int64_t k, int64_t bits, int64_t kernel) {
+  return static_cast<int64_t>(qvit_workspace_size(static_cast<int>(m), static_cast<int>(k), static_cast<int>(bits),
+                                                  static_cast<int>(kernel)));
+}
+
 std::string kernel_name(int64_t kernel) { return qvit_kernel_name(static_cast<int>(kernel)); }
 
 }  // namespace
@@ -96,6 +156,8 @@ std::string kernel_name(int64_t kernel) { return qvit_kernel_name(static_cast<in
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qvit-edge packed 2/3/4-bit GEMM kernels (QvitLowBitLinear)";
   m.def("gemm", &gemm, "QvitLowBitLinear on [M, K] with an explicit kernel id");
+  m.def("gemm_into", &gemm_into, "QvitLowBitLinear into a preallocated y (optional col_map, workspace)");
   m.def("select_kernel", &select_kernel, "kernel id for (m, n, k, bits, x_dtype, path, cc_major, cc_minor)");
+  m.def("workspace_size", &workspace_size, "workspace bytes for (m, k, bits, kernel)");
   m.def("kernel_name", &kernel_name, "short kernel name");
 }

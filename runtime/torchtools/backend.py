@@ -50,7 +50,7 @@ class TorchBackend(Backend):
             raise UserError("--lowbit-cuda needs a quantized checkpoint (this one is float)")
         return gemm_ext.swap_linears(model, specs=specs) or model
 
-    def run(self, x):
+    def _run(self, x):
         with torch.inference_mode():
             y = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
             if isinstance(y, (tuple, list)):

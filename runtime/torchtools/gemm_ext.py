@@ -35,12 +35,12 @@ DTYPE_F32, DTYPE_F16, DTYPE_I8, DTYPE_I32 = 0, 1, 2, 3
 #: Math paths (QVIT_PATH_*).
 PATHS = {"auto": 0, "a8": 1, "a16": 2}
 #: Kernels (QVIT_KERNEL_*).
-KERNELS = {"a16_gemv": 1, "a16_tiled": 2, "a8_mma": 3, "a8_dp4a": 4, "a8_int": 5}
+KERNELS = {"a16_gemv": 1, "a16_tiled": 2, "a8_mma": 3, "a8_dp4a": 4, "a8_int": 5, "gemv_dp4a": 6, "mma_sync": 7}
 KERNEL_NAMES = {v: k for k, v in KERNELS.items()}
-#: Repack padding (qvit_lowbit_format.h kRepackRowAlign / kRepackKAlign / kRepackWordAlign).
+#: Repack padding (qvit_lowbit_format.h kRepackRowAlign / kRepackKAlign / repack_word_align).
 REPACK_ROW_ALIGN = 64
 REPACK_K_ALIGN = 64
-REPACK_WORD_ALIGN = 4
+REPACK_WORD_ALIGN = {2: 4, 3: 16, 4: 8}
 
 CUDA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda")
 EXT_SOURCES = ("torch_ext.cpp", "lowbit_gemm.cu", "lowbit_host.cpp")
@@ -58,7 +58,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 def zero_word(bits: int) -> int:
-    """A packed word whose every slot holds the code of q = 0 (the padding word)."""
+    """A qformat word whose every slot holds the code of q = 0 (the format's padding word)."""
     per = qformat.values_per_word(bits)
     code0 = -qformat.qrange(bits, signed=True)[0]
     word = 0
@@ -73,8 +73,32 @@ def repacked_rows(n: int) -> int:
 
 
 def repacked_words(k: int, bits: int) -> int:
-    """Words per repacked row: cover round_up(K, 64) values, then a multiple of 4 words (16 B)."""
-    return _round_up(qformat.packed_words(_round_up(int(k), REPACK_K_ALIGN), bits), REPACK_WORD_ALIGN)
+    """Words per repacked row: cover round_up(K, 64) values, then a multiple of the per-width word alignment."""
+    return _round_up(qformat.packed_words(_round_up(int(k), REPACK_K_ALIGN), bits), REPACK_WORD_ALIGN[bits])
+
+
+def slot_bits(bits: int) -> list:
+    """Bit positions, per element j of a word, of the kernels' "expand order" (qvit_lowbit_format.h).
+
+    A shift and one AND then yield four consecutive codes as the four bytes of a 32-bit word.
+    Each entry lists the word bits that hold element j's code, least significant first.
+    """
+    per = qformat.values_per_word(bits)
+    if bits == 4:
+        return [[4 * (2 * (j % 4) + j // 4) + i for i in range(4)] for j in range(per)]
+    if bits == 2:
+        return [[2 * (4 * (j % 4) + j // 4) + i for i in range(2)] for j in range(per)]
+    out = [[8 * (j % 4) + 3 * (j // 4) + i for i in range(3)] for j in range(8)]
+    return out + [[6, 7, 14], [15, 22, 23]]
+
+
+def _to_slots(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint32 codes [..., per] -> repacked words [...] in expand order."""
+    out = np.zeros(codes.shape[:-1], dtype=np.uint32)
+    for j, positions in enumerate(slot_bits(bits)):
+        for i, pos in enumerate(positions):
+            out |= ((codes[..., j] >> np.uint32(i)) & np.uint32(1)) << np.uint32(pos)
+    return out
 
 
 def check_bits(bits: Any) -> int:
@@ -115,9 +139,12 @@ def check_kernel(kernel: Optional[str]) -> Optional[int]:
     return KERNELS[kernel]
 
 
+def _numpy(a: Any) -> np.ndarray:
+    return a.detach().cpu().numpy() if torch is not None and isinstance(a, torch.Tensor) else np.asarray(a)
+
+
 def _as_packed(packed: Any, bits: int, in_features: int) -> np.ndarray:
-    arr = packed.detach().cpu().numpy() if torch is not None and isinstance(packed, torch.Tensor) else packed
-    arr = np.ascontiguousarray(np.asarray(arr))
+    arr = np.ascontiguousarray(_numpy(packed))
     if arr.dtype not in (np.int32, np.uint32):
         raise LowBitArgumentError("packed weights must be int32/uint32 words, got {}".format(arr.dtype))
     if arr.ndim != 2:
@@ -132,7 +159,8 @@ def _as_packed(packed: Any, bits: int, in_features: int) -> np.ndarray:
 def repack(packed: Any, bits: int, in_features: int) -> np.ndarray:
     """One-time kernel repack: ``uint32[N, W]`` -> ``uint32[repacked_rows(N), repacked_words(K)]``.
 
-    Padding only (code-of-zero words), so the layout stays the qformat contract bit for bit.
+    Every code keeps its value and moves to its expand-order slot (:func:`slot_bits`); padding
+    slots hold the code of zero.  ``qvit_repack_weights`` (runtime/cuda/lowbit_host.cpp) is the C++ twin.
     """
     b = check_bits(bits)
     k = int(in_features)
@@ -142,19 +170,44 @@ def repack(packed: Any, bits: int, in_features: int) -> np.ndarray:
     n = src.shape[0]
     if n <= 0:
         raise LowBitArgumentError("packed weights have no rows")
-    out = np.full((repacked_rows(n), repacked_words(k, b)), zero_word(b), dtype=np.uint32)
-    out[:n, : src.shape[1]] = src
-    return out
+    per = qformat.values_per_word(b)
+    code0 = np.uint32(-qformat.qrange(b, signed=True)[0])
+    codes = np.full((repacked_rows(n), repacked_words(k, b), per), code0, dtype=np.uint32)
+    shifts = np.arange(per, dtype=np.uint32) * np.uint32(b)
+    codes[:n, : src.shape[1]] = (src[:, :, None] >> shifts) & np.uint32((1 << b) - 1)
+    return _to_slots(codes, b)
 
 
 def _vector(v: Any, n: int, what: str, default: float = 0.0) -> np.ndarray:
     if v is None:
         return np.full((n,), default, dtype=np.float32)
-    arr = v.detach().cpu().numpy() if torch is not None and isinstance(v, torch.Tensor) else v
-    arr = np.asarray(arr, dtype=np.float32).reshape(-1)
+    arr = np.asarray(_numpy(v), dtype=np.float32).reshape(-1)
     if arr.shape[0] != n:
         raise LowBitArgumentError("{} must have out_features={} values, got {}".format(what, n, arr.shape[0]))
     return np.ascontiguousarray(arr)
+
+
+def split_rows(words: Any, row_bits: Any, in_features: int) -> Dict[int, tuple]:
+    """A mixed-width weight (qformat v2: rows concatenated, row n at ``row_bits[n]`` bits) as
+    ``{bits: (packed [n_b, packed_words(K, bits)], row indices)}`` -- one kernel segment per width."""
+    flat = np.ascontiguousarray(_numpy(words)).reshape(-1)
+    if flat.dtype not in (np.int32, np.uint32):
+        raise LowBitArgumentError("packed weights must be int32/uint32 words, got {}".format(flat.dtype))
+    flat = flat.view(np.uint32)
+    rb = np.asarray(_numpy(row_bits), dtype=np.int64).reshape(-1)
+    k = int(in_features)
+    widths = np.array([qformat.packed_words(k, check_bits(int(b))) for b in rb], dtype=np.int64)
+    if int(widths.sum()) != flat.shape[0]:
+        raise LowBitArgumentError("mixed-width weights have {} words; rows at {} bits need {}".format(
+            flat.shape[0], sorted(set(rb.tolist())), int(widths.sum())))
+    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    out = {}
+    for b in sorted(set(rb.tolist())):
+        idx = np.nonzero(rb == b)[0]
+        w = qformat.packed_words(k, b)
+        rows = flat[(starts[idx][:, None] + np.arange(w)[None, :])]
+        out[int(b)] = (rows, idx.astype(np.int32))
+    return out
 
 
 # ----------------------------------------------------------------------------- extension
@@ -171,15 +224,41 @@ def require_cuda() -> None:
         raise UserError("the low-bit GEMM kernels need a CUDA GPU (torch.cuda.is_available() is False)")
 
 
+def find_cuda_home() -> Optional[str]:
+    """The CUDA toolkit root that holds ``include/cuda_runtime_api.h``.
+
+    ``CUDA_HOME``/``CUDA_PATH`` first, then nvcc's real location (a wrapper script in /usr/local/bin
+    must not make it guess /usr/local), then the usual install prefixes.
+    """
+    import glob
+    import shutil
+
+    cands = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", "")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in cands:
+        if c and os.path.isfile(os.path.join(c, "include", "cuda_runtime_api.h")):
+            return c
+    return None
+
+
 def load_extension(verbose: bool = False) -> Any:
     """Build (first call, cached by torch under ~/.cache/torch_extensions) and return the extension."""
     global _EXT
     require_cuda()
     with _EXT_LOCK:
         if _EXT is None:
-            from torch.utils.cpp_extension import load
+            home = find_cuda_home()
+            if home is None:
+                raise UserError("the low-bit GEMM extension needs the CUDA toolkit (nvcc and include/"
+                                "cuda_runtime_api.h): set CUDA_HOME")
+            os.environ["CUDA_HOME"] = home
+            from torch.utils import cpp_extension
 
-            _EXT = load(
+            cpp_extension.CUDA_HOME = home  # read once at import time: keep it consistent
+            _EXT = cpp_extension.load(
                 name=EXT_NAME,
                 sources=[os.path.join(CUDA_DIR, s) for s in EXT_SOURCES],
                 extra_include_paths=[CUDA_DIR],
@@ -220,47 +299,78 @@ def select_kernel(m: int, n: int, k: int, bits: int, x_dtype: Any = None, path: 
     return KERNEL_NAMES[kid]
 
 
+class Segment:
+    """The weight rows of one bit width: repacked words and the output column of each row."""
+
+    def __init__(self, bits: int, w: Any, col_map: Any, rows: int) -> None:
+        self.bits = bits
+        self.w = w
+        self.col_map = col_map  # None: rows are columns 0..rows-1 (uniform layer)
+        self.rows = rows
+
+
 class PreparedWeights:
     """Repacked weights + scales + bias on one device: the one-time engine-build step."""
 
-    def __init__(self, w: Any, weight_scale: Any, bias: Any, bits: int, in_features: int, out_features: int) -> None:
-        self.w = w
+    def __init__(self, segments: list, weight_scale: Any, bias: Any, in_features: int, out_features: int) -> None:
+        self.segments = segments
         self.weight_scale = weight_scale
         self.bias = bias
-        self.bits = bits
         self.in_features = in_features
         self.out_features = out_features
 
+    @property
+    def bits(self) -> int:
+        """Weight bits (the widest, for a mixed-width layer)."""
+        return max(s.bits for s in self.segments)
 
-def prepare_numpy(packed: Any, weight_scale: Any, bias: Any, bits: int, in_features: int) -> Dict[str, Any]:
-    """Validated host arrays for the kernels (CPU only): repacked words, float32 scale and bias."""
-    b = check_bits(bits)
-    w = repack(packed, b, in_features)
-    n = _as_packed(packed, b, int(in_features)).shape[0]
+
+def prepare_numpy(packed: Any, weight_scale: Any, bias: Any, bits: int, in_features: int,
+                  row_bits: Any = None) -> Dict[str, Any]:
+    """Validated host arrays for the kernels (CPU only): segments of repacked words, float32 scale and bias.
+
+    Uniform layers: ``packed`` is ``[N, packed_words(K, bits)]``.  Mixed widths: ``row_bits`` ([N]) gives
+    each row's width and ``packed`` is the qformat v2 flat word list (rows concatenated at their widths).
+    """
+    k = int(in_features)
+    if k <= 0:
+        raise LowBitArgumentError("in_features must be positive, got {}".format(in_features))
+    if row_bits is None:
+        b = check_bits(bits)
+        n = _as_packed(packed, b, k).shape[0]
+        segments = [(b, repack(packed, b, k), None, n)]
+    else:
+        parts = split_rows(packed, row_bits, k)
+        n = int(sum(len(idx) for _, idx in parts.values()))
+        segments = [(b, repack(rows, b, k), idx, len(idx)) for b, (rows, idx) in parts.items()]
     if weight_scale is None:
         raise LowBitArgumentError("weight_scale is required (float32 [out_features])")
     ws = _vector(weight_scale, n, "weight_scale")
     if not np.all(np.isfinite(ws)):
         raise LowBitArgumentError("weight_scale must be finite")
-    return {"w": w, "weight_scale": ws, "bias": _vector(bias, n, "bias"), "bits": b,
-            "in_features": int(in_features), "out_features": n}
+    return {"segments": segments, "weight_scale": ws, "bias": _vector(bias, n, "bias"),
+            "in_features": k, "out_features": n}
 
 
-def prepare(packed: Any, weight_scale: Any, bias: Any, bits: int, in_features: int,
-            device: Any = "cuda") -> PreparedWeights:
-    """Repack once and upload; pass the result as ``packed`` to :func:`lowbit_linear` in loops."""
-    host = prepare_numpy(packed, weight_scale, bias, bits, in_features)
-    require_cuda()
+def _upload(host: Dict[str, Any], device: Any) -> PreparedWeights:
     dev = torch.device(device)
-    return PreparedWeights(
-        torch.from_numpy(host["w"].view(np.int32)).to(dev),
-        torch.from_numpy(host["weight_scale"]).to(dev),
-        torch.from_numpy(host["bias"]).to(dev),
-        host["bits"], host["in_features"], host["out_features"])
+    segs = [Segment(b, torch.from_numpy(w.view(np.int32)).to(dev),
+                    None if idx is None else torch.from_numpy(np.ascontiguousarray(idx, np.int32)).to(dev), rows)
+            for b, w, idx, rows in host["segments"]]
+    return PreparedWeights(segs, torch.from_numpy(host["weight_scale"]).to(dev),
+                           torch.from_numpy(host["bias"]).to(dev), host["in_features"], host["out_features"])
+
+
+def prepare(packed: Any, weight_scale: Any, bias: Any, bits: int, in_features: int, device: Any = "cuda",
+            row_bits: Any = None) -> PreparedWeights:
+    """Repack once and upload; pass the result as ``packed`` to :func:`lowbit_linear` in loops."""
+    host = prepare_numpy(packed, weight_scale, bias, bits, in_features, row_bits)
+    require_cuda()
+    return _upload(host, device)
 
 
 def _run(x: Any, prep: PreparedWeights, act_scale: float, act_lo: int, act_hi: int, path: str,
-         kernel: Optional[str], out_code: int) -> Any:
+         kernel: Optional[str], out_code: int, y: Any = None) -> Any:
     check_act_params(act_scale, act_lo, act_hi)
     path_code = check_path(path)
     kid = check_kernel(kernel)
@@ -275,42 +385,45 @@ def _run(x: Any, prep: PreparedWeights, act_scale: float, act_lo: int, act_hi: i
         raise LowBitArgumentError("x must be a CUDA tensor (got device {})".format(x.device))
     ext = load_extension()
     x2d = x.reshape(-1, prep.in_features).contiguous()
-    if kid is None:
-        cc = _capability(x.device)
-        kid = ext.select_kernel(x2d.shape[0], prep.out_features, prep.in_features, prep.bits, xcode, path_code,
-                                cc[0], cc[1])
-        if kid == 0:
-            raise LowBitArgumentError("no kernel for this problem (bits={}, path={})".format(prep.bits, path))
-    y = ext.gemm(x2d, prep.w, prep.weight_scale, prep.bias, prep.bits, prep.out_features, float(act_scale),
-                 int(act_lo), int(act_hi), kid, out_code)
+    out_dtype = {DTYPE_F32: torch.float32, DTYPE_F16: torch.float16, DTYPE_I32: torch.int32}[out_code]
+    if y is None:
+        y = torch.empty((x2d.shape[0], prep.out_features), dtype=out_dtype, device=x.device)
+    cc = _capability(x.device)
+    for seg in prep.segments:
+        sid = kid
+        if sid is None:
+            sid = ext.select_kernel(x2d.shape[0], seg.rows, prep.in_features, seg.bits, xcode, path_code, cc[0], cc[1])
+            if sid == 0:
+                raise LowBitArgumentError("no kernel for this problem (bits={}, path={})".format(seg.bits, path))
+        ext.gemm_into(y, x2d, seg.w, prep.weight_scale, prep.bias, seg.col_map, seg.bits, seg.rows,
+                      float(act_scale), int(act_lo), int(act_hi), sid, None)
     return y.reshape(tuple(x.shape[:-1]) + (prep.out_features,))
 
 
-def _prepared(x: Any, packed: Any, weight_scale: Any, bias: Any, bits: Any) -> PreparedWeights:
+def _prepared(x: Any, packed: Any, weight_scale: Any, bias: Any, bits: Any, row_bits: Any = None) -> PreparedWeights:
     if isinstance(packed, PreparedWeights):
         return packed
     if torch is None or not isinstance(x, torch.Tensor):
         raise LowBitArgumentError("x must be a torch.Tensor")
-    host = prepare_numpy(packed, weight_scale, bias, bits, x.shape[-1])  # validates on the CPU first
+    host = prepare_numpy(packed, weight_scale, bias, bits, x.shape[-1], row_bits)  # validates on the CPU first
     require_cuda()
-    dev = x.device
-    return PreparedWeights(torch.from_numpy(host["w"].view(np.int32)).to(dev),
-                           torch.from_numpy(host["weight_scale"]).to(dev), torch.from_numpy(host["bias"]).to(dev),
-                           host["bits"], host["in_features"], host["out_features"])
+    return _upload(host, x.device)
 
 
 def lowbit_linear(x: Any, packed: Any, weight_scale: Any, bias: Any, bits: Any, act_scale: float, act_lo: int,
-                  act_hi: int, path: str = "auto", kernel: Optional[str] = None, out_dtype: Any = None) -> Any:
+                  act_hi: int, path: str = "auto", kernel: Optional[str] = None, out_dtype: Any = None,
+                  row_bits: Any = None) -> Any:
     """``QvitLowBitLinear`` on a CUDA tensor ``x[..., K]`` -> ``[..., N]``.
 
     ``packed``: qformat words ``[N, ceil(K / per_word)]`` (repacked on every call -- use :func:`prepare`
-    in loops) or a :class:`PreparedWeights`.  ``path``: "auto" | "a8" | "a16"; ``kernel`` forces one
-    kernel by name (tests).  Output dtype: ``out_dtype`` or x's float dtype (float32 for int8 x).
+    in loops), a mixed-width flat word list with ``row_bits``, or a :class:`PreparedWeights`.
+    ``path``: "auto" | "a8" | "a16"; ``kernel`` forces one kernel by name (tests).  Output dtype:
+    ``out_dtype`` or x's float dtype (float32 for int8 x).
     """
     check_path(path)
     check_kernel(kernel)
     check_act_params(act_scale, act_lo, act_hi)
-    prep = _prepared(x, packed, weight_scale, bias, bits)
+    prep = _prepared(x, packed, weight_scale, bias, bits, row_bits)
     if out_dtype is None:
         out_dtype = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
     out_codes = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16}
@@ -320,7 +433,7 @@ def lowbit_linear(x: Any, packed: Any, weight_scale: Any, bias: Any, bits: Any, 
 
 
 def lowbit_linear_acc(x: Any, packed: Any, bits: Any, act_scale: float, act_lo: int, act_hi: int,
-                      path: str = "auto", kernel: Optional[str] = None) -> Any:
+                      path: str = "auto", kernel: Optional[str] = None, row_bits: Any = None) -> Any:
     """Debug entry: the exact int32 accumulators ``xq @ q.T`` (``[..., N]``) of the chosen kernel."""
     check_path(path)
     check_kernel(kernel)
@@ -328,8 +441,11 @@ def lowbit_linear_acc(x: Any, packed: Any, bits: Any, act_scale: float, act_lo: 
     if isinstance(packed, PreparedWeights):
         prep = packed
     else:
-        n = _as_packed(packed, check_bits(bits), x.shape[-1]).shape[0]
-        prep = _prepared(x, packed, np.ones(n, np.float32), None, bits)
+        if row_bits is None:
+            n = _as_packed(packed, check_bits(bits), x.shape[-1]).shape[0]
+        else:
+            n = int(np.asarray(_numpy(row_bits)).size)
+        prep = _prepared(x, packed, np.ones(n, np.float32), None, bits, row_bits)
     return _run(x, prep, act_scale, act_lo, act_hi, path, kernel, DTYPE_I32)
 
 
@@ -341,18 +457,18 @@ if nn is not None:
         """A ``QvitLowBitLinear`` layer on the CUDA kernels; drop-in for ``nn.Linear`` at inference.
 
         Built from the node's attributes; weights are repacked once here and kept as buffers
-        (so ``.to(device)`` moves them and ``state_dict`` carries them).
+        (so ``.to(device)`` moves them and ``state_dict`` carries them).  A mixed-width layer
+        (``row_bits``) keeps one repacked matrix and one row -> column map per width.
         """
 
         def __init__(self, packed: Any, weight_scale: Any, bias: Any, bits: int, in_features: int,
                      act_scale: float, act_lo: int, act_hi: int, path: str = "auto",
-                     kernel: Optional[str] = None) -> None:
+                     kernel: Optional[str] = None, row_bits: Any = None) -> None:
             super().__init__()
             check_act_params(act_scale, act_lo, act_hi)
             check_path(path)
             check_kernel(kernel)
-            host = prepare_numpy(packed, weight_scale, bias, bits, in_features)
-            self.bits = host["bits"]
+            host = prepare_numpy(packed, weight_scale, bias, bits, in_features, row_bits)
             self.in_features = host["in_features"]
             self.out_features = host["out_features"]
             self.act_scale = float(act_scale)
@@ -360,9 +476,19 @@ if nn is not None:
             self.act_hi = int(act_hi)
             self.path = path
             self.kernel = kernel
-            self.register_buffer("weight_repacked", torch.from_numpy(host["w"].view(np.int32).copy()))
+            self.segment_bits = [b for b, _, _, _ in host["segments"]]
+            self.mixed = row_bits is not None
+            for b, w, idx, _ in host["segments"]:
+                suffix = "_b{}".format(b) if self.mixed else ""
+                self.register_buffer("weight_repacked" + suffix, torch.from_numpy(w.view(np.int32).copy()))
+                if idx is not None:
+                    self.register_buffer("col_map" + suffix, torch.from_numpy(np.array(idx, np.int32)))
             self.register_buffer("weight_scale", torch.from_numpy(host["weight_scale"].copy()))
             self.register_buffer("bias", torch.from_numpy(host["bias"].copy()))
+
+        @property
+        def bits(self) -> int:
+            return max(self.segment_bits)
 
         @classmethod
         def from_linear(cls, linear: Any, bits: int, act_scale: float, act_lo: int = -128, act_hi: int = 127,
@@ -379,8 +505,14 @@ if nn is not None:
             return mod.to(linear.weight.device)
 
         def prepared(self) -> PreparedWeights:
-            return PreparedWeights(self.weight_repacked, self.weight_scale, self.bias, self.bits, self.in_features,
-                                   self.out_features)
+            segs = []
+            for b in self.segment_bits:
+                suffix = "_b{}".format(b) if self.mixed else ""
+                w = getattr(self, "weight_repacked" + suffix)
+                cmap = getattr(self, "col_map" + suffix, None)
+                rows = self.out_features if cmap is None else int(cmap.numel())
+                segs.append(Segment(b, w, cmap, rows))
+            return PreparedWeights(segs, self.weight_scale, self.bias, self.in_features, self.out_features)
 
         def forward(self, x: Any) -> Any:
             out = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
@@ -388,8 +520,9 @@ if nn is not None:
                                  self.act_hi, path=self.path, kernel=self.kernel, out_dtype=out)
 
         def extra_repr(self) -> str:
+            bits = "/".join(str(b) for b in self.segment_bits)
             return "in_features={}, out_features={}, bits={}, act=[{}, {}]*{:g}, path={}".format(
-                self.in_features, self.out_features, self.bits, self.act_lo, self.act_hi, self.act_scale, self.path)
+                self.in_features, self.out_features, bits, self.act_lo, self.act_hi, self.act_scale, self.path)
 
 
 def swap_linears(module: Any, bits: int = 4, act_scale: Optional[float] = None, act_lo: int = -128,
@@ -399,7 +532,7 @@ def swap_linears(module: Any, bits: int = 4, act_scale: Optional[float] = None, 
     A converted model: every linear :class:`qformat.SiteSpec` (``specs``, default the model's
     ``qvit_specs`` from ``train.quant.convert``) that has a packed form is swapped exactly from
     :func:`qformat.lowbit_attrs` -- the exporter's node attributes; 8-bit and float layers stay as
-    they are, and so do mixed-width layers until the kernels read the per-row-group bits table.
+    they are; mixed-width layers keep one repacked matrix per width (segments).
     A plain float model: every ``nn.Linear`` is quantized per channel with ``bits`` and needs
     ``act_scale`` (the activation grid is not in a plain Linear).
     """
@@ -432,12 +565,12 @@ def _swap(module: Any, specs: Any, bits: int, act_scale: Optional[float], act_lo
             a = qformat.lowbit_attrs(site)
         except qformat.FormatError:  # no packed form (8-bit head, per-channel input): stays in PyTorch
             continue
-        if "group_bits" in a:  # mixed widths: the kernels take one width for now
-            continue
+        rb = (qformat.row_bits(a["group_bits"], a["group_size"], a["out_features"]) if "group_bits" in a
+              else None)  # mixed widths: one repacked matrix per width (segments)
         parent_name, _, child = site.name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         old = getattr(parent, child)
         new = LowBitLinearCUDA(a["weight_packed"].view(np.uint32), a["weight_scale"], a["bias"], a["bits"],
-                               a["in_features"], a["act_scale"], a["act_lo"], a["act_hi"], path=path)
+                               a["in_features"], a["act_scale"], a["act_lo"], a["act_hi"], path=path, row_bits=rb)
         device = next((t.device for t in old.buffers()), None)
         setattr(parent, child, new.to(device) if device is not None else new)

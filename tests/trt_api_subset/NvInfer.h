@@ -1,12 +1,13 @@
 // COMPILE-CHECK SHIM -- NOT TensorRT, NOT used by the real build (runtime/cuda/CMakeLists.txt).
 //
-// Declares exactly the subset of the TensorRT 8.2..10.x C++ API that
-// runtime/cuda/qvit_lowbit_plugin.cpp uses, with the signatures of the public API docs
-// (docs.nvidia.com/deeplearning/tensorrt/api/c_api: IPluginV2, IPluginV2Ext,
-// IPluginV2DynamicExt, IPluginCreator, PluginField*, PluginTensorDesc, DimsExprs,
-// IExprBuilder, REGISTER_TENSORRT_PLUGIN), so that tests/test_cuda_build.py can
-// `g++ -fsyntax-only` the plugin where no TensorRT headers are installed.  Every pure
-// virtual of the real interfaces is pure here too, so a missing or mis-typed override fails.
+// Declares exactly the subset of the TensorRT 8.2..11 C++ API that the plugin front-ends
+// (runtime/cuda/qvit_lowbit_plugin.cpp: IPluginV2DynamicExt, TensorRT 8.x;
+// runtime/cuda/qvit_lowbit_plugin_v3.cpp: IPluginV3 OneCore/OneBuild/OneRuntime +
+// IPluginCreatorV3One, TensorRT >= 10) use, with the signatures of the public headers, so that
+// tests/test_cuda_build.py can compile AND run them (with a fake registry and expression builder
+// the test defines) where no TensorRT is installed.  Every pure virtual of the real interfaces is
+// pure here too, so a missing or mis-typed override fails.  The real headers of every release are
+// checked on a developer machine (tests read QVIT_TRT_INCLUDE_DIRS); they are never committed.
 // Pick the API flavour with -DQVIT_SHIM_TRT_MAJOR=8 (default, as 8.2) or =10.
 #ifndef QVIT_TRT_API_SUBSET_NVINFER_H
 #define QVIT_TRT_API_SUBSET_NVINFER_H
@@ -93,6 +94,9 @@ class DimsExprs {
 
 enum class PluginFieldType : int32_t {
   kFLOAT16 = 0, kFLOAT32 = 1, kFLOAT64 = 2, kINT8 = 3, kINT16 = 4, kINT32 = 5, kCHAR = 6, kDIMS = 7, kUNKNOWN = 8
+#if QVIT_SHIM_TRT_MAJOR >= 10
+  , kBF16 = 9, kINT64 = 10, kFP8 = 11, kINT4 = 12
+#endif
 };
 
 class PluginField {
@@ -185,15 +189,30 @@ class IPluginV2DynamicExt : public IPluginV2Ext {
 };
 
 #if QVIT_SHIM_TRT_MAJOR >= 10
-class IPluginCreatorInterface {
- public:
-  virtual ~IPluginCreatorInterface() noexcept = default;
+struct InterfaceInfo {
+  AsciiChar const* kind;
+  int32_t major;
+  int32_t minor;
 };
+
+class IVersionedInterface {
+ public:
+  virtual InterfaceInfo getInterfaceInfo() const noexcept = 0;
+  virtual ~IVersionedInterface() noexcept = default;
+};
+
+class IPluginCreatorInterface : public IVersionedInterface {
+ public:
+  ~IPluginCreatorInterface() noexcept override = default;
+};
+
 class IPluginCreator : public IPluginCreatorInterface {
+ public:
+  InterfaceInfo getInterfaceInfo() const noexcept override { return InterfaceInfo{"PLUGIN CREATOR_V1", 1, 0}; }
 #else
 class IPluginCreator {
-#endif
  public:
+#endif
   virtual int32_t getTensorRTVersion() const noexcept { return 0; }
   virtual AsciiChar const* getPluginName() const noexcept = 0;
   virtual AsciiChar const* getPluginVersion() const noexcept = 0;
@@ -206,9 +225,91 @@ class IPluginCreator {
   virtual ~IPluginCreator() = default;
 };
 
+#if QVIT_SHIM_TRT_MAJOR >= 10
+enum class PluginCapabilityType : int32_t { kCORE = 0, kBUILD = 1, kRUNTIME = 2 };
+enum class TensorRTPhase : int32_t { kBUILD = 0, kRUNTIME = 1 };
+
+class IPluginCapability : public IVersionedInterface {};
+
+class IPluginResourceContext {
+ public:
+  virtual ~IPluginResourceContext() noexcept = default;
+};
+
+class IPluginV3 : public IVersionedInterface {
+ public:
+  InterfaceInfo getInterfaceInfo() const noexcept override { return InterfaceInfo{"PLUGIN", 1, 0}; }
+  virtual IPluginCapability* getCapabilityInterface(PluginCapabilityType type) noexcept = 0;
+  virtual IPluginV3* clone() noexcept = 0;
+};
+
+class IPluginV3OneCore : public IPluginCapability {
+ public:
+  InterfaceInfo getInterfaceInfo() const noexcept override { return InterfaceInfo{"PLUGIN_V3ONE_CORE", 1, 0}; }
+  virtual AsciiChar const* getPluginName() const noexcept = 0;
+  virtual AsciiChar const* getPluginVersion() const noexcept = 0;
+  virtual AsciiChar const* getPluginNamespace() const noexcept = 0;
+};
+
+class IPluginV3OneBuild : public IPluginCapability {
+ public:
+  InterfaceInfo getInterfaceInfo() const noexcept override { return InterfaceInfo{"PLUGIN_V3ONE_BUILD", 1, 0}; }
+  virtual int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                                  DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept = 0;
+  virtual int32_t getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
+                                     int32_t nbInputs) const noexcept = 0;
+  virtual int32_t getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* shapeInputs,
+                                  int32_t nbShapeInputs, DimsExprs* outputs, int32_t nbOutputs,
+                                  IExprBuilder& exprBuilder) noexcept = 0;
+  virtual bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+                                         int32_t nbOutputs) noexcept = 0;
+  virtual int32_t getNbOutputs() const noexcept = 0;
+  virtual size_t getWorkspaceSize(DynamicPluginTensorDesc const*, int32_t, DynamicPluginTensorDesc const*,
+                                  int32_t) const noexcept {
+    return 0;
+  }
+  virtual int32_t getValidTactics(int32_t*, int32_t) noexcept { return 0; }
+  virtual int32_t getNbTactics() noexcept { return 0; }
+  virtual char const* getTimingCacheID() noexcept { return nullptr; }
+  virtual int32_t getFormatCombinationLimit() noexcept { return 100; }
+  virtual char const* getMetadataString() noexcept { return nullptr; }
+};
+
+class IPluginV3OneRuntime : public IPluginCapability {
+ public:
+  InterfaceInfo getInterfaceInfo() const noexcept override { return InterfaceInfo{"PLUGIN_V3ONE_RUNTIME", 1, 0}; }
+  virtual int32_t setTactic(int32_t) noexcept { return 0; }
+  virtual int32_t onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out,
+                                int32_t nbOutputs) noexcept = 0;
+  virtual int32_t enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
+                          void const* const* inputs, void* const* outputs, void* workspace,
+                          cudaStream_t stream) noexcept = 0;
+  virtual IPluginV3* attachToContext(IPluginResourceContext* context) noexcept = 0;
+  virtual PluginFieldCollection const* getFieldsToSerialize() noexcept = 0;
+};
+
+class IPluginCreatorV3One : public IPluginCreatorInterface {
+ public:
+  InterfaceInfo getInterfaceInfo() const noexcept override { return InterfaceInfo{"PLUGIN CREATOR_V3ONE", 1, 0}; }
+  virtual IPluginV3* createPlugin(AsciiChar const* name, PluginFieldCollection const* fc,
+                                  TensorRTPhase phase) noexcept = 0;
+  virtual PluginFieldCollection const* getFieldNames() noexcept = 0;
+  virtual AsciiChar const* getPluginName() const noexcept = 0;
+  virtual AsciiChar const* getPluginVersion() const noexcept = 0;
+  virtual AsciiChar const* getPluginNamespace() const noexcept = 0;
+  IPluginCreatorV3One() = default;
+  virtual ~IPluginCreatorV3One() = default;
+};
+#endif
+
 class IPluginRegistry {
  public:
+#if QVIT_SHIM_TRT_MAJOR >= 10
+  // TensorRT 11 keeps only this overload (10.x also has the deprecated IPluginCreator& one).
+  virtual bool registerCreator(IPluginCreatorInterface& creator, AsciiChar const* pluginNamespace) noexcept = 0;
+#else
   virtual bool registerCreator(IPluginCreator& creator, AsciiChar const* pluginNamespace) noexcept = 0;
+#endif
  protected:
   virtual ~IPluginRegistry() noexcept = default;
 };

@@ -1,0 +1,222 @@
+"""`make gpu-check`: one command for a short GPU window -- build, prove the kernels exact, measure them.
+
+Steps (each logged, timed, and bounded; the whole run aims at <= 8 minutes on an H100):
+
+1. ``build``      the PyTorch extension (JIT, for the GPU found) and the kernels-only CMake library;
+2. ``pytest``     ``pytest -m cuda tests/test_cuda_kernels.py``: every bit-exactness test;
+3. ``sanitizer``  compute-sanitizer memcheck and racecheck over small checked cases of each kernel family;
+4. ``bench``      ``bench_gemm`` on the DeiT-S layer shapes (W2/W3/W4 x A8/A16 vs cuBLAS FP16 and INT8);
+5. ``e2e``        img/s of a DeiT-S at batch 1 and 32, FP16 vs the low-bit kernels;
+6. ``ncu``        Nsight Compute on the large-M MMA case and the M = 1 GEMV, when ncu is there.
+
+Results go to ``$OUT`` when it is set (the device tool's output folder), else ``runs/gpu-check/``:
+``gpu_check.md`` (summary + tables), ``gpu_check.json``, build/pytest/tools/bench logs, the bench JSONs
+(8 files: what a device window brings back).
+Without a GPU it checks what it can (tools, the sm_90 kernel build) and says in one line what it skipped.
+Nothing is installed: a missing requirement is one ``error:`` line in the first seconds.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from qformat import io as qio
+from qformat.errors import UserError, main_guard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: Python modules every GPU step needs (all in the GPU image; carry a wheel if one is missing).
+REQUIRED_MODULES = ("torch", "numpy", "pytest")
+OPTIONAL_MODULES = {"timm": "skips the end-to-end step", "xdist": "pytest runs on one process"}
+REQUIRED_TOOLS = ("nvcc", "cmake")
+OPTIONAL_TOOLS = {"ninja": "the extension build will fail (torch needs it)",
+                  "compute-sanitizer": "skips the sanitizer step", "ncu": "skips the profile step",
+                  "nvidia-smi": "no driver line"}
+#: Seconds after which no new step starts (QVIT_GPU_CHECK_BUDGET overrides): a device window is short.
+BUDGET_S = int(os.environ.get("QVIT_GPU_CHECK_BUDGET", "450"))
+
+
+class Check:
+    """Run state: output folder, per-step records, the clock."""
+
+    def __init__(self, out_dir, has_gpu):
+        self.out_dir = out_dir
+        self.has_gpu = has_gpu
+        self.t0 = time.time()
+        self.steps = []
+        self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                        PYTHONUNBUFFERED="1")
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+    def run(self, name, cmd, log, timeout, env=None):
+        """Run ``cmd`` with output appended to ``log``; record and print one status line."""
+        left = BUDGET_S - self.elapsed()
+        if left <= 0:
+            return self.record(name, "skipped", 0.0, "time budget of {} s spent".format(BUDGET_S))
+        timeout = int(min(timeout, left + 60))  # a step may overrun the budget by a minute at most
+        t = time.time()
+        with open(os.path.join(self.out_dir, log), "a") as f:
+            f.write("\n$ {}\n".format(" ".join(cmd)))
+            f.flush()
+            try:
+                rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                    env=env or self.env).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout after {} s".format(timeout)
+        status = "ok" if rc == 0 else "FAILED"
+        return self.record(name, status, time.time() - t, "" if rc == 0 else "exit {} (see {})".format(rc, log))
+
+    def record(self, name, status, seconds, detail):
+        self.steps.append({"step": name, "status": status, "seconds": round(seconds, 1), "detail": detail})
+        print("[{:6.1f} s] {:<22} {:<8} {}".format(self.elapsed(), name, status, detail), flush=True)
+        return status == "ok"
+
+
+def preflight():
+    """Missing required modules/tools: one error line.  Returns (has_gpu, notes about optional parts)."""
+    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    missing += [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        raise UserError("gpu-check needs {} (carry Python packages as wheels: see /work/.library/device "
+                        "README, 'a Python package missing there')".format(", ".join(missing)))
+    notes = ["{} missing: {}".format(m, why) for m, why in OPTIONAL_MODULES.items()
+             if importlib.util.find_spec(m) is None]
+    notes += ["{} missing: {}".format(t, why) for t, why in OPTIONAL_TOOLS.items() if shutil.which(t) is None]
+    import torch
+
+    return torch.cuda.is_available(), notes
+
+
+def device_info():
+    import torch
+
+    p = torch.cuda.get_device_properties(0)
+    info = {"name": p.name, "capability": "{}.{}".format(p.major, p.minor), "sms": p.multi_processor_count,
+            "memory_gib": round(p.total_memory / 2 ** 30, 1), "torch": torch.__version__, "cuda": torch.version.cuda}
+    if shutil.which("nvidia-smi"):
+        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem,power.limit",
+                            "--format=csv,noheader"], stdout=subprocess.PIPE, text=True)
+        info["nvidia_smi"] = q.stdout.strip()
+    return info
+
+
+def build_library(check, arch):
+    """The kernels-only static library (CMake) for ``arch``: what the TensorRT plugin links."""
+    bdir = os.path.join(ROOT, "build", "gpu-check-kernels")
+    ok = check.run("build kernels (cmake)", ["cmake", "-S", os.path.join(ROOT, "runtime", "cuda"), "-B", bdir,
+                                              "-DQVIT_KERNELS_ONLY=ON", "-DQVIT_CUDA_ARCHS=" + arch], "build.log", 120)
+    return ok and check.run("build kernels (make)", ["cmake", "--build", bdir, "-j", str(os.cpu_count() or 4)],
+                            "build.log", 300)
+
+
+def build_extension(check, cc):
+    env = dict(check.env, MAX_JOBS=str(os.cpu_count() or 4), QVIT_EXT_VERBOSE="1")
+    code = "from runtime.torchtools import gemm_ext; gemm_ext.load_extension(); print('extension ok')"
+    return check.run("build torch extension", [sys.executable, "-c", code], "build.log", 420, env=env)
+
+
+def run_pytest(check):
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda_kernels.py"]
+    if importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+    return check.run("pytest -m cuda", cmd, "pytest.log", 300)
+
+
+def run_sanitizer(check):
+    if shutil.which("compute-sanitizer") is None:
+        return check.record("compute-sanitizer", "skipped", 0.0, "compute-sanitizer not on PATH")
+    ok = True
+    for tool in ("memcheck", "racecheck"):
+        cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "3", "--kernel-name", "kns=qvit",
+               sys.executable, "-m", "runtime.torchtools.sanitize_cases"]
+        ok &= check.run("sanitizer " + tool, cmd, "tools.log", 240)
+    return ok
+
+
+def run_bench(check):
+    legacy = ["--legacy"] if os.environ.get("QVIT_BENCH_LEGACY", "1") != "0" else []
+    ok = check.run("bench_gemm (layers)", [sys.executable, "-m", "runtime.torchtools.bench_gemm"] + legacy +
+                   ["--out", os.path.join(check.out_dir, "bench_gemm.json")], "bench.log", 300)
+    if importlib.util.find_spec("timm") is None:
+        return ok and check.record("bench_gemm (e2e)", "skipped", 0.0, "timm missing")
+    return ok and check.run("bench_gemm (e2e deit_s)", [sys.executable, "-m", "runtime.torchtools.bench_gemm",
+                                                        "--model-e2e", "deit_s", "--out",
+                                                        os.path.join(check.out_dir, "bench_e2e.json")],
+                            "bench.log", 240)
+
+
+def run_ncu(check):
+    if shutil.which("ncu") is None:
+        return check.record("ncu", "skipped", 0.0, "ncu not on PATH")
+    ok = True
+    for case, kernel in (("mma_deit", "mma_sync"), ("gemv_large", "gemv_dp4a")):
+        cmd = ["ncu", "--clock-control", "none", "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis",
+               "--section", "Occupancy", "--section", "LaunchStats", "-k", "regex:" + kernel, "-c", "1",
+               sys.executable, "-m", "runtime.torchtools.sanitize_cases", "--profile", case]
+        ok &= check.run("ncu " + case, cmd, "tools.log", 150)
+    return ok
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_summary(check, info):
+    bench = _read(os.path.join(check.out_dir, "bench_gemm.json")) or {}
+    e2e = _read(os.path.join(check.out_dir, "bench_e2e.json")) or {}
+    lines = ["# gpu-check", "", "Device: {}".format(json.dumps(info)), "",
+             "| step | status | seconds | detail |", "|---|---|---|---|"]
+    lines += ["| {step} | {status} | {seconds} | {detail} |".format(**s) for s in check.steps]
+    if bench.get("markdown"):
+        lines += ["", "## Layers", "", bench["markdown"],
+                  "", "Device-to-device copy: {:.0f} GB/s".format(bench.get("copy_gbps", 0.0))]
+    if e2e.get("e2e"):
+        from runtime.torchtools.bench_gemm import format_e2e
+
+        lines += ["", "## End to end", "", format_e2e(e2e["e2e"])]
+    text = "\n".join(lines) + "\n"
+    qio.atomic_write(os.path.join(check.out_dir, "gpu_check.md"), text.encode("utf-8"))
+    qio.write_json(os.path.join(check.out_dir, "gpu_check.json"), {"device": info, "steps": check.steps})
+    return text
+
+
+@main_guard
+def main(argv=None):
+    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu-check")
+    os.makedirs(out_dir, exist_ok=True)
+    has_gpu, notes = preflight()
+    for n in notes:
+        print("note: " + n)
+    check = Check(out_dir, has_gpu)
+    if not has_gpu:
+        build_library(check, "90")
+        print("gpu-check: no CUDA GPU here (torch.cuda.is_available() is False): ran the preflight and the sm_90 "
+              "kernels-only build; skipped the extension build, pytest -m cuda, compute-sanitizer, bench_gemm, "
+              "the end-to-end run and ncu")
+        return 0 if all(s["status"] == "ok" for s in check.steps) else 1
+    info = device_info()
+    print("device: {}".format(info))
+    cc = info["capability"]
+    check.env["TORCH_CUDA_ARCH_LIST"] = cc  # every step loads the one cached build
+    if build_extension(check, cc):
+        build_library(check, cc.replace(".", ""))
+        run_pytest(check)
+        run_sanitizer(check)
+        run_bench(check)
+        run_ncu(check)
+    text = write_summary(check, info)
+    print(text[-6000:])
+    return 0 if all(s["status"] in ("ok", "skipped") for s in check.steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
