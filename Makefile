@@ -15,7 +15,7 @@ STAMP   := .make/installed
 # the scripts (runtime/bench.py, ...) import the repository's packages without sys.path edits
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help quickstart test install data train ablation mp-ablation export engine bench bench-ort demo plugins bench-gemm gpu-check lint clean
+.PHONY: help quickstart test install data train ablation mp-ablation vvtq-ablation export engine bench bench-ort demo plugins bench-gemm gpu-check lint clean
 
 help:
 	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU, ~10 min), export fp32/qdq/lowbit with parity, bench"
@@ -23,6 +23,7 @@ help:
 	@echo "make train MODEL=.. BITS=..  quantization-aware training (python -m train --help)"
 	@echo "make ablation BUDGET=small FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"
 	@echo "make mp-ablation MP_BUDGET=cpu|gpu  learned head-wise bits vs uniform at 4- and 3-bit BitOPs budgets"
+	@echo "make vvtq-ablation [TEACHER=..]  LSQ+ KD / VVTQ / VVTQ w/o each part / Q-ViT / VVTQ+IRM+DGD at 4/3/2 bits"
 	@echo "make export MODEL=.. BITS=.. [CKPT=..] [FORMAT=qdq|lowbit] [TARGET=..]  (runs/MODEL_wBITS/best.safetensors if trained)"
 	@echo "make engine ONNX=..        TensorRT engine (needs TensorRT)"
 	@echo "make bench ONNX=..         img/s and latency (runtime/bench.py)"
@@ -62,6 +63,10 @@ ablation: install data
 
 mp-ablation: install data
 	$(PY) -m train.mp_ablation --budget $(or $(MP_BUDGET),cpu) --bits 4,3 --out runs/mp_ablation_$(or $(MP_BUDGET),cpu)
+# VVTQ's ablation needs an FP teacher: TEACHER=runs/ablation_small/fp/last.safetensors (make ablation writes it)
+TEACHER ?= runs/ablation_$(BUDGET)/fp/last.safetensors
+vvtq-ablation: install data
+	$(PY) -m train.vvtq_ablation --teacher $(TEACHER) --out runs/vvtq_ablation
 
 export: install
 	@$(PY) -m export $(if $(CKPT),--checkpoint $(CKPT),--model $(MODEL) --bits $(BITS)) --format $(FORMAT) --target $(TARGET) --out $(OUT)

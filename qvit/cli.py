@@ -12,6 +12,7 @@ import sys
 #: stage -> (module with main(argv, prog), one-line description)
 STAGES = (
     ("train", "train.cli", "quantization-aware training (Q-ViT: LSQ/LSQ+, IRM, DGD, KD); torchrun for DDP"),
+    ("softlabels", "train.softlabels", "multi-crop soft-label store of an FP teacher (VVTQ --multicrop-kd)"),
     ("export", "export.cli", "checkpoint -> ONNX (qdq | lowbit | fp32) + sidecar, with the parity check"),
     ("build", "runtime.build", "ONNX -> TensorRT engine (cached), with the equivalent trtexec line"),
     ("bench", "runtime.bench", "img/s and latency on TensorRT, ONNX Runtime or torch"),
@@ -21,7 +22,7 @@ STAGES = (
 
 def usage():
     lines = ["usage: qvit <stage> [flags]    (qvit <stage> --help for the stage's flags)", "", "stages:"]
-    lines += ["  {:<8} {}".format(name, text) for name, _, text in STAGES]
+    lines += ["  {:<10} {}".format(name, text) for name, _, text in STAGES]
     return "\n".join(lines) + "\n"
 
 

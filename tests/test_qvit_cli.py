@@ -28,7 +28,7 @@ def test_qvit_is_a_project_script():
 def test_help_lists_every_stage(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert [name for name, _, _ in STAGES] == ["train", "export", "build", "bench", "demo"]
+    assert [name for name, _, _ in STAGES] == ["train", "softlabels", "export", "build", "bench", "demo"]
     assert all(f"  {name} " in out for name, _, _ in STAGES)
 
 
@@ -38,6 +38,7 @@ def test_help_lists_every_stage(capsys):
     (["export", "--format", "int2"], "invalid choice"),
     (["bench", "--batch", "0", "--onnx", "x.onnx"], "must be >= 1"),
     (["build"], "the following arguments are required: --onnx"),
+    (["softlabels", "--out", "s"], "the following arguments are required: --teacher"),
     (["demo", "--onnx", "m.onnx", "--headless"], "--headless needs --out"),
 ])
 def test_each_stage_refuses_bad_flags_in_one_line(argv, needle):

@@ -10,10 +10,19 @@ import argparse
 import sys
 
 from qformat import MAX_BITS, MIN_BITS
-from qformat.argtypes import bits_int, float_range, nonneg_float, nonneg_int, positive_float, positive_int, seed_int
+from qformat.argtypes import (
+    bits_int,
+    float_range,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from qformat.cli import add_model_args, add_override_arg, parser, read_overrides
 from qformat.errors import UserError, main_guard
-from train.config import DATASETS, METHODS, check_overrides, mixed_settings, resolve_bits
+from train.config import DATASETS, METHODS, MIXED_METHODS, WEIGHT_SCALES, check_overrides, mixed_settings, resolve_bits
 
 
 def _model_group(p: argparse.ArgumentParser) -> None:
@@ -24,7 +33,8 @@ def _model_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--a-bits", type=bits_int, default=None, help="override activation bits")
     g.add_argument("--method", default="qvit", choices=METHODS,
                    help="fp | baseline (no IRM/DGD) | irm | dgd | qvit (IRM+DGD) | mp (learned head-wise bits "
-                        "under a BitOPs budget, differentiable Q-ViT) | qvit-mp (mp + IRM + DGD)")
+                        "under a BitOPs budget, differentiable Q-ViT) | qvit-mp (mp + IRM + DGD) | vvtq (KD only, OBR, "
+                        "module scales)")
     g.add_argument("--granularity", default="deploy", choices=("deploy", "paper"),
                    help="activation-scale granularity (QuantConfig.granularity)")
     g.add_argument("--calib-batches", type=positive_int, default=4, help="batches for the quantizers' data-driven init")
@@ -44,6 +54,25 @@ def _mixed_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bit-lr", type=positive_float, default=None, help="peak lr of the float bit-widths (default 0.01)")
     g.add_argument("--no-switchable-scale", dest="switchable_scale", action="store_const", const=False, default=None,
                    help="one scale per quantizer instead of one per candidate width 2..8 (ablation)")
+def _vvtq_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("VVTQ (variation-aware QAT, train/vvtq.py); combine with any quantized --method")
+    bool_flag = argparse.BooleanOptionalAction
+    g.add_argument("--obr", action=bool_flag, default=None,
+                   help="oscillation-aware bin regularisation, λ raised by a cosine (default: on for --method vvtq)")
+    g.add_argument("--obr-lambda", type=nonneg_float, default=None, help="λ of OBR at the last step (default 0.01)")
+    g.add_argument("--obr-start", type=float_range(0.0, 1.0, hi_open=True), default=None,
+                   help="fraction of the steps with λ = 0 before it rises (default 0.25)")
+    g.add_argument("--module-scales", action=bool_flag, default=None,
+                   help="module-dependent scale gradients 1/sqrt(Qp*||w_m||_1) (default: on for --method vvtq)")
+    g.add_argument("--weight-scale", default=None, choices=WEIGHT_SCALES,
+                   help="one learned weight step per output row, or per module (q/k/v of one head; a layer)")
+    g.add_argument("--multicrop-kd", default=None, metavar="STORE",
+                   help="distil from this soft-label store (python -m train.softlabels): KD on its stored crops, "
+                        "no teacher forward (DGD still runs the teacher on them)")
+    g.add_argument("--osc-momentum", type=float_range(0.0, 1.0, lo_open=True), default=None,
+                   help="EMA momentum of the oscillation measure (default 0.01)")
+    g.add_argument("--osc-threshold", type=fraction, default=None,
+                   help="oscillation frequency above which a weight counts as oscillating (default 0.005)")
 
 
 def _weights_group(p: argparse.ArgumentParser) -> None:
@@ -97,7 +126,7 @@ def _data_run_groups(p: argparse.ArgumentParser) -> None:
 
 def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     p = parser(prog, __doc__.split("\n\n")[0], defaults_help=True)
-    for group in (_model_group, _mixed_group, _weights_group, _optim_group, _data_run_groups):
+    for group in (_model_group, _mixed_group, _vvtq_group, _weights_group, _optim_group, _data_run_groups):
         group(p)
     return p
 
@@ -111,6 +140,14 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m train") -> 
     resolve_bits(args.bits, args.w_bits, args.a_bits)  # before torch is imported: a typo costs no start-up time
     mixed_settings(args)
     args.quant_override = check_overrides(read_overrides(args.quant_override))
+    vvtq_flags = [f for f in ("obr", "obr_lambda", "obr_start", "module_scales", "weight_scale", "multicrop_kd",
+                              "osc_momentum", "osc_threshold") if getattr(args, f) is not None]
+    if vvtq_flags and args.method in MIXED_METHODS:
+        raise UserError("--{} is not combined with the learned-bit search (--method {}) yet: pick one".format(
+            vvtq_flags[0].replace("_", "-"), args.method))
+    if vvtq_flags and args.method == "fp":
+        raise UserError("--{} needs a quantized --method (vvtq, baseline, irm, dgd or qvit), not fp".format(
+            vvtq_flags[0].replace("_", "-")))
     return args
 
 

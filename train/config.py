@@ -14,7 +14,7 @@ from typing import Any
 from qformat import MAX_BITS, MIN_BITS, FormatError, check_bits
 from qformat.errors import UserError
 
-METHODS = ("fp", "baseline", "irm", "dgd", "qvit", "mp", "qvit-mp")
+METHODS = ("fp", "baseline", "irm", "dgd", "qvit", "mp", "qvit-mp", "vvtq")
 #: Methods that learn their bit-widths under a BitOPs budget (differentiable Q-ViT, Z. Li et al.):
 #: ``mp`` on the baseline quantizers, ``qvit-mp`` with IRM + DGD (train.mixedbits)
 MIXED_METHODS = ("mp", "qvit-mp")
@@ -23,6 +23,9 @@ IRM_METHODS = ("irm", "qvit", "qvit-mp")
 DGD_METHODS = ("dgd", "qvit", "qvit-mp")
 DATASETS = ("fmnist", "imagefolder", "synthetic")
 GRANULARITIES = ("deploy", "paper")
+#: weight-scale granularity: one learned step per output row, or one per module (VVTQ's "module": the
+#: q, k or v rows of one head in qkv, the whole layer elsewhere), stored per row after convert
+WEIGHT_SCALES = ("row", "module")
 ACT_INITS = ("mse", "lsq")
 
 #: Per-module override keys (``QuantConfig.overrides``), by the kind of module a pattern matches.
@@ -186,6 +189,11 @@ class QuantConfig:
     attn_granularity: str | None = None
     act_init: str = "mse"
     weight_init: str = "mse"
+    #: VVTQ module-dependent scales (train/vvtq.py): each weight scale's gradient is multiplied by
+    #: 1/sqrt(Qp * ||w_m||_1) of its module m (LSQ: 1/sqrt(N * Qp)); q/k/v/attention scales are per
+    #: head with 1/sqrt(Qp * ||x_h||_1) (per sample)
+    module_scales: bool = False
+    weight_scale: str = "row"
     #: per-module overrides by wildcard pattern (ModelOpt-style), e.g.
     #: ``{"blocks.*.attn.qkv": {"w_bits": 3}, "blocks.0.*": {"a_bits": 8}}``; later patterns win
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -211,6 +219,10 @@ class QuantConfig:
             raise UserError("linear_granularity must be 'tensor' or 'channel'")
         if self.attn_granularity not in (None, "tensor", "head"):
             raise UserError("attn_granularity must be 'tensor' or 'head'")
+        if self.weight_scale not in WEIGHT_SCALES:
+            raise UserError(f"weight_scale={self.weight_scale!r}: use one of {', '.join(WEIGHT_SCALES)}")
+        if self.module_scales and self.attn_granularity == "tensor":
+            raise UserError("module-dependent scales are per head for q, k, v: drop attn_granularity='tensor'")
 
     def _check_mixed(self) -> None:
         if self.mixed is None:
@@ -294,7 +306,7 @@ class QuantConfig:
         if method == "fp":
             return None
         irm = method in IRM_METHODS
-        return cls(**{"w_bits": bits, "a_bits": bits, "irm": irm, **overrides})
+        return cls(**{"w_bits": bits, "a_bits": bits, "irm": irm, "module_scales": method == "vvtq", **overrides})
 
 
 @dataclass
@@ -328,9 +340,58 @@ class DistillConfig:
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> DistillConfig | None:
         """``fp`` trains without a teacher (None). Every quantized row gets logit KD from the
-        same FP teacher, so the ablation isolates IRM and DGD; ``dgd``/``qvit`` add DGD."""
+        same FP teacher, so the ablation isolates IRM and DGD; ``dgd``/``qvit`` add DGD;
+        ``vvtq`` distils with KD alone (VVTQ Sec. 3.3.1: no one-hot label term)."""
         if method not in METHODS:
             raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         if method == "fp":
             return None
-        return cls(**{"dgd": method in DGD_METHODS, **overrides})
+        preset = {"dgd": method in DGD_METHODS}
+        if method == "vvtq":
+            preset["ce_weight"] = 0.0
+        return cls(**{**preset, **overrides})
+
+
+@dataclass
+class VvtqConfig:
+    """VVTQ's training-side switches (Huang et al.; train/vvtq.py): oscillation-aware bin regularisation
+    and multi-crop KD from a soft-label store.  Module-dependent scales shape the quantizers, so they
+    live in :class:`QuantConfig` (``module_scales``, ``weight_scale``).  Stored as ``meta["vvtq"]``.
+
+    ``obr_lambda`` is λ at the last step; λ is 0 until ``obr_start`` of the steps, then rises along
+    half a cosine (the reference code's ``CosineTempDecay((0, 0.01), rel_decay_start=0.25)``).
+    ``osc_momentum``/``osc_threshold``: the oscillation measure (VVTQ Eq. 11; a weight oscillates
+    while the EMA of its direction reversals exceeds the threshold).
+    """
+
+    obr: bool = False
+    obr_lambda: float = 0.01
+    obr_start: float = 0.25
+    multicrop_kd: str | None = None  # soft-label store folder (python -m train.softlabels)
+    store_digest: str | None = None  # its manifest digest, recorded when training starts
+    osc_momentum: float = 0.01
+    osc_threshold: float = 0.005
+
+    def __post_init__(self) -> None:
+        checks = (("obr_lambda", 0.0 <= self.obr_lambda < float("inf")), ("obr_start", 0.0 <= self.obr_start < 1.0),
+                  ("osc_momentum", 0.0 < self.osc_momentum <= 1.0), ("osc_threshold", 0.0 <= self.osc_threshold < 1.0))
+        for name, ok in checks:
+            if not ok:
+                raise UserError(f"{name}={getattr(self, name)!r} is out of range (see python -m train --help)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VvtqConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def for_method(cls, method: str, **overrides: Any) -> VvtqConfig | None:
+        """``vvtq`` turns OBR on; any quantized method may take the switches; ``fp`` has none (None)."""
+        if method not in METHODS:
+            raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        if method == "fp":
+            return None
+        return cls(**{"obr": method == "vvtq", **{k: v for k, v in overrides.items() if v is not None}})

@@ -54,6 +54,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean", log_target=True) * (t * t)
 
 
+def soft_kd_loss(student_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """KL(p || student) against stored teacher probabilities ``p`` (multi-crop KD, VVTQ Eq. 8 up to the
+    constant entropy of p, so its value compares with :func:`kd_loss` at T = 1)."""
+    return F.kl_div(F.log_softmax(student_logits.float(), -1), probs.float(), reduction="batchmean")
+
+
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")]
 
@@ -111,7 +117,10 @@ class Distiller(nn.Module):
             self._t_rec = QKRecorder(teacher)
             self._s_rec = QKRecorder(student)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                soft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``soft``: the teacher's stored probabilities for ``images`` (multi-crop KD, train/softlabels.py):
+        KD reads them instead of running the teacher, which then runs only when DGD needs its q and k."""
         cfg = self.cfg
         parts: dict[str, float] = {}
         if self._s_rec is not None:
@@ -124,10 +133,12 @@ class Distiller(nn.Module):
         parts["ce"] = float(loss.detach())
         if cfg.kd or cfg.dgd:
             teacher = self.teacher[0]
-            with torch.no_grad():
-                t_logits = teacher(images)
+            if cfg.dgd or soft is None:
+                with torch.no_grad():
+                    t_logits = teacher(images)
             if cfg.kd:
-                kd = cfg.kd_weight * kd_loss(logits, t_logits, cfg.temperature)
+                kd = cfg.kd_weight * (soft_kd_loss(logits, soft) if soft is not None else
+                                      kd_loss(logits, t_logits, cfg.temperature))
                 parts["kd"] = float(kd.detach())
                 loss = loss + kd
             if cfg.dgd:

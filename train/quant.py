@@ -39,6 +39,7 @@ from .config import ATTENTION_KEYS, LAYER_KEYS, QuantConfig
 from .families import FamilyAdapter, family_of
 from .irm import IRMNorm
 from .quantizers import ActQuantizer, WeightQuantizer
+from .vvtq import module_scale_args
 
 # ------------------------------------------------------------------------ quantized layers
 
@@ -55,7 +56,8 @@ class _QuantWeightMixin:
     def _attach(self, plan: dict[str, Any], grouping: str, groups: int, cfg: QuantConfig) -> None:
         out = self.weight.shape[0]
         self.w_quant = WeightQuantizer(plan["w_bits"], out, init=cfg.weight_init, group_axis=plan.get("group_axis"),
-                                       group_size=plan.get("group_size"), in_features=self.weight.shape[-1])
+                                       group_size=plan.get("group_size"), in_features=self.weight.shape[-1],
+                                       **module_scale_args(cfg, plan.get("module_rows")))
         self.a_quant = ActQuantizer(plan["a_bits"], signed=True, grouping=grouping, groups=groups, init=cfg.act_init)
         self.converted = False
 
@@ -75,7 +77,7 @@ class _QuantWeightMixin:
         if not bool(self.w_quant.initialized):
             self.w_quant.initialize(w)
         self.register_buffer("weight_int", self.w_quant.integers(w))
-        self.register_buffer("weight_scale", self.w_quant.scale.detach().reshape(-1).clone().float())
+        self.register_buffer("weight_scale", self.w_quant.row_scale().detach().reshape(-1).clone().float())
         del self.weight
         self.converted = True
 
@@ -239,23 +241,27 @@ def _attach_attention(site: Site, cfg: QuantConfig, fam: FamilyAdapter) -> None:
         attn.k_norm = IRMNorm(head_dim, heads, per_head=cfg.irm_per_head)
     add_slots(attn)
     plan = attention_plan(site, cfg)
-    kw = dict(grouping=cfg.attn_scale, groups=heads, init=cfg.act_init, kind="qkv")
+    kw = dict(grouping=cfg.attn_scale, groups=heads, init=cfg.act_init, kind="qkv",
+              grad_norm="l1" if cfg.module_scales else "lsq")
     attn.q_quant = ActQuantizer(plan["q"], signed=True, **kw)
     attn.k_quant = ActQuantizer(plan["k"], signed=True, **kw)
     attn.v_quant = ActQuantizer(plan["v"], signed=True, **kw)
     attn.attn_quant = ActQuantizer(plan["attn"], signed=False, **dict(kw, kind="attn"))
 
 
-def _attach_layer(site: Site, cfg: QuantConfig) -> None:
+def _attach_layer(site: Site, cfg: QuantConfig, fam: FamilyAdapter) -> None:
     plan = layer_plan(site, cfg)
     if plan is None or type(site.module) not in (nn.Linear, nn.Conv2d):
         return
     m = site.module
+    m.qvit_role = site.role  # what the variation measures (train/vvtq.py) look at: the "block" layers
     if isinstance(m, nn.Conv2d):
         m.__class__ = QuantConv2d
         m._attach(plan, "tensor", 1, cfg)
         return
     m.__class__ = QuantLinear
+    if site.attn is not None:  # qkv: a module is the q, k or v rows of one head
+        plan["module_rows"] = fam.qkv_layout(site.attn)[2]
     channel = site.role == "block" and cfg.linear_scale == "channel"
     m._attach(plan, "channel" if channel else "tensor", m.in_features, cfg)
 
@@ -278,7 +284,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         if site.role == "attention":
             _attach_attention(site, cfg, fam)
         else:
-            _attach_layer(site, cfg)
+            _attach_layer(site, cfg, fam)
     model.qvit_quant_config = cfg.to_dict()
     if cfg.mixed is not None:
         from .mixedbits import make_learnable

@@ -22,6 +22,8 @@ import qformat
 from qformat.spec import normalise_bits
 
 GROUPINGS = ("tensor", "channel", "head")
+#: how a scale's gradient is normalised: LSQ's 1/sqrt(N * Qp), or VVTQ's 1/sqrt(Qp * ||x||_1)
+GRAD_NORMS = ("lsq", "l1")
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -186,12 +188,19 @@ class WeightQuantizer(_GridMixin, nn.Module):
     the rows of one head in qkv) or columns (``group_axis=-1``, e.g. the W_O columns that read
     one head; ``in_features`` needed).  Gradient scale ``g = 1 / sqrt(numel * Qp)`` as in LSQ
     (numel of the whole weight, ``Qp`` of each element's group).
+
+    VVTQ's module-dependent quantization (``grad_norm="l1"``): a *module* is ``module_rows``
+    consecutive rows (the q, k or v rows of one head in qkv; the whole weight by default), and
+    each scale's gradient is multiplied by ``1 / sqrt(Qp * ||w_m||_1)`` of its module instead.
+    ``scale_per="module"`` ties the rows of a module to one learned step (stored per row after
+    convert, so the exported format does not change).
     """
 
     signed = True
 
     def __init__(self, bits, out_channels: int, init: str = "mse", group_axis: int | None = None,
-                 group_size: int | None = None, in_features: int | None = None) -> None:
+                 group_size: int | None = None, in_features: int | None = None, module_rows: int | None = None,
+                 grad_norm: str = "lsq", scale_per: str = "row") -> None:
         super().__init__()
         try:
             self.bits, self.group_axis, self.group_size = normalise_bits(bits, group_axis, group_size)
@@ -206,14 +215,39 @@ class WeightQuantizer(_GridMixin, nn.Module):
                                       group_size=self.group_size)
             widths = [int(b) for b in spec.bits_along(extent)]
         self._set_grid(widths, (-1, 1) if self.group_axis == -2 else (1, -1))
+        self._set_modules(out_channels, module_rows, grad_norm, scale_per)
         self.init_method = init
-        self.scale = nn.Parameter(torch.ones(out_channels, 1))
+        self.scale = nn.Parameter(torch.ones(out_channels if scale_per == "row" else self.n_modules, 1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def _set_modules(self, out_channels: int, module_rows: int | None, grad_norm: str, scale_per: str) -> None:
+        if grad_norm not in GRAD_NORMS or scale_per not in ("row", "module"):
+            raise ValueError(f"grad_norm must be one of {GRAD_NORMS}, scale_per 'row' or 'module'")
+        self.module_rows = int(module_rows or out_channels)
+        if out_channels % self.module_rows:
+            raise ValueError(f"{out_channels} rows do not split into modules of {module_rows} rows")
+        self.n_modules = out_channels // self.module_rows
+        self.grad_norm, self.scale_per = grad_norm, scale_per
+        if scale_per == "module" and self.mixed and (self.group_axis != -2 or self.group_size % self.module_rows):
+            raise ValueError("one scale per module needs bits per group of whole modules (rows)")
+
+    def row_scale(self) -> torch.Tensor:
+        """The step of every output row, ``[out, 1]`` (a module's rows share one with ``scale_per='module'``)."""
+        if self.scale_per == "row":
+            return self.scale
+        return self.scale.repeat_interleave(self.module_rows, dim=0)
+
+    def _by_module(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (shaped like the weight) as ``[modules, elements]``."""
+        return t.reshape(self.n_modules, -1)
 
     @torch.no_grad()
     def initialize(self, w: torch.Tensor) -> None:
         w2 = w.detach().reshape(w.shape[0], -1)
         qmin, qmax, _, _ = self.grid()
+        if self.scale_per == "module":  # search one step per module over all of its rows
+            qmin, qmax = (torch.broadcast_to(torch.as_tensor(v, dtype=w2.dtype), w2.shape) for v in (qmin, qmax))
+            w2, qmin, qmax = self._by_module(w2), self._by_module(qmin), self._by_module(qmax)
         if self.init_method == "lsq":
             qp = torch.as_tensor(_widest(qmax, 2, (1,), torch.amax), dtype=torch.float32)
             s = 2 * w2.abs().mean(dim=1, keepdim=True) / torch.sqrt(qp)
@@ -225,33 +259,46 @@ class WeightQuantizer(_GridMixin, nn.Module):
     def _scale_like(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return s.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
 
+    def grad_factor(self, w: torch.Tensor):
+        """The factor on each scale's gradient: LSQ ``1/sqrt(N * Qp)`` (a float, or a tensor with bits per
+        group), or VVTQ ``1/sqrt(Qp * ||w_m||_1)`` per row of module m (a tensor broadcast against ``w``)."""
+        qmax = self.grid()[1]
+        if self.grad_norm == "lsq":
+            return 1.0 / math.sqrt(w.numel() * self.qmax) if not self.mixed else torch.rsqrt(w.numel() * qmax)
+        with torch.no_grad():
+            l1 = self._by_module(w.detach().abs()).sum(dim=1).clamp(min=1e-12)
+            l1 = self._scale_like(w, l1.repeat_interleave(self.module_rows))
+            return torch.rsqrt(l1 * qmax)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             self.initialize(w)
         if self.mixed and w.dim() != 2:
             raise ValueError("weight bits per group are for Linear weights [N, K]")
         qmin, qmax, _, _ = self.grid()
-        g = 1.0 / math.sqrt(w.numel() * self.qmax) if not self.mixed else torch.rsqrt(w.numel() * qmax)
         # clamp before rounding (LSQ): the bounds are integers, so the forward is the same, and
         # an in-range value that rounds onto a bound keeps its STE gradient
-        return lsq_fake_quant(w, self._scale_like(w, self.scale), None, qmin, qmax, g)
+        return lsq_fake_quant(w, self._scale_like(w, self.row_scale()), None, qmin, qmax, self.grad_factor(w))
 
     @torch.no_grad()
     def integers(self, w: torch.Tensor) -> torch.Tensor:
         """Frozen integer codes (int8) of ``w`` -- what convert() stores."""
         qmin, qmax, _, _ = self.grid()
-        s = self._scale_like(w, self.scale)
+        s = self._scale_like(w, self.row_scale())
         return torch.clamp(torch.round(w / s), qmin, qmax).to(torch.int8)
 
     def spec(self, ndim: int = 2) -> qformat.TensorSpec:
         """This quantizer as the format's record: one scale per output channel of an ``ndim``-d weight."""
-        scale = self.scale.detach().float().cpu().numpy().reshape(-1)
+        scale = self.row_scale().detach().float().cpu().numpy().reshape(-1)
         return qformat.TensorSpec("weight", True, self.bits, scale, scale_axis=-int(ndim), group_axis=self.group_axis,
                                   group_size=self.group_size)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, per-channel={self.scale.shape[0]}" + (
-            f", groups of {self.group_size} along axis {self.group_axis}" if self.mixed else "")
+        per = f"per-channel={self.scale.shape[0]}" if self.scale_per == "row" else \
+            f"per-module={self.n_modules}x{self.module_rows} rows"
+        return f"bits={self.bits}, {per}" + (
+            f", groups of {self.group_size} along axis {self.group_axis}" if self.mixed else "") + (
+            f", grad_norm={self.grad_norm}" if self.grad_norm != "lsq" else "")
 
 
 def coarsest_groups(bits):
@@ -283,10 +330,11 @@ class ActQuantizer(_GridMixin, nn.Module):
     """
 
     def __init__(self, bits, signed: bool = True, grouping: str = "tensor", groups: int = 1,
-                 init: str = "mse", kind: str = "act") -> None:
+                 init: str = "mse", kind: str = "act", grad_norm: str = "lsq") -> None:
         super().__init__()
-        if grouping not in GROUPINGS:
-            raise ValueError(f"grouping must be one of {GROUPINGS}")
+        if grouping not in GROUPINGS or grad_norm not in GRAD_NORMS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, grad_norm one of {GRAD_NORMS}")
+        self.grad_norm = grad_norm
         self.signed = signed
         self.grouping = grouping
         self.groups = groups if grouping != "tensor" else 1
@@ -352,10 +400,19 @@ class ActQuantizer(_GridMixin, nn.Module):
             s = self._view(self.scale, x)
             return torch.clamp(torch.round(x / s), self._view(lo, x), self._view(hi, x)) * s
         qmin, qmax, zlo, zhi = (self._view(v, x) for v in self.grid())
-        per_group = x[0].numel() / max(self.scale.numel(), 1) if x.dim() > 1 else x.numel()
-        g = 1.0 / math.sqrt(per_group * qmax) if not self.mixed else torch.rsqrt(per_group * qmax)
         zp = self._view(self.zero_point, x) if self.signed else None
-        return lsq_fake_quant(x, self._view(self.scale, x), zp, qmin, qmax, g, (zlo, zhi))
+        return lsq_fake_quant(x, self._view(self.scale, x), zp, qmin, qmax, self.grad_factor(x), (zlo, zhi))
+
+    def grad_factor(self, x: torch.Tensor):
+        """LSQ ``1/sqrt(N * Qp)`` with N the elements per group of one sample, or (``grad_norm="l1"``, VVTQ)
+        ``1/sqrt(Qp * ||x_g||_1)`` with ``||x_g||_1`` the group's L1 norm per sample."""
+        qmax = self._view(self.grid()[1], x)
+        if self.grad_norm == "l1":
+            with torch.no_grad():
+                l1 = x.detach().abs().sum(dim=self._reduce_dims(x)) / (x.shape[0] if x.dim() > 1 else 1)
+                return torch.rsqrt(self._view(l1.reshape(self.scale.shape).clamp(min=1e-12), x) * qmax)
+        per_group = x[0].numel() / max(self.scale.numel(), 1) if x.dim() > 1 else x.numel()
+        return 1.0 / math.sqrt(per_group * qmax) if not self.mixed else torch.rsqrt(per_group * qmax)
 
     def spec(self) -> qformat.TensorSpec:
         """This (frozen) quantizer as the format's record."""
@@ -368,4 +425,5 @@ class ActQuantizer(_GridMixin, nn.Module):
 
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"
-        return f"bits={self.bits}, {kind}, grouping={self.grouping}x{self.groups}"
+        return f"bits={self.bits}, {kind}, grouping={self.grouping}x{self.groups}" + (
+            f", grad_norm={self.grad_norm}" if self.grad_norm != "lsq" else "")

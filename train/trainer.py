@@ -136,6 +136,13 @@ def resolve_device(name: str, dinfo: dist.DistInfo) -> torch.device:
     return torch.device(name)
 
 
+def objective_hook(objective: nn.Module, name: str, *args):
+    """Call an optional hook of a training objective (``begin_fit``, ``after_step``, ``epoch_metrics``,
+    ``resume_state``; see train/vvtq.py) when it has one; DDP-wrapped objectives are unwrapped."""
+    fn = getattr(getattr(objective, "module", objective), name, None)
+    return fn(*args) if callable(fn) else None
+
+
 def say(msg: str, dinfo: dist.DistInfo) -> None:
     if dinfo.is_main:
         tqdm.write(msg, file=sys.stdout)
@@ -190,10 +197,10 @@ def _optimizer(args: argparse.Namespace, phase: Phase, model: nn.Module, total: 
                  total, bits)
 
 
-def _step(args: argparse.Namespace, o: Optim, train_obj: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """One optimizer step; returns (loss, logits, parts)."""
+def _step(args: argparse.Namespace, o: Optim, train_obj: nn.Module, x: torch.Tensor, y: torch.Tensor, *extra):
+    """One optimizer step; returns (loss, logits, parts). ``extra``: more batch fields (stored soft labels)."""
     with o.autocast():
-        loss, logits, parts = train_obj(x, y)
+        loss, logits, parts = train_obj(x, y, *extra)
     o.opt.zero_grad(set_to_none=True)
     if o.scaler is not None:
         o.scaler.scale(loss).backward()
@@ -228,7 +235,7 @@ def _restore(state: dict, o: Optim) -> tuple[int, int, float]:
 
 
 def _save_epoch(phase: Phase, model: nn.Module, meta: dict, row: dict, best: float, is_best: bool,
-                o: Optim, rows: list) -> None:
+                o: Optim, rows: list, objective: Optional[nn.Module] = None) -> None:
     """best first (a new file of its own), then the one-file commit of the epoch (weights, metadata,
     optimizer, RNG, metric rows), then the ``last.*`` copies derived from it: a kill anywhere leaves
     either epoch N-1 or epoch N, never a mix."""
@@ -241,7 +248,8 @@ def _save_epoch(phase: Phase, model: nn.Module, meta: dict, row: dict, best: flo
         "epoch": row["epoch"], "step": row["step"], "best_top1": best, "phase": phase.name,
         "model": ckpt.cpu_state(model), "meta": m, "rows": rows,
         "optimizer": o.opt.state_dict(), "scheduler": o.sched.state_dict(),
-        "scaler": o.scaler.state_dict() if o.scaler is not None else None, "rng": rng_state()})
+        "scaler": o.scaler.state_dict() if o.scaler is not None else None, "rng": rng_state(),
+        "objective": objective_hook(objective, "resume_state")})
     ckpt.save_checkpoint(os.path.join(phase.out, "last"), model, m)
 
 
@@ -259,6 +267,7 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
         start_epoch, step, best = _restore(resume_state, o)
         say("{}: resumed at epoch {}/{} (best top-1 {:.2f})".format(phase.name, start_epoch, phase.epochs, best),
             dinfo)
+    objective_hook(objective, "begin_fit", step, total, (resume_state or {}).get("objective"))
     train_obj = objective
     if dinfo.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -283,15 +292,18 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
             final = getattr(objective, "allocation_final", True)
             is_best = ev["top1"] > best and final
             best = max(best, ev["top1"]) if final else best
+            extra = objective_hook(objective, "epoch_metrics") or {}
             row = {"epoch": epoch + 1, "step": step, "lr": o.sched.get_last_lr()[0], **tr,
-                   "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"], "val_img_s": ev["img_s"]}
+                   "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"], "val_img_s": ev["img_s"],
+                   **extra}
             top5 = "n/a" if ev["top5"] is None else "{:.2f}".format(ev["top5"])
             say("{} epoch {}/{}: train loss {:.4f} acc {:.2f} | val top-1 {:.2f} top-5 {} loss {:.4f} | "
                 "{:.0f} img/s{}".format(phase.name, epoch + 1, phase.epochs, tr["train_loss"], tr["train_acc"],
                                       ev["top1"], top5, ev["loss"], tr["train_img_s"],
-                                      " | " + objective.note() if hasattr(objective, "note") else ""), dinfo)
+                                      (" | " + objective.note() if hasattr(objective, "note") else "") +
+                                      "".join(" | {} {:.4g}".format(k, v) for k, v in extra.items())), dinfo)
             if dinfo.is_main:
-                _save_epoch(phase, model, meta, row, best, is_best, o, logger.rows + [row])
+                _save_epoch(phase, model, meta, row, best, is_best, o, logger.rows + [row], objective)
                 logger.epoch(row)
             dist.barrier()
     finally:
@@ -307,13 +319,14 @@ def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, o: Optim,
     bar = tqdm(total=steps, desc="{} {}/{}".format(phase.name, epoch + 1, phase.epochs), disable=not dinfo.is_main,
                leave=False, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     progress = getattr(getattr(train_obj, "module", train_obj), "set_progress", None)  # learned bits: freezing
-    for i, (x, y) in enumerate(loaders.train):
+    for i, (x, y, *extra) in enumerate(loaders.train):
         if i >= steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if progress is not None:
             progress(step + i, o.total)
-        loss, logits, parts = _step(args, o, train_obj, x, y)
+        loss, logits, parts = _step(args, o, train_obj, x, y, *(e.to(device, non_blocking=True) for e in extra))
+        objective_hook(train_obj, "after_step")
         lv = float(loss.detach())
         if not math.isfinite(lv):
             raise UserError("{}: loss became {} at epoch {} step {}; lower --lr/--quant-lr or raise --warmup-epochs"
@@ -371,8 +384,8 @@ def _resume_state_for(out: str, meta: dict, repair: bool = True) -> tuple[Option
                                 out, last.get("epoch"), state.get("epoch"),
                                 " (best.safetensors, epoch {}, is intact and exportable)".format(best["epoch"])
                                 if best.get("epoch") else ""))
-    for key in ("model", "method", "quant", "data", "holdout", "seed", "epochs", "batch_size"):
-        if last.get(key, 0 if key == "holdout" else None) != meta.get(key):
+    for key in ("model", "method", "quant", "data", "seed", "epochs", "batch_size", "holdout", "vvtq"):
+        if _as_saved(key, last.get(key, _META_DEFAULTS.get(key))) != meta.get(key):
             raise UserError("--resume: {} holds a run with {}={!r}, this command asks for {!r}; use the same flags "
                             "or another --out".format(out, key, last.get(key), meta.get(key)))
     if repair and "meta" in state:  # rank 0 rewrites what a kill left stale: last.*, metrics.csv, best.json
@@ -383,14 +396,27 @@ def _resume_state_for(out: str, meta: dict, repair: bool = True) -> tuple[Option
     return state, sd
 
 
-def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, epochs: int, qcfg, dcfg) -> dict:
+#: what a run saved before a metadata key existed had (so its --resume still matches)
+_META_DEFAULTS = {"holdout": 0, "vvtq": None}
+
+
+def _as_saved(key: str, value):
+    """A saved config as this code writes it (fields added since then at their defaults)."""
+    from train.config import QuantConfig, VvtqConfig
+
+    cls = {"quant": QuantConfig, "vvtq": VvtqConfig}.get(key)
+    return cls.from_dict(value).to_dict() if cls is not None and isinstance(value, dict) else value
+
+
+def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, epochs: int, qcfg, dcfg,
+               vcfg=None) -> dict:
     return {
         "model": args.model, "num_classes": loaders.num_classes, "input_size": list(spec.input_size),
         "mean": list(spec.mean), "std": list(spec.std), "class_names": loaders.class_names,
         "method": method, "bits": qcfg.bits_summary() if qcfg is not None else None,
         "quant": qcfg.to_dict() if qcfg is not None else None, "distill": dcfg.to_dict() if dcfg is not None else None,
-        "data": args.data, "holdout": getattr(args, "holdout", 0), "seed": args.seed, "epochs": epochs,
-        "batch_size": args.batch_size,
+        "data": args.data, "holdout": args.holdout, "seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
+        "vvtq": vcfg.to_dict() if vcfg is not None else None,
         "code_revision": code_revision(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
 
@@ -446,6 +472,22 @@ def _fp_teacher(args, spec, loaders: Loaders, dinfo, device) -> Optional[str]:
     return os.path.join(out, "best.safetensors")
 
 
+def _vvtq_configs(args: argparse.Namespace) -> tuple[dict, dict, object]:
+    """(QuantConfig fields, DistillConfig fields, VvtqConfig | None) of the VVTQ switches (train/vvtq.py)."""
+    from train.config import VvtqConfig
+
+    quant = {k: getattr(args, k) for k in ("module_scales", "weight_scale") if getattr(args, k, None) is not None}
+    vcfg = VvtqConfig.for_method(args.method, obr=args.obr, obr_lambda=args.obr_lambda, obr_start=args.obr_start,
+                                 multicrop_kd=args.multicrop_kd, osc_momentum=args.osc_momentum,
+                                 osc_threshold=args.osc_threshold)
+    distill = {"ce_weight": 0.0} if args.multicrop_kd else {}  # multi-crop KD: the soft labels are the only target
+    if args.multicrop_kd:
+        from train.softlabels import read_store_manifest
+
+        read_store_manifest(args.multicrop_kd)  # a typo or an unfinished store must not wait for the FP teacher
+    return quant, distill, vcfg
+
+
 def _check_run_folder(args: argparse.Namespace) -> None:
     """Before any work: --out must be writable, and an earlier run there is continued or replaced, never
     silently overwritten."""
@@ -484,7 +526,8 @@ def _open_run_folder(args: argparse.Namespace) -> None:
 
 
 def _configs(args: argparse.Namespace):
-    """(model spec, QuantConfig | None, DistillConfig | None) of a command line, refused before any work."""
+    """(model spec, QuantConfig | None, DistillConfig | None, VvtqConfig | None) of a command line, refused
+    before any work."""
     from train.config import DistillConfig, QuantConfig
     from train.models import create_model, model_spec
 
@@ -495,9 +538,10 @@ def _configs(args: argparse.Namespace):
     overrides = getattr(args, "quant_override", None) or {}
     if overrides and args.method == "fp":
         raise UserError("--quant-override needs a quantized --method (not fp)")
+    vq, vd, vcfg = _vvtq_configs(args)
     qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity,
-                                  overrides=overrides, mixed=mixed)
-    dcfg = DistillConfig.for_method(args.method)
+                                  overrides=overrides, mixed=mixed, **vq)
+    dcfg = DistillConfig.for_method(args.method, **vd)
     if dcfg is not None and not (args.teacher or args.checkpoint or args.pretrained or args.fp_epochs):
         raise UserError("--method {} distils from a full-precision teacher: pass --teacher CKPT, --checkpoint CKPT, "
                         "--pretrained, or --fp-epochs N (N > 0) to train one first".format(args.method))
@@ -505,18 +549,19 @@ def _configs(args: argparse.Namespace):
         from train.quant import check_overrides
 
         check_overrides(create_model(args.model), qcfg)  # a pattern typo must not wait for the FP teacher
-    return spec, qcfg, dcfg
+    return spec, qcfg, dcfg, vcfg
 
 
-def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg):
-    """(model, objective, meta, resume state) of this run: FP weights, teacher copy, quantizers."""
+def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, vcfg=None):
+    """(model, objective, meta, resume state) of this run: FP weights, teacher copy, quantizers;
+    a quantized run's objective measures oscillation and SDAM and adds OBR (train/vvtq.py)."""
     seed_everything(args.seed)
     model = _new_model(args, loaders.num_classes)
     init_path = args.checkpoint or fp_path
     if init_path:
         _load_fp_weights(model, init_path, "--checkpoint" if args.checkpoint else "teacher")
     model.to(device)
-    meta = dict(_base_meta(args, spec, loaders, args.method, args.epochs, qcfg, dcfg), teacher=fp_path)
+    meta = dict(_base_meta(args, spec, loaders, args.method, args.epochs, qcfg, dcfg, vcfg), teacher=fp_path)
     state, sd = (None, None)
     if args.resume:
         state, sd = _resume_state_for(args.out, meta, dinfo.is_main)
@@ -538,32 +583,34 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg):
             calibrate(model, _calibration_batches(loaders, args.calib_batches, device))
     if sd is not None:
         ckpt.load_state(model, sd, os.path.join(args.out, "last.safetensors"))
+    objective = Supervised(model, args.smoothing)
     if dcfg is not None:
         from train.distill import Distiller
 
         objective = Distiller(teacher, model, dcfg, label_smoothing=args.smoothing)
-    else:
-        objective = Supervised(model, args.smoothing)
     if qcfg is not None and qcfg.mixed is not None:  # loss += BitOPs penalty; bits frozen after sigma
         from train.mixedbits import BitBudget
 
         objective = BitBudget(objective, model, log=lambda msg: say(msg, dinfo))
         say("mixed bits: budget {:g}-bit = {:.4g} GBitOPs per image; starting at {}".format(
             qcfg.mixed["budget"], objective.budget / 1e9, objective.note()), dinfo)
+    if vcfg is not None:  # never together with the bit search (train.cli refuses the pair)
+        from train.vvtq import VariationAware
+
+        objective = VariationAware(objective, model, vcfg)
     return model, objective, meta, state
 
 
 def run(args: argparse.Namespace) -> dict:
     """The whole recipe for one command line; returns the final epoch's metrics row."""
-    spec, qcfg, dcfg = _configs(args)
+    spec, qcfg, dcfg, vcfg = _configs(args)
     dinfo = dist.setup("cuda" if args.device.startswith("cuda") or
                        (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
         device = resolve_device(args.device, dinfo)
         loaders = build_loaders(args.data, spec.input_size, spec.mean, spec.std, args.batch_size,
                                 data_dir=args.data_dir, workers=args.workers, seed=args.seed, rank=dinfo.rank,
-                                world_size=dinfo.world_size, pin_memory=device.type == "cuda",
-                                holdout=getattr(args, "holdout", 0))
+                                world_size=dinfo.world_size, pin_memory=device.type == "cuda", holdout=args.holdout)
         if dinfo.is_main:  # after the data loaded: a typo in --data-dir leaves no empty run folder
             _open_run_folder(args)
         say("{} {} on {} ({} train / {} val images, {} classes, world size {}) -> {}".format(
@@ -577,13 +624,16 @@ def run(args: argparse.Namespace) -> dict:
         if fp_path == "stopped":
             return {"stopped": True}
         dist.barrier()  # rank 0 has written the teacher before anyone reads it
+        qat_loaders = loaders
+        if vcfg is not None and vcfg.multicrop_kd:  # the store must fit this data and this teacher
+            qat_loaders = _store_loaders(args, spec, loaders, vcfg, fp_path, dinfo)
         # 2. this run's model, teacher copy and quantizers; 3. train
-        model, objective, meta, state = _student(args, spec, loaders, dinfo, device, fp_path, qcfg, dcfg)
+        model, objective, meta, state = _student(args, spec, loaders, dinfo, device, fp_path, qcfg, dcfg, vcfg)
         if state is not None and state["epoch"] >= args.epochs:
             say("{}: already finished ({} epochs); nothing to do".format(args.out, state["epoch"]), dinfo)
             return {"epoch": state["epoch"], "finished": True}
         row = fit(args, Phase("qat" if qcfg is not None else "fp", args.out, args.epochs, args.lr), model, objective,
-                  loaders, meta, dinfo, device, state)
+                  qat_loaders, meta, dinfo, device, state)
         if dinfo.is_main and not row.get("stopped") and qcfg is not None and qcfg.mixed is not None:
             from train.mixedbits import write_report
 
@@ -596,6 +646,18 @@ def run(args: argparse.Namespace) -> dict:
         return row
     finally:
         dist.cleanup()
+
+
+def _store_loaders(args, spec, loaders: Loaders, vcfg, fp_path: Optional[str], dinfo) -> Loaders:
+    """Training batches from the soft-label store (checked against this data and teacher); records its digest."""
+    from train.softlabels import store_loaders
+
+    qat, store = store_loaders(loaders, vcfg.multicrop_kd, fp_path, spec.input_size, spec.mean, spec.std,
+                               args.batch_size, args.seed, dinfo.rank, dinfo.world_size)
+    vcfg.store_digest = store.digest
+    say("multi-crop KD: {} ({} crops per image, top-{}), {} images per step".format(
+        vcfg.multicrop_kd, store.manifest["crops"], store.manifest["topk"], qat.train.batch_size), dinfo)
+    return qat
 
 
 def _calibration_batches(loaders: Loaders, n: int, device: torch.device) -> list[torch.Tensor]:
