@@ -293,6 +293,49 @@ class CheckedImageFolder(Dataset):
         raise UserError("no image in {} can be decoded".format(self.root))
 
 
+# ----------------------------------------------------------------------------- held-out validation
+
+#: the validation split is a function of this seed alone, never of ``--seed``: every run of a
+#: study, whatever its seed, validates on the same images
+HOLDOUT_SEED = 0
+
+
+def stratified_holdout(labels: np.ndarray, n: int, seed: int = HOLDOUT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices): ``n`` indices drawn per class in proportion to its size
+    (largest remainders), fixed by ``seed``; both sorted, disjoint, together all of ``labels``."""
+    labels = np.asarray(labels)
+    if not 0 < n < len(labels):
+        raise UserError("--holdout {} must be between 1 and {} (the training split's size)".format(n, len(labels) - 1))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n / len(labels)
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(-(exact - quota), kind="stable")[: n - quota.sum()]] += 1
+    rng = np.random.RandomState(seed)
+    order = rng.permutation(len(labels))
+    val = np.concatenate([order[labels[order] == c][:q] for c, q in zip(classes, quota)])
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[val] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def _holdout_datasets(data: str, n: int, input_size, mean, std, data_dir, seed: int, synthetic_n: int):
+    """Train on the training split less ``n`` stratified images, validate on those ``n``."""
+    if data == "fmnist":
+        images, labels = load_fmnist(data_dir, "train")
+        tr_idx, va_idx = stratified_holdout(labels, n)
+        tr = FashionMNIST(images[tr_idx], labels[tr_idx], input_size, mean, std, train=True)
+        va = FashionMNIST(images[va_idx], labels[va_idx], input_size, mean, std, train=False)
+        return tr, va, list(FMNIST_CLASSES)
+    if data == "synthetic":
+        full = Synthetic(synthetic_n, input_size, seed=seed, split="train")
+        plain = Synthetic(synthetic_n, input_size, seed=seed, split="train")
+        plain.train = False  # same images, no shift: what validation should see
+        labels = np.array([plain[i][1] for i in range(len(plain))])
+        tr_idx, va_idx = stratified_holdout(labels, n)
+        return Subset(full, tr_idx.tolist()), Subset(plain, va_idx.tolist()), list(full.classes)
+    raise UserError("--holdout works with --data fmnist or synthetic; an image folder has its own val/")
+
+
 # ----------------------------------------------------------------------------- loaders
 
 @dataclass
@@ -305,8 +348,12 @@ class Loaders:
 
 
 def build_datasets(data: str, input_size: Sequence[int], mean, std, data_dir: Optional[str] = None,
-                   seed: int = 0, synthetic_size: tuple[int, int] = (512, 256)):
-    """(train set, val set, class names) for ``data`` in fmnist | imagefolder | synthetic."""
+                   seed: int = 0, synthetic_size: tuple[int, int] = (512, 256), holdout: int = 0):
+    """(train set, val set, class names) for ``data`` in fmnist | imagefolder | synthetic.
+    ``holdout`` > 0: validate on that many images carved from the training split (stratified,
+    fixed by :data:`HOLDOUT_SEED`) and train on the rest; the test split is not read."""
+    if holdout:
+        return _holdout_datasets(data, holdout, input_size, mean, std, data_dir, seed, synthetic_size[0])
     if data == "fmnist":
         tr = FashionMNIST(*load_fmnist(data_dir, "train"), input_size, mean, std, train=True)
         va = FashionMNIST(*load_fmnist(data_dir, "test"), input_size, mean, std, train=False)
@@ -339,11 +386,11 @@ def check_classes(classes: Sequence[str], where: str) -> None:
 
 def build_loaders(data: str, input_size: Sequence[int], mean, std, batch_size: int, data_dir: Optional[str] = None,
                   workers: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False) -> Loaders:
+                  pin_memory: bool = False, holdout: int = 0) -> Loaders:
     """Train/val loaders. Train order comes from a DistributedSampler (also with one process),
     so shuffling is a function of (seed, epoch) and resume replays it exactly. Validation is
     sharded without padding, so DDP evaluation counts each image once."""
-    tr, va, classes = build_datasets(data, input_size, mean, std, data_dir=data_dir, seed=seed)
+    tr, va, classes = build_datasets(data, input_size, mean, std, data_dir=data_dir, seed=seed, holdout=holdout)
     if workers is None:  # in-memory sets are cheaper in-process than through worker pipes
         workers = min(8, os.cpu_count() or 1) if data == "imagefolder" else 0
     sampler = DistributedSampler(tr, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
