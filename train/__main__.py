@@ -32,6 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--granularity", default="deploy", choices=("deploy", "paper"),
                    help="activation-scale granularity (QuantConfig.granularity)")
     g.add_argument("--calib-batches", type=positive_int, default=4, help="batches for the quantizers' data-driven init")
+    g = p.add_argument_group("Q-ViT variants (IRM / DGD; defaults: the --method preset)")
+    g.add_argument("--dgd-weight", type=nonneg_float, default=None,
+                   help="weight of the DGD term (DistillConfig.dgd_weight)")
+    g.add_argument("--dgd-on", default=None, help="DGD on q, k or both: q | k | q,k")
+    g.add_argument("--irm-per-head", action="store_true", help="one IRM affine (gamma, beta) per head")
+    g.add_argument("--irm-init", default=None, choices=("ln", "std"),
+                   help="IRM gamma: ln = 1 (LayerNorm); std = per-head std of q/k on the calibration batches, "
+                        "which keeps the FP attention temperature")
+    g.add_argument("--irm-blend-steps", type=nonneg_int, default=None,
+                   help="blend IRM in over the first N QAT steps: (1 - t) q + t IRM(q), t = step / N")
     g = p.add_argument_group("weights")
     g.add_argument("--checkpoint", default=None, help="local FP weights: timm state dict (.pth) or our .safetensors")
     g.add_argument("--teacher", default=None, help="FP teacher checkpoint (default: --checkpoint, or trained here)")
@@ -60,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loader processes (default: 0 in-memory, 8 folders)")
     g.add_argument("--max-train-batches", type=positive_int, default=None, help="cap steps per epoch (budget control)")
     g.add_argument("--max-eval-batches", type=positive_int, default=None, help="cap validation batches")
+    g.add_argument("--holdout", type=nonneg_int, default=0,
+                   help="validate on N images carved from the training split (stratified, fixed seed) and "
+                        "train on the rest; the test split is not read (0: validate on the test split)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="output folder (checkpoints, metrics.csv, tb/)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -79,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume and args.force:
         raise UserError("--resume continues the run in --out, --force replaces it: give one of them")
     check_run_bits(args)  # before torch is imported: a typo costs no start-up time
+    from train.config import variant_overrides
+
+    variant_overrides(args)  # validates the IRM/DGD variant flags against --method
     return args
 
 

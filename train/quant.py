@@ -108,8 +108,13 @@ def _attach_attention(attn: nn.Module, cfg: QuantConfig) -> None:
     heads = attn.num_heads
     head_dim = attn.qkv.out_features // (3 * heads)
     if cfg.irm:
-        attn.q_norm = IRMNorm(head_dim, heads, per_head=cfg.irm_per_head)
-        attn.k_norm = IRMNorm(head_dim, heads, per_head=cfg.irm_per_head)
+        for slot in ("q_norm", "k_norm"):
+            irm = IRMNorm(head_dim, heads, per_head=cfg.irm_per_head, init=cfg.irm_init,
+                          blend_steps=cfg.irm_blend_steps)
+            trained = getattr(attn, slot, None)
+            if isinstance(trained, nn.LayerNorm):  # FP model trained with IRM (timm qk_norm)
+                irm.inherit(trained)
+            setattr(attn, slot, irm)
     elif not hasattr(attn, "q_norm"):
         attn.q_norm, attn.k_norm = nn.Identity(), nn.Identity()
     grouping = cfg.attn_scale

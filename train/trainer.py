@@ -287,6 +287,19 @@ def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, opt, sche
 # ----------------------------------------------------------------------------- the recipe
 
 
+def _run_key(meta: dict, key: str):
+    """``meta[key]`` in a form comparable across code versions: configs with their defaults filled in
+    (a run saved before a config field existed used its default), no holdout recorded = 0."""
+    from train.config import DistillConfig, QuantConfig
+
+    value = meta.get(key)
+    if key == "holdout":
+        return value or 0
+    if key in ("quant", "distill") and value:
+        return (QuantConfig if key == "quant" else DistillConfig).from_dict(value).to_dict()
+    return value
+
+
 def _resume_state_for(out: str, meta: dict, repair: bool = True) -> tuple[Optional[dict], Optional[dict]]:
     """(state, weights) to continue the run in ``out``, or (None, None) when there is none.
 
@@ -307,8 +320,8 @@ def _resume_state_for(out: str, meta: dict, repair: bool = True) -> tuple[Option
                                 out, last.get("epoch"), state.get("epoch"),
                                 " (best.safetensors, epoch {}, is intact and exportable)".format(best["epoch"])
                                 if best.get("epoch") else ""))
-    for key in ("model", "method", "quant", "data", "seed", "epochs", "batch_size"):
-        if last.get(key) != meta.get(key):
+    for key in ("model", "method", "quant", "distill", "data", "holdout", "seed", "epochs", "batch_size"):
+        if _run_key(last, key) != _run_key(meta, key):
             raise UserError("--resume: {} holds a run with {}={!r}, this command asks for {!r}; use the same flags "
                             "or another --out".format(out, key, last.get(key), meta.get(key)))
     if repair and "meta" in state:  # rank 0 rewrites what a kill left stale: last.*, metrics.csv, best.json
@@ -326,6 +339,7 @@ def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, ep
         "method": method, "bits": qcfg.bits_summary() if qcfg is not None else None,
         "quant": qcfg.to_dict() if qcfg is not None else None, "distill": dcfg.to_dict() if dcfg is not None else None,
         "data": args.data, "seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
+        "holdout": getattr(args, "holdout", 0),
         "code_revision": ckpt.code_revision(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
 
@@ -420,14 +434,15 @@ def _open_run_folder(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """The whole recipe for one command line; returns the final epoch's metrics row."""
-    from train.config import DistillConfig, QuantConfig
+    from train.config import DistillConfig, QuantConfig, variant_overrides
     from train.models import model_spec
 
     spec = model_spec(args.model)  # unknown model -> UserError before any data is read
     w_bits, a_bits = check_run_bits(args)
     _check_run_folder(args)
-    qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity)
-    dcfg = DistillConfig.for_method(args.method)
+    q_over, d_over = variant_overrides(args)
+    qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity, **q_over)
+    dcfg = DistillConfig.for_method(args.method, **d_over)
     if dcfg is not None and not (args.teacher or args.checkpoint or args.pretrained or args.fp_epochs):
         raise UserError("--method {} distils from a full-precision teacher: pass --teacher CKPT, --checkpoint CKPT, "
                         "--pretrained, or --fp-epochs N (N > 0) to train one first".format(args.method))
@@ -438,7 +453,8 @@ def run(args: argparse.Namespace) -> dict:
         device = resolve_device(args.device, dinfo)
         loaders = build_loaders(args.data, spec.input_size, spec.mean, spec.std, args.batch_size,
                                 data_dir=args.data_dir, workers=args.workers, seed=args.seed, rank=dinfo.rank,
-                                world_size=dinfo.world_size, pin_memory=device.type == "cuda")
+                                world_size=dinfo.world_size, pin_memory=device.type == "cuda",
+                                holdout=getattr(args, "holdout", 0))
         if dinfo.is_main:  # after the data loaded: a typo in --data-dir leaves no empty run folder
             _open_run_folder(args)
         say("{} {} on {} ({} train / {} val images, {} classes, world size {}) -> {}".format(
