@@ -9,16 +9,19 @@ OUT     ?= artifacts
 BUDGET  ?= small
 ONNX    ?= $(OUT)/$(MODEL)_w$(BITS)a$(BITS).$(FORMAT).onnx
 EPOCHS  ?=
+STAGE   ?= stage1
+SEEDS   ?= 0,1,2
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 STAMP   := .make/installed
 
-.PHONY: help quickstart test install data train ablation export engine bench demo plugins bench-gemm gpu-check lint clean
+.PHONY: help quickstart test install data train ablation study export engine bench demo plugins bench-gemm gpu-check lint clean
 
 help:
 	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU, ~10 min), export fp32/qdq/lowbit with parity, bench"
 	@echo "make test                  install and run the test suite (what .ci/run calls)"
 	@echo "make train MODEL=.. BITS=..  quantization-aware training (python -m train --help)"
 	@echo "make ablation BUDGET=small FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"
+	@echo "make study STAGE=stage1 [SEEDS=0,1,2] [STEPS=..] [MINUTES=..]  the resumable IRM/DGD study (train/study.py)"
 	@echo "make export MODEL=.. BITS=.. [CKPT=..] [FORMAT=qdq|lowbit] [TARGET=..]"
 	@echo "make engine ONNX=..        TensorRT engine (needs TensorRT)"
 	@echo "make bench ONNX=..         img/s and latency (runtime/bench.py)"
@@ -54,6 +57,10 @@ train: install data
 
 ablation: install data
 	$(PY) -m train.ablation --budget $(BUDGET) --out runs/ablation_$(BUDGET)
+
+# Resumable: rerun the same command to continue; finished runs are JSON under docs/study/runs.
+study: install data
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m train.study --stage $(STAGE) --seeds $(SEEDS) $(if $(STEPS),--budget $(STEPS)) $(if $(MINUTES),--time-limit $(MINUTES))
 
 export: install
 	$(PY) -m export $(if $(CKPT),--checkpoint $(CKPT),--model $(MODEL) --bits $(BITS)) --format $(FORMAT) --target $(TARGET) --out $(OUT)
