@@ -38,8 +38,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from qformat.argtypes import ArgumentParser, nonneg_int, positive_float, positive_int
 from qformat.errors import UserError, main_guard
 from qformat.io import read_json, write_json
+from qformat.paths import check_out_dir
 
 #: QAT steps per trainer epoch: every run is checkpointed and validated every CHUNK steps
 CHUNK = 250
@@ -714,21 +716,21 @@ def _ints(text: str, flag: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.study", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m train.study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", default="stage1", help="comma-separated: " + ", ".join(STAGES))
     p.add_argument("--seeds", default="0,1,2", help="QAT seeds (the FP teacher is seed 0 for all)")
     p.add_argument("--bits", default=None, help="bit-widths (default: the stage's, W2A2 first)")
-    p.add_argument("--budget", type=int, default=None,
+    p.add_argument("--budget", type=positive_int, default=None,
                    help="QAT steps per run (default: the stage's: " +
                         ", ".join(f"{k} {v['steps']}" for k, v in STAGES.items()) + ")")
-    p.add_argument("--choose-at", type=int, default=STAGES["stage1"]["steps"],
+    p.add_argument("--choose-at", type=positive_int, default=STAGES["stage1"]["steps"],
                    help="QAT steps of the stage-1 runs whose validation numbers make the choices")
     p.add_argument("--results", default="docs/study", help="per-run JSON, study.md, PNGs (committed)")
     p.add_argument("--work", default="runs/study", help="run folders: checkpoints and logs")
-    p.add_argument("--time-limit", type=float, default=None, help="minutes; no run starts after them")
-    p.add_argument("--max-runs", type=int, default=None, help="start at most N runs in this sitting")
-    p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads per run (default: inherited)")
+    p.add_argument("--time-limit", type=positive_float, default=None, help="minutes; no run starts after them")
+    p.add_argument("--max-runs", type=nonneg_int, default=None, help="start at most N runs in this sitting")
+    p.add_argument("--threads", type=positive_int, default=None, help="OMP/MKL threads per run (default: inherited)")
     p.add_argument("--plan", action="store_true", help="list the runs (done / to do) and exit")
     p.add_argument("--report", action="store_true", help="only write study.md and the plots")
     p.add_argument("--eval-test", action="store_true",
@@ -737,11 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="vit_fmnist")
     g.add_argument("--data", default="fmnist", choices=("fmnist", "synthetic"))
     g.add_argument("--data-dir", default=None)
-    g.add_argument("--holdout", type=int, default=5000, help="validation images carved from the training split")
-    g.add_argument("--teacher-epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--chunk", type=int, default=CHUNK, help="QAT steps between checkpoints")
-    g.add_argument("--max-eval-batches", type=int, default=None, help="cap validation/test batches (smoke runs)")
+    g.add_argument("--holdout", type=positive_int, default=5000,
+                   help="validation images carved from the training split")
+    g.add_argument("--teacher-epochs", type=positive_int, default=10)
+    g.add_argument("--batch-size", type=positive_int, default=128)
+    g.add_argument("--chunk", type=positive_int, default=CHUNK, help="QAT steps between checkpoints")
+    g.add_argument("--max-eval-batches", type=positive_int, default=None,
+                   help="cap validation/test batches (smoke runs)")
     return p
 
 
@@ -751,14 +755,10 @@ def parse(argv: Optional[list]) -> tuple[Study, list]:
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         raise UserError(f"--stage {args.stage!r}: use one or more of {', '.join(STAGES)}")
-    for name in ("teacher_epochs", "batch_size", "chunk", "holdout", "choose_at"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.budget is not None and args.budget < 1:
-        raise UserError("--budget must be >= 1 (QAT steps per run)")
+    if not (args.plan or args.report or args.eval_test):
+        check_out_dir(args.work, "--work")
+    check_out_dir(args.results, "--results")
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError("--threads must be >= 1")
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     seeds = _ints(args.seeds, "--seeds")
     settings = Settings(model=args.model, data=args.data, data_dir=args.data_dir, holdout=args.holdout,
@@ -767,10 +767,7 @@ def parse(argv: Optional[list]) -> tuple[Study, list]:
     study = Study(os.path.abspath(args.results), os.path.abspath(args.work), settings, launch_subprocess)
     if args.time_limit is not None:
         study.deadline = time.time() + 60 * args.time_limit
-    if args.max_runs is not None:
-        if args.max_runs < 0:
-            raise UserError("--max-runs must be >= 0")
-        study.max_runs = args.max_runs
+    study.max_runs = args.max_runs
     choose_bits = (_ints(args.bits, "--bits") if args.bits and "stage1" in stages and len(stages) == 1
                    else list(STAGES["stage1"]["bits"]))[0]
     plans = []
