@@ -153,6 +153,11 @@ def test_time_limit_and_max_runs_end_a_sitting(tmp_path):
     study2, launched2 = _study(tmp_path)
     study2.deadline = time.time() - 1
     assert not st.run_stage(study2, plan) and launched2["n"] == 0
+    study3, launched3 = _study(tmp_path)
+    open(os.path.join(study3.work, "STOP"), "w").close()
+    assert not st.run_stage(study3, plan) and launched3["n"] == 0
+    assert not os.path.exists(os.path.join(study3.work, "STOP"))  # honoured once
+    assert st.run_stage(study3, plan) and launched3["n"] == 1
 
 
 def test_killed_runner_resumes_the_run_from_its_last_chunk(tmp_path):
