@@ -723,14 +723,30 @@ def report(study: Study, plans: list) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def _ints(text: str, flag: str) -> list:
+def _ints(text: str, flag: str, lo: int, hi: int) -> list:
+    """Comma-separated integers in [lo, hi], or a one-line error naming ``flag``."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"{flag} {text!r}: give comma-separated integers, e.g. 0,1,2") from None
     if not values:
         raise UserError(f"{flag} is empty: give comma-separated integers")
+    bad = [v for v in values if not lo <= v <= hi]
+    if bad:
+        raise UserError(f"{flag} {text!r}: {bad[0]} is outside {lo}..{hi}")
     return values
+
+
+def _check_holdout(args: argparse.Namespace) -> None:
+    """--holdout must leave training images (checked before any run starts; reads only the labels)."""
+    from train.data import FMNIST_DIR, _find_idx, read_idx
+
+    if args.data == "synthetic":
+        n = 512  # train.data.build_datasets' synthetic training split
+    else:
+        n = len(read_idx(_find_idx(args.data_dir or FMNIST_DIR, "train-labels-idx1-ubyte"), ndim=1))
+    if args.holdout >= n:
+        raise UserError(f"--holdout {args.holdout} must be smaller than the {n} training images of --data {args.data}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -778,7 +794,12 @@ def parse(argv: Optional[list]) -> tuple[Study, list]:
     check_out_dir(args.results, "--results")
     if args.threads is not None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    seeds = _ints(args.seeds, "--seeds")
+    from qformat import MAX_BITS, MIN_BITS
+    from qformat.argtypes import SEED_MAX
+
+    seeds = _ints(args.seeds, "--seeds", 0, SEED_MAX)
+    bits_arg = _ints(args.bits, "--bits", MIN_BITS, MAX_BITS) if args.bits is not None else None
+    _check_holdout(args)
     settings = Settings(model=args.model, data=args.data, data_dir=args.data_dir, holdout=args.holdout,
                         teacher_epochs=args.teacher_epochs, batch_size=args.batch_size,
                         max_eval_batches=args.max_eval_batches, chunk=args.chunk)
@@ -786,11 +807,10 @@ def parse(argv: Optional[list]) -> tuple[Study, list]:
     if args.time_limit is not None:
         study.deadline = time.time() + 60 * args.time_limit
     study.max_runs = args.max_runs
-    choose_bits = (_ints(args.bits, "--bits") if args.bits and "stage1" in stages and len(stages) == 1
-                   else list(STAGES["stage1"]["bits"]))[0]
+    choose_bits = (bits_arg if bits_arg and stages == ["stage1"] else list(STAGES["stage1"]["bits"]))[0]
     plans = []
     for st in stages:
-        bits = _ints(args.bits, "--bits") if args.bits else list(STAGES[st]["bits"])
+        bits = bits_arg or list(STAGES[st]["bits"])
         steps = args.budget or STAGES[st]["steps"]
         choose_steps = steps if st == "stage1" else args.choose_at
         plans.append(Plan(st, bits, seeds, steps, choose_bits, choose_steps))
