@@ -589,8 +589,8 @@ def _cell_text(st: Optional[dict], total: int) -> str:
 
 def _delta(st: Optional[dict], ref: Optional[dict]) -> str:
     """Paired difference (same seeds) to the reference row: mean ± std over seeds."""
-    if st is None or ref is None or st is ref:
-        return "–" if st is not ref else "ref"
+    if st is None or ref is None:
+        return "–"
     common = sorted(set(st["per_seed"]) & set(ref["per_seed"]))
     if not common:
         return "–"
@@ -658,6 +658,48 @@ def plot_groups(study: Study, groups: list, bits_list: list, seeds: list, steps:
     return True
 
 
+def plot_sweep(study: Study, group: Group, bits_list: list, seeds: list, steps: int, path: str) -> bool:
+    """The DGD weight sweep as a curve: validation top-1 vs weight (log axis), IRM alone as a band."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qformat.io import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    drawn = False
+    for i, b in enumerate(bits_list):
+        pts = [(c["dgd_weight"], stats(study, c, b, seeds, steps)) for c in group.configs if c.get("dgd_weight")]
+        pts = [(w, st) for w, st in pts if st]
+        ref = next((stats(study, c, b, seeds, steps) for c in group.configs if not c.get("dgd_weight")), None)
+        if pts:
+            line = ax.errorbar([w for w, _ in pts], [st["mean"] for _, st in pts], yerr=[st["std"] for _, st in pts],
+                               fmt="-" + "os^D"[i % 4], capsize=3, label=f"+IRM+DGD W{b}A{b}")
+            drawn = True
+            if ref:
+                c = line[0].get_color()
+                ax.axhline(ref["mean"], color=c, ls="--", lw=1, label=f"+IRM alone W{b}A{b}")
+                ax.axhspan(ref["mean"] - ref["std"], ref["mean"] + ref["std"], color=c, alpha=0.12)
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xscale("log")
+    ax.set_xlabel("DGD weight (dgd_mean: mean over layer-head pairs)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(f"DGD weight sweep, {steps} QAT steps, mean ± std over seeds {seeds}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return True
+
+
 def _stage_wall(study: Study, groups: list, bits_list: list, seeds: list, steps: int) -> tuple[float, int]:
     seen, total = set(), 0.0
     for g in groups:
@@ -677,13 +719,13 @@ def report(study: Study, plans: list) -> str:
     machines = sorted({(r["machine"]["cpu"], r["machine"]["cores"], r["machine"]["threads"], r["machine"]["device"])
                        for r in _all_records(study) if r.get("machine")})
     for cpu, cores, threads, dev in machines:
-        parts.append(f"Machine: {cpu}, {cores} cores, {threads or 'default'} thread(s) per run, device {dev}.\n")
+        parts.append(f"\nMachine: {cpu}, {cores} cores, {threads or 'default'} thread(s) per run, device {dev}.\n")
     teachers = [read_json(os.path.join(study.results, "teachers", f), "study teacher")
                 for f in sorted(os.listdir(os.path.join(study.results, "teachers")))] \
         if os.path.isdir(os.path.join(study.results, "teachers")) else []
     for t in teachers:
         test = f", test top-1 {t['test_top1']:.2f}" if "test_top1" in t else ""
-        parts.append(f"FP teacher `{t['model']}` (seed 0, sha256 {t['sha256']}): validation top-1 "
+        parts.append(f"\nFP teacher `{t['model']}` (seed 0, sha256 {t['sha256']}): validation top-1 "
                      f"{t['val_top1']:.2f}{test}.\n")
     fp = next((t for t in teachers if t["model"] == study.settings.model), None)
     for plan in plans:
@@ -698,6 +740,9 @@ def report(study: Study, plans: list) -> str:
             parts.append(f"\n### {g.name}" + (f" (chooses {g.choose})" if g.choose else "") +
                          ": validation top-1 (%), mean ± std over seeds; Δ paired by seed\n\n")
             parts.append(group_table(study, g, plan.bits, plan.seeds, plan.steps))
+            if g.choose == "dgd_weight" and plot_sweep(study, g, plan.bits, plan.seeds, plan.steps,
+                                                       os.path.join(study.results, f"{plan.stage}_dgd_weight.png")):
+                parts.append(f"\n![DGD weight sweep]({plan.stage}_dgd_weight.png)\n")
             if g.final and any(stats(study, c, b, plan.seeds, plan.steps, "test_top1")
                                for c in g.configs for b in plan.bits):
                 parts.append("\nTest top-1 (%), read once per run:\n\n")
