@@ -160,6 +160,19 @@ def test_time_limit_and_max_runs_end_a_sitting(tmp_path):
     assert st.run_stage(study3, plan) and launched3["n"] == 1
 
 
+def test_only_starts_the_named_configs_and_refuses_unknown_names(tmp_path, capsys):
+    study, launched = _study(tmp_path, only=("baseline",))
+    plan = st.Plan("stage1", [2], [0], 1, 2, 1)
+    assert st.run_stage(study, plan)
+    assert launched["n"] == 2  # the teacher, then the baseline only
+    assert st.load_run(study, st.BASELINE, 2, 0, 1) and st.load_run(study, QVIT, 2, 0, 1) is None
+    assert not study.wanted(QVIT) and st.Study("r", "w", TINY, only=("qvit__dgd_weight-*",)).wanted(QVIT)
+    with pytest.raises(SystemExit) as e:
+        st.main(["--only", "qvit__dgd_weight-0.3O", "--plan"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--only 'qvit__dgd_weight-0.3O'" in err[0]
+
+
 def test_killed_runner_resumes_the_run_from_its_last_chunk(tmp_path):
     """SIGKILL the real runner (and its trainer) mid-run; the next sitting resumes that run."""
     res, work = str(tmp_path / "res"), str(tmp_path / "work")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import fnmatch
 import json
 import math
 import os
@@ -171,6 +172,11 @@ class Study:
     deadline: float = math.inf
     max_runs: Optional[int] = None  # runs this sitting may start (None: all)
     started: int = 0
+    #: ``--only``: fnmatch patterns over config slugs; the runs of other configs are not started
+    only: tuple = ()
+
+    def wanted(self, cfg: dict) -> bool:
+        return not self.only or any(fnmatch.fnmatchcase(slug(cfg), p) for p in self.only)
 
     def __post_init__(self) -> None:
         self.launch = self.launch or launch_subprocess
@@ -494,7 +500,7 @@ def run_stage(study: Study, plan: Plan) -> bool:
             group = next((g for g in groups if g.final), groups[0]) if bits != plan.choose_bits else groups[0]
             for seed in plan.seeds:
                 for cfg in group.configs:
-                    if load_run(study, cfg, bits, seed, plan.steps) is not None:
+                    if not study.wanted(cfg) or load_run(study, cfg, bits, seed, plan.steps) is not None:
                         continue
                     why = _sitting_over(study)
                     if why:
@@ -794,6 +800,34 @@ def _check_holdout(args: argparse.Namespace) -> None:
         raise UserError(f"--holdout {args.holdout} must be smaller than the {n} training images of --data {args.data}")
 
 
+def _every_slug(stages: list) -> set:
+    """The name of every config the stages' grids can declare, whatever stage 1 chooses."""
+    out = set()
+    for w in DGD_WEIGHTS:
+        for on in ({}, {"flags": {"dgd_on": "q"}}, {"flags": {"dgd_on": "k"}}):
+            for irm in [{}] + list(IRM_VARIANTS):
+                choices = {"dgd_weight": {"dgd_weight_positive": w}, "dgd_on": on or {"flags": {}},
+                           "irm": {"flags": irm}}
+                out |= {slug(c) for s in stages for g in stage_groups(s, choices) for c in g.configs}
+    return out
+
+
+def _only(text: Optional[str], stages: list) -> tuple:
+    """--only's patterns; each must name a config of the stages' grids (checked before any run)."""
+    if text is None:
+        return ()
+    pats = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not pats:
+        raise UserError("--only is empty: give config names or patterns, e.g. baseline,irm")
+    known = _every_slug(stages)
+    first = sorted({slug(c) for s in stages for g in stage_groups(s, {}) for c in g.configs})
+    for p in pats:
+        if not any(fnmatch.fnmatchcase(k, p) for k in known):
+            raise UserError(f"--only {p!r} names no config of --stage (e.g. {', '.join(first)}; "
+                            "--plan lists the grid)")
+    return pats
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m train.study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -809,6 +843,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="runs/study", help="run folders: checkpoints and logs")
     p.add_argument("--time-limit", type=positive_float, default=None, help="minutes; no run starts after them")
     p.add_argument("--max-runs", type=nonneg_int, default=None, help="start at most N runs in this sitting")
+    p.add_argument("--only", default=None,
+                   help="comma-separated fnmatch patterns over config names, e.g. 'baseline,irm,qvit__dgd_weight-0.1': "
+                        "start only those configs' runs (a screened sweep, a subset at another bit-width or budget)")
     p.add_argument("--threads", type=positive_int, default=None, help="OMP/MKL threads per run (default: inherited)")
     p.add_argument("--plan", action="store_true", help="list the runs (done / to do) and exit")
     p.add_argument("--report", action="store_true", help="only write study.md and the plots")
@@ -852,6 +889,7 @@ def parse(argv: Optional[list]) -> tuple[Study, list]:
     if args.time_limit is not None:
         study.deadline = time.time() + 60 * args.time_limit
     study.max_runs = args.max_runs
+    study.only = _only(args.only, stages)
     choose_bits = (bits_arg if bits_arg and stages == ["stage1"] else list(STAGES["stage1"]["bits"]))[0]
     plans = []
     for st in stages:
@@ -886,9 +924,11 @@ def print_plan(study: Study, plans: list) -> None:
             for cfg in g.configs:
                 done = [s for b in plan.bits for s in plan.seeds if load_run(study, cfg, b, s, plan.steps)]
                 total = len(plan.bits) * len(plan.seeds)
-                todo += 0 if slug(cfg) in counted else total - len(done)
+                todo += 0 if slug(cfg) in counted or not study.wanted(cfg) else total - len(done)
                 counted.add(slug(cfg))
-                print(f"{plan.stage:7s} {g.name:12s} {label(cfg):40s} {len(done)}/{total} done  ({plan.steps} steps)")
+                skip = "" if study.wanted(cfg) else "  (not in --only)"
+                print(f"{plan.stage:7s} {g.name:12s} {label(cfg):40s} {len(done)}/{total} done  ({plan.steps} steps)"
+                      + skip)
         missing = _waiting_for(study, plan.stage, plan.choices(study))
         if missing:
             print(f"{plan.stage:7s} (more groups once {', '.join(missing)} is chosen)")
