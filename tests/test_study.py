@@ -160,6 +160,15 @@ def test_time_limit_and_max_runs_end_a_sitting(tmp_path):
     assert st.run_stage(study3, plan) and launched3["n"] == 1
 
 
+def test_extra_final_rows_hook_joins_every_final_table(monkeypatch):
+    choices = {"dgd_weight": {"dgd_weight_positive": 0.03}, "dgd_on": {"flags": {}}, "irm": {"flags": {}}}
+    assert [r["method"] for r in st.final_rows(choices)] == ["baseline", "irm", "dgd", "qvit"]
+    monkeypatch.setattr(st, "EXTRA_FINAL_ROWS", ({"method": "vvtq"},))
+    rows = st.final_rows(choices, with_single=False)
+    assert [r["method"] for r in rows] == ["baseline", "qvit", "vvtq"] and st.label(rows[-1]) == "vvtq"
+    assert "vvtq" in st._every_slug(["stage2"])
+
+
 def test_only_starts_the_named_configs_and_refuses_unknown_names(tmp_path, capsys):
     study, launched = _study(tmp_path, only=("baseline",))
     plan = st.Plan("stage1", [2], [0], 1, 2, 1)
