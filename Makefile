@@ -4,7 +4,8 @@ MODEL   ?= vit_fmnist
 BITS    ?= 4
 FORMAT  ?= qdq
 TARGET  ?= orin-jp6
-CKPT    ?=
+# the trained checkpoint `make train MODEL=.. BITS=..` writes, when there is one (else a fresh random model)
+CKPT    ?= $(wildcard runs/$(MODEL)_w$(BITS)/best.safetensors)
 OUT     ?= artifacts
 BUDGET  ?= small
 ONNX    ?= $(OUT)/$(MODEL)_w$(BITS)a$(BITS).$(FORMAT).onnx
@@ -13,6 +14,8 @@ STAGE   ?= stage1
 SEEDS   ?= 0,1,2
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 STAMP   := .make/installed
+# the scripts (runtime/bench.py, ...) import the repository's packages without sys.path edits
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help quickstart test install data train ablation study export engine bench demo plugins bench-gemm gpu-check lint clean
 
@@ -22,7 +25,7 @@ help:
 	@echo "make train MODEL=.. BITS=..  quantization-aware training (python -m train --help)"
 	@echo "make ablation BUDGET=small FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"
 	@echo "make study STAGE=stage1 [SEEDS=0,1,2] [STEPS=..] [MINUTES=..]  the resumable IRM/DGD study (train/study.py)"
-	@echo "make export MODEL=.. BITS=.. [CKPT=..] [FORMAT=qdq|lowbit] [TARGET=..]"
+	@echo "make export MODEL=.. BITS=.. [CKPT=..] [FORMAT=qdq|lowbit] [TARGET=..]  (runs/MODEL_wBITS/best.safetensors if trained)"
 	@echo "make engine ONNX=..        TensorRT engine (needs TensorRT)"
 	@echo "make bench ONNX=..         img/s and latency (runtime/bench.py)"
 	@echo "make demo SOURCE=..        camera / video / image-folder demo"
@@ -63,7 +66,7 @@ study: install data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m train.study --stage $(STAGE) --seeds $(SEEDS) $(if $(STEPS),--budget $(STEPS)) $(if $(MINUTES),--time-limit $(MINUTES))
 
 export: install
-	$(PY) -m export $(if $(CKPT),--checkpoint $(CKPT),--model $(MODEL) --bits $(BITS)) --format $(FORMAT) --target $(TARGET) --out $(OUT)
+	@$(PY) -m export $(if $(CKPT),--checkpoint $(CKPT),--model $(MODEL) --bits $(BITS)) --format $(FORMAT) --target $(TARGET) --out $(OUT)
 
 engine:
 	$(PY) -m runtime.build --onnx $(ONNX) $(if $(PLUGINS),--plugins $(PLUGINS))
@@ -87,7 +90,7 @@ gpu-check:
 
 lint:
 	ruff check .
-	vermin -t=3.6- --no-tips --violations qformat runtime/*.py jetson/*.py
+	vermin -t=3.6- --no-tips --violations qformat runtime/*.py jetson/*.py qvit
 
 clean:
 	rm -rf build .make .pytest_cache

@@ -10,9 +10,6 @@ import warnings
 
 import onnx
 import onnx_graphsurgeon as gs
-from torch import nn
-
-from train.irm import IRMNorm
 
 
 def fold_and_clean(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -60,13 +57,13 @@ def rename_nodes(model: onnx.ModelProto) -> None:
         n.name = name if k == 0 else f"{name}_{k}"
 
 
-def fp32_layers(model: onnx.ModelProto, torch_model: nn.Module) -> list[str]:
-    """Names of the nodes computing LayerNorm / IRM (decomposed below opset 17): keep them FP32 in TensorRT.
+def fp32_layers(model: onnx.ModelProto, norms: list[str]) -> list[str]:
+    """Names of the nodes computing the modules ``norms`` (LayerNorm / IRM; decomposed below opset 17):
+    keep them FP32 in TensorRT.
 
     FP16 LayerNorm overflows in the variance on ViT activations; TensorRT 8.2 has no
     LayerNormalization op, so the builder pins these layers to FP32 by name.
     """
-    norms = [name for name, m in torch_model.named_modules() if isinstance(m, (nn.LayerNorm, IRMNorm))]
     out = []
     for n in model.graph.node:
         path = n.name.rsplit("/", 1)[0] if "/" in n.name else ""

@@ -1,28 +1,36 @@
-"""``python -m export``: checkpoint (or fresh model) -> ONNX (qdq | lowbit | fp32) + sidecar, with parity."""
+"""``python -m export`` / ``qvit export``: checkpoint (or fresh model) -> ONNX (qdq | lowbit | fp32) + sidecar,
+with parity."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from qformat.argtypes import ArgumentParser, bits_int, fraction, int_range, nonneg_float, nonneg_int
+import qformat
+from qformat import targets
+from qformat.argtypes import fraction, int_range, nonneg_float, nonneg_int
+from qformat.cli import add_model_args, add_override_arg, parser, read_overrides
 from qformat.errors import UserError, main_guard
 from qformat.io import remove_stale_temps
 from qformat.paths import check_out_dir
 
-from .targets import FORMATS, TARGETS
+RANDOM_WEIGHTS = ("note: no checkpoint: exporting {model} at {bits} bits with RANDOM weights (structure and speed "
+                  "only, accuracy meaningless); for a trained model run `make train MODEL={model} BITS={bits}` "
+                  "(python -m train --model {model} --bits {bits} --out runs/{model}_w{bits}) and export its "
+                  "best.safetensors with --checkpoint")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m export", description=__doc__)
+def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
+    p = parser(prog, __doc__.split("\n\n")[0])
     src = p.add_argument_group("model")
     src.add_argument("--checkpoint", help="trained checkpoint (.safetensors from python -m train)")
-    src.add_argument("--model", help="registered model name (without --checkpoint: fresh calibrated model)")
-    src.add_argument("--bits", type=bits_int, help="weight/activation bits (without --checkpoint; else must match it)")
-    p.add_argument("--format", default="qdq", choices=FORMATS)
-    p.add_argument("--target", default="ort", choices=sorted(TARGETS))
-    p.add_argument("--opset", type=int_range(),
-                   help="ONNX opset (default per target: tx2 13, orin 17, trt10 21, ort 17)")
+    add_model_args(src, None, "registered model name (without --checkpoint: fresh calibrated model)")
+    add_override_arg(src)
+    defaults = ", ".join(f"{t.name} {t.default_opset}" for t in targets.TARGETS)
+    p.add_argument("--format", default="qdq", choices=qformat.FORMATS)
+    p.add_argument("--target", default="ort", choices=targets.TARGET_NAMES)
+    p.add_argument("--opset", type=int_range(), help=f"ONNX opset (default per target: {defaults})")
+    p.add_argument("--list-targets", action="store_true", help="print what each target can build, then exit")
     p.add_argument("--out", default="artifacts", help="output directory")
     fn = p.add_mutually_exclusive_group()
     fn.add_argument("--function", dest="function", action="store_true", default=None,
@@ -30,8 +38,8 @@ def parser() -> argparse.ArgumentParser:
     fn.add_argument("--no-function", dest="function", action="store_false",
                     help="lowbit: plugin-only graph (default for TensorRT targets)")
     p.add_argument("--no-int4", dest="int4", action="store_false",
-                   help="keep 4-bit weights in INT8 containers at opset 21 too (TensorRT 10 supports INT4 weights "
-                        "for weight-only quantization; use this if your build rejects INT8 x INT4)")
+                   help="keep 4-bit weights in INT8 containers where the target has INT4 (--list-targets); "
+                        "use this if your TensorRT build rejects INT8 x INT4")
     par = p.add_argument_group("parity")
     par.add_argument("--parity-n", type=nonneg_int, default=32, help="images for the parity check (0 = skip)")
     par.add_argument("--atol", type=nonneg_float, default=1e-3)
@@ -43,25 +51,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 @main_guard
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from .exporter import ParityError, export
-    from .source import fresh, from_checkpoint
-    from .targets import get_target, resolve_opset
-
-    resolve_opset(get_target(args.target), args.opset, args.format)  # refuse before any slow work
+def main(argv: list[str] | None = None, prog: str = "python -m export") -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.list_targets:
+        sys.stdout.write(targets.markdown())
+        return 0
+    targets.resolve_opset(targets.get_target(args.target), args.opset)  # refuse before any slow work
+    overrides = read_overrides(args.quant_override)
     check_out_dir(args.out, "--out")
     remove_stale_temps(args.out)  # what a killed export left (only files of writers that are gone)
-    if args.checkpoint:
-        model, meta = from_checkpoint(args.checkpoint, args.model, args.bits)
-    else:
+    if not args.checkpoint:
         if not args.model or args.bits is None:
             raise UserError("give --checkpoint CKPT, or --model NAME --bits B for a fresh calibrated model")
-        sys.stderr.write(f"no checkpoint: preparing and calibrating a fresh {args.model} at {args.bits} bits "
-                         "(random weights: structure and speed only)\n")
-        model, meta = fresh(args.model, args.bits)
+        sys.stderr.write(RANDOM_WEIGHTS.format(model=args.model, bits=args.bits) + "\n")
+        sys.stderr.flush()
+    from train.deploy import load_deployable
+
+    from .exporter import ParityError, export
+
+    dep = load_deployable(args.checkpoint, args.model, args.bits, overrides)
     try:
-        res = export(model, meta, args.format, args.target, args.out, opset=args.opset, parity_n=args.parity_n,
+        res = export(dep, args.format, args.target, args.out, opset=args.opset, parity_n=args.parity_n,
                      atol=args.atol, rtol=args.rtol, min_agree=args.min_agree, calib_dir=args.calib_dir,
                      function=args.function, int4=args.int4)
     except ParityError as e:

@@ -1,7 +1,9 @@
-"""Converted model -> checked ONNX graph (qdq | lowbit | fp32) -> parity -> atomic files.
+"""Converted model -> checked ONNX graph (one emitter per format) -> parity -> atomic files.
 
-:func:`build_graph` is the pure part (model in, ``onnx.ModelProto`` out, nothing written);
-:func:`export` adds parity and writes ``<model>_w<b>a<b>.<format>.onnx`` + sidecar JSON.
+:func:`build_graph` is the pure part (a :class:`train.deploy.Deployable` in, ``onnx.ModelProto``
+out, nothing written); :func:`export` adds parity and writes ``<model>_w<b>a<b>.<format>.onnx``
++ sidecar JSON.  Everything about the quantizers comes from the deployable's
+:class:`qformat.SiteSpec` records; everything about the target from :mod:`qformat.targets`.
 """
 
 from __future__ import annotations
@@ -11,22 +13,23 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import onnx
 import torch
-from torch import nn
 
 import qformat
+from qformat import targets
 from qformat.errors import UserError
-from qformat.io import atomic_write, sha256_bytes, sidecar_path, write_json
+from qformat.io import atomic_write, code_revision, sha256_bytes, sidecar_path, write_json
+from qformat.spec import allocation
 
-from . import cleanup, graph, qdq, rules, targets, trace
+from . import cleanup, graph, rules, trace
+from .emitters import Options, emitter_class
 from .functions import lowbit_function
 from .parity import Parity, load_images, run_parity
-
-#: IR version per opset (the lowest that carries it; ORT and TensorRT parsers read it).
-_IR = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}
+from .rewrite import Rewriter
 
 Log = Callable[[str], None]
 
@@ -44,6 +47,8 @@ class Graphs:
     deploy: onnx.ModelProto
     fp32_layers: list[str] = field(default_factory=list)
     lowbit_nodes: int = 0
+    taps: dict[str, tuple[str, str]] = field(default_factory=dict)  # the emitter's parity taps
+    sites: list[trace.Site] = field(default_factory=list)
 
 
 @dataclass
@@ -54,60 +59,76 @@ class Result:
     graphs: Graphs
 
 
-def bits_of(model: nn.Module) -> dict:
-    cfg = getattr(model, "qvit_quant_config", None)
-    if not cfg:
-        raise UserError("the model is not quantized (no quant config): export needs a converted qvit model")
-    from train.config import QuantConfig
-
-    return QuantConfig.from_dict(cfg).bits_summary()
-
-
 def stem(model_name: str, bits: dict, fmt: str) -> str:
     return f"{model_name}_w{bits['weight']}a{bits['act']}.{fmt}"
 
 
-def build_graph(model: nn.Module, input_size, fmt: str, target: str, opset: int | None = None,
-                function: bool | None = None, log: Log = _stderr, int4: bool = True) -> Graphs:
-    """Trace, rewrite, clean and check; raise UserError on anything a target cannot build."""
-    tgt = targets.get_target(target)
-    op = targets.resolve_opset(tgt, opset, fmt)
-    if not getattr(model, "qvit_converted", False):
-        raise UserError("export needs a converted model (train.quant.convert) or a checkpoint from python -m train")
-    sites = trace.collect_sites(model)
-    unsigned_max = max([int(s.module.int_bounds()[1].max()) for s in sites
-                        if s.kind == "act" and not s.module.signed] or [0])
-    if fmt != "fp32":
-        targets.check_model_fits(tgt, op, bits_of(model), unsigned_max)
+def _check_fits(dep: Any, tgt: targets.Target, fmt: str) -> None:
+    """Refuse quantizer settings the target cannot represent (before any tracing)."""
+    if fmt == "fp32" or tgt.uint8:
+        return
+    for s in dep.specs:
+        hi = int(np.max(s.input.bounds()[1]))
+        if s.input.needs_uint8:
+            raise UserError(f"{s.name}: the {s.input.max_bits}-bit unsigned quantizer has bounds [0, {hi}] which do "
+                            f"not fit INT8, and {tgt.runtime} has no UINT8 Q/DQ: retrain with attn_bits <= 7 or "
+                            "export --target ort")
+
+
+def _rewrite(dep: Any, fmt: str, tgt: targets.Target, op: int, int4: bool, log: Log) -> tuple[onnx.ModelProto,
+                                                                                              Rewriter]:
+    """Trace with markers, clean the skeleton, let the format's emitter replace the markers."""
+    sites = trace.collect_sites(dep.model, dep.specs)
     t0 = time.time()
-    example = torch.zeros((2,) + tuple(int(v) for v in input_size))
-    sk = trace.skeleton(model, sites, example, op)
+    example = torch.zeros((2,) + tuple(int(v) for v in dep.meta["input_size"]))
+    sk = trace.skeleton(dep.model, sites, example, op)
     graph.remove_identities(sk.graph)
     sk = cleanup.fold_and_clean(sk)
     cleanup.rename_nodes(sk)
     log(f"  traced {len(sites)} quantized sites, {len(sk.graph.node)} skeleton nodes ({time.time() - t0:.1f}s)")
-    opts = qdq.Options(fmt=fmt, opset=op, int4=int4 and targets.use_int4(tgt, op), allow_uint8=not tgt.tensorrt)
-    rw = qdq.Rewriter(sk, sites, opts)
+    opts = Options(opset=op, int4=int4 and targets.use_int4(tgt, op), uint8=tgt.uint8)
+    rw = Rewriter(sk, sites, fmt, opts)
     m = rw.run()
     graph.remove_identities(m.graph)
     graph.eliminate_dead(m.graph)
     del m.graph.value_info[:]
+    return m, rw
+
+
+def _finish(m: onnx.ModelProto, op: int, fmt: str, target: str, rw: Rewriter, fp32: list[str]) -> onnx.ModelProto:
+    """Opsets, IR version, metadata, the low-bit function body; then onnx.checker and shape inference."""
     opsets = [onnx.helper.make_opsetid("", op)]
     if rw.lowbit_nodes:
         opsets.append(onnx.helper.make_opsetid(qformat.LOWBIT_DOMAIN, qformat.LOWBIT_OPSET))
     del m.opset_import[:]
     m.opset_import.extend(opsets)
-    m.ir_version = _IR[op]
+    m.ir_version = targets.ir_version(op)
     m.producer_name, m.producer_version = "qvit-edge export", str(qformat.FORMAT_VERSION)
-    fp32 = cleanup.fp32_layers(m, model)
-    _set_meta(m, {"qvit.format": fmt, "qvit.target": target, "qvit.fp32_layers": json.dumps(fp32)})
+    for k, v in {"qvit.format": fmt, "qvit.target": target, "qvit.fp32_layers": json.dumps(fp32)}.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, v
     if rw.lowbit_nodes:
         m.functions.append(lowbit_function(op))
     try:
         onnx.checker.check_model(m, full_check=True)
-        m = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True)
+        return onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise RuntimeError(f"exported graph fails onnx.checker/shape inference: {e}") from e
+
+
+def build_graph(dep: Any, fmt: str, target: str, opset: int | None = None, function: bool | None = None,
+                log: Log = _stderr, int4: bool = True) -> Graphs:
+    """Trace, rewrite, clean and check ``dep`` (a train.deploy.Deployable); raise UserError on
+    anything the target cannot build."""
+    tgt = targets.get_target(target)
+    emitter_class(fmt)  # unknown format -> one line before any work
+    op = targets.resolve_opset(tgt, opset)
+    if not dep.quantized or not getattr(dep.model, "qvit_converted", False):
+        raise UserError("export needs a converted model (train.quant.convert) or a checkpoint from python -m train")
+    _check_fits(dep, tgt, fmt)
+    m, rw = _rewrite(dep, fmt, tgt, op, int4, log)
+    fp32 = cleanup.fp32_layers(m, dep.float_modules)
+    m = _finish(m, op, fmt, target, rw, fp32)
     bad = rules.violations(m, tgt) if tgt.tensorrt and fmt != "fp32" else []
     if bad:
         raise UserError(f"the {fmt} graph breaks {tgt.runtime} rules: {bad[0]}" +
@@ -121,33 +142,52 @@ def build_graph(model: nn.Module, input_size, fmt: str, target: str, opset: int 
         onnx.checker.check_model(deploy)
     log(f"  {fmt} graph: opset {op}, {len(m.graph.node)} nodes, {rw.lowbit_nodes} packed low-bit Linear nodes"
         f"{' (plugin variant, no function body)' if deploy is not m else ''}")
-    return Graphs(m, deploy, fp32, rw.lowbit_nodes)
+    return Graphs(m, deploy, fp32, rw.lowbit_nodes, dict(rw.taps), trace.collect_sites(dep.model, dep.specs))
 
 
-def _set_meta(m: onnx.ModelProto, kv: dict) -> None:
-    for k, v in kv.items():
-        p = m.metadata_props.add()
-        p.key, p.value = k, v
+def check_parity(dep: Any, g: Graphs, fmt: str, n: int, atol: float, rtol: float, min_agree: float,
+                 calib_dir: str | None = None, log: Log = _stderr) -> Parity:
+    """The converted model (fp32: without quantizers) vs ONNX Runtime on ``n`` real images."""
+    x = load_images(n, dep, calib_dir)
+    if fmt == "fp32":
+        ref = (lambda xb: trace.float_reference(dep.model, g.sites, xb))  # noqa: E731
+    else:
+        ref = dep.model
+    t1 = time.time()
+    par = run_parity(ref, g.ort, x, atol, rtol, min_agree, taps=g.taps, sites=[s.spec for s in g.sites])
+    log(f"  {par.line()} ({time.time() - t1:.1f}s)")
+    return par
 
 
-def export(model: nn.Module, meta: dict, fmt: str, target: str, out_dir: str, opset: int | None = None,
-           parity_n: int = 32, atol: float = 1e-3, rtol: float = 1e-3, min_agree: float = 0.99,
-           calib_dir: str | None = None,
+def _sidecar(dep: Any, g: Graphs, fmt: str, target: str, bits: dict, par: Parity | None, blob: bytes) -> dict:
+    meta = dep.meta
+    opset_used = next(o.version for o in g.deploy.opset_import if o.domain == "")
+    return {
+        "format_version": qformat.FORMAT_VERSION, "model": meta["model"], "format": fmt, "target": target,
+        "opset": opset_used, "bits": bits, "input_size": list(meta["input_size"]), "mean": list(meta["mean"]),
+        "std": list(meta["std"]), "class_names": list(meta.get("class_names") or []),
+        "input_name": trace.INPUT_NAME, "output_name": trace.OUTPUT_NAME, "metrics": dict(meta.get("metrics") or {}),
+        "exporter_revision": code_revision(), "quant": meta.get("quant") or {},
+        "sites": allocation(dep.specs), "fp32_layers": g.fp32_layers, "lowbit_nodes": g.lowbit_nodes,
+        "int4_weights": any(t.data_type == onnx.TensorProto.INT4 for t in g.deploy.graph.initializer),
+        "plugin": ({"op": qformat.LOWBIT_OP, "domain": qformat.LOWBIT_DOMAIN, "version": qformat.LOWBIT_PLUGIN_VERSION,
+                    "namespace": qformat.LOWBIT_PLUGIN_NAMESPACE, "function_body": len(g.deploy.functions) > 0}
+                   if g.lowbit_nodes else None),
+        "parity": par.to_dict() if par else None, "source_checkpoint": meta.get("checkpoint"),
+        "onnx_sha256": sha256_bytes(blob),  # the runtime refuses a sidecar left from another export
+    }
+
+
+def export(dep: Any, fmt: str, target: str, out_dir: str, opset: int | None = None, parity_n: int = 32,
+           atol: float = 1e-3, rtol: float = 1e-3, min_agree: float = 0.99, calib_dir: str | None = None,
            function: bool | None = None, log: Log = _stderr, int4: bool = True) -> Result:
     """Export, prove parity in ONNX Runtime, then write the graph and its sidecar atomically."""
     t0 = time.time()
-    bits = bits_of(model)
-    name = stem(meta["model"], bits, fmt)
+    bits = dep.bits()
+    name = stem(dep.meta["model"], bits, fmt)
     log(f"export {name} for {target}")
-    g = build_graph(model, meta["input_size"], fmt, target, opset, function, log, int4)
-    par = None
-    if parity_n > 0:
-        x = load_images(parity_n, meta, calib_dir)
-        sites = trace.collect_sites(model)
-        ref = (lambda xb: trace.float_reference(model, sites, xb)) if fmt == "fp32" else model
-        t1 = time.time()
-        par = run_parity(ref, g.ort, x, atol, rtol, min_agree)
-        log(f"  {par.line()} ({time.time() - t1:.1f}s)")
+    g = build_graph(dep, fmt, target, opset, function, log, int4)
+    par = check_parity(dep, g, fmt, parity_n, atol, rtol, min_agree, calib_dir, log) if parity_n > 0 else None
     path = os.path.join(out_dir, name + ".onnx")
     if par is not None and not par.passed:
         bad = os.path.join(out_dir, name + ".parity-failed.onnx")
@@ -161,24 +201,8 @@ def export(model: nn.Module, meta: dict, fmt: str, target: str, out_dir: str, op
     blob = g.deploy.SerializeToString()
     atomic_write(path, blob)
     side = sidecar_path(path)
-    opset_used = next(o.version for o in g.deploy.opset_import if o.domain == "")
-    from train.checkpoint import code_revision
-
-    sidecar = {
-        "format_version": qformat.FORMAT_VERSION, "model": meta["model"], "format": fmt, "target": target,
-        "opset": opset_used, "bits": bits, "input_size": list(meta["input_size"]), "mean": list(meta["mean"]),
-        "std": list(meta["std"]), "class_names": list(meta.get("class_names") or []),
-        "input_name": trace.INPUT_NAME, "output_name": trace.OUTPUT_NAME, "metrics": dict(meta.get("metrics") or {}),
-        "exporter_revision": code_revision(), "quant": meta.get("quant") or getattr(model, "qvit_quant_config", {}),
-        "fp32_layers": g.fp32_layers, "lowbit_nodes": g.lowbit_nodes,
-        "int4_weights": any(t.data_type == onnx.TensorProto.INT4 for t in g.deploy.graph.initializer),
-        "plugin": ({"op": qformat.LOWBIT_OP, "domain": qformat.LOWBIT_DOMAIN, "version": qformat.LOWBIT_PLUGIN_VERSION,
-                    "namespace": qformat.LOWBIT_PLUGIN_NAMESPACE, "function_body": len(g.deploy.functions) > 0}
-                   if g.lowbit_nodes else None),
-        "parity": par.to_dict() if par else None, "source_checkpoint": meta.get("checkpoint"),
-        "onnx_sha256": sha256_bytes(blob),  # the runtime refuses a sidecar left from another export
-    }
-    write_json(side, sidecar)  # last: a kill before it leaves a graph whose old sidecar no longer matches
+    write_json(side, _sidecar(dep, g, fmt, target, bits, par, blob))  # last: a kill before it leaves a
+    # graph whose old sidecar no longer matches (onnx_sha256)
     log(f"  wrote {path} and {side} ({time.time() - t0:.1f}s)")
     return Result(path, side, par, g)
 

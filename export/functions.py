@@ -1,24 +1,28 @@
 """``QvitLowBitLinear`` as an ONNX model-local function, so ONNX Runtime runs the custom node.
 
 The body is standard ops only and reads every parameter from the node's attributes
-(``ref_attr_name``), so one function serves all nodes of a graph.  It mirrors
-:func:`qformat.lowbit_linear_reference` step by step::
+(``ref_attr_name``), so one function serves all nodes of a graph -- the version-1 nodes with
+one width and the mixed-width nodes alike.  It mirrors :func:`qformat.lowbit_linear_reference`
+with one width ``b[n]`` per row (``bits`` for a version-1 node, whose ``group_bits`` default to
+empty; ``group_bits[n // group_size]`` for a mixed node)::
 
-    words  = Cast<uint32>(weight_packed)                     # int32 bit-cast words [N, W]
-    codes  = (words[:, :, None] << (32 - b - b*j)) >> (32 - b)   j = 0 .. 32//b - 1
-    q      = Reshape(codes, [N, W*per])[:, :K] - 2^(b-1)     # offset-binary -> signed
-    xq     = Clip(Round(X / act_scale), act_lo, act_hi)
-    Y      = (xq @ q^T) * (act_scale * weight_scale) + bias
+    per[n]   = 32 // b[n];  words[n] = ceil(K / per[n]);  off = exclusive cumsum(words)
+    w[n, k]  = flat(weight_packed)[off[n] + k // per[n]]                 (uint32)
+    q[n, k]  = (w << (32 - b - b*(k % per))) >> (32 - b)  -  2^(b-1)     # offset-binary -> signed
+    xq       = Clip(Round(X / act_scale), act_lo, act_hi)
+    Y        = (xq @ q^T) * (act_scale * weight_scale) + bias
 
 The two shifts extract a ``b``-bit field without BitwiseAnd (opset 18) and without a shift
-by 32 (undefined in C), so the function works from opset 13.  ``xq @ q^T`` is an exact
-integer sum in float32 while ``|acc| < 2^24`` (``K * 128 * 8`` for 4-bit weights and 8-bit
-inputs: any ``K <= 16384``).
+by 32 (undefined in C), so the function works from opset 13.  Everything up to ``q`` depends
+on attributes only, so ONNX Runtime folds it into a constant once per session.  ``xq @ q^T``
+is an exact integer sum in float32 while ``|acc| < 2^24`` (``K * 128 * 8`` for 4-bit weights
+and 8-bit inputs: any ``K <= 16384``).
 """
 
 from __future__ import annotations
 
-from onnx import AttributeProto, FunctionProto, TensorProto, helper
+import numpy as np
+from onnx import AttributeProto, FunctionProto, TensorProto, helper, numpy_helper
 
 import qformat
 
@@ -45,51 +49,67 @@ def _const(out: str, value, dtype=TensorProto.INT64):
     return helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, dims, vals))
 
 
-def lowbit_function(opset: int) -> FunctionProto:
-    """The function definition of ``qvit.edge::QvitLowBitLinear`` for a graph at ``opset``."""
-    f, i64, u32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.UINT32
-    n = []
-    # --- attributes as tensors
-    n.append(_const_ref("wp", "weight_packed", "value"))
-    n.append(_const_ref("ws", "weight_scale", "value"))
-    n.append(_const_ref("bias", "bias", "value"))
-    n.append(_const_ref("s", "act_scale", "value_float"))
-    n.append(_const_ref("lo_i", "act_lo", "value_int"))
-    n.append(_const_ref("hi_i", "act_hi", "value_int"))
-    n.append(_const_ref("b_i", "bits", "value_int"))
-    n.append(_const_ref("k_i", "in_features", "value_int"))
-    # --- unpack: per = 32 // b, shift_l[j] = 32 - b - b*j, shift_r = 32 - b
-    n += [_const("c32", 32), _const("c0", 0), _const("c1", 1), _const("c2", 2), _const("cm1", -1),
-          _const("ax1", [1]), _const("ax2", [2]), _const("ax0", [0])]
-    n.append(helper.make_node("Div", ["c32", "b_i"], ["per"]))
-    n.append(helper.make_node("Range", ["c0", "per", "c1"], ["j"]))
-    n.append(helper.make_node("Mul", ["j", "b_i"], ["bj"]))
-    n.append(helper.make_node("Sub", ["c32", "b_i"], ["sr_i"]))
+def _row_bits(n: list) -> None:
+    """``b`` [N, 1] int64: each row's width (``bits``, or ``group_bits[row // group_size]``)."""
+    n.append(helper.make_node("Range", ["c0", "n_i", "c1"], ["rows"]))
+    n.append(helper.make_node("Max", ["gs_i", "c1"], ["gs_safe"]))
+    n.append(helper.make_node("Div", ["rows", "gs_safe"], ["grp"]))
+    n.append(helper.make_node("Cast", ["gb"], ["gb64"], to=TensorProto.INT64))
+    n.append(helper.make_node("Size", ["gb64"], ["ngroups"]))
+    n.append(helper.make_node("Min", ["grp", "ngroups"], ["gidx"]))  # version-1 node: no groups -> index 0 = bits
+    n.append(helper.make_node("Unsqueeze", ["b_i", "ax0"], ["b1"]))
+    n.append(helper.make_node("Concat", ["gb64", "b1"], ["widths"], axis=0))
+    n.append(helper.make_node("Gather", ["widths", "gidx"], ["b_row"], axis=0))
+    n.append(helper.make_node("Unsqueeze", ["b_row", "ax1"], ["b"]))
+
+
+def _unpack(n: list) -> None:
+    """``q`` [N, K] float: the signed codes of every row at its own width."""
+    u32, f = TensorProto.UINT32, TensorProto.FLOAT
+    n.append(helper.make_node("Div", ["c32", "b"], ["per"]))  # [N, 1]
+    n.append(helper.make_node("Add", ["k_i", "per"], ["kp"]))
+    n.append(helper.make_node("Sub", ["kp", "c1"], ["kp1"]))
+    n.append(helper.make_node("Div", ["kp1", "per"], ["nwords"]))  # ceil(K / per)
+    n.append(helper.make_node("CumSum", ["nwords", "c0"], ["off"], exclusive=1))
+    n.append(helper.make_node("Range", ["c0", "k_i", "c1"], ["k_range"]))
+    n.append(helper.make_node("Unsqueeze", ["k_range", "ax0"], ["kk"]))  # [1, K]
+    n.append(helper.make_node("Div", ["kk", "per"], ["word_of_k"]))  # [N, K]
+    n.append(helper.make_node("Add", ["off", "word_of_k"], ["word_idx"]))
+    n.append(helper.make_node("Mul", ["word_of_k", "per"], ["kbase"]))
+    n.append(helper.make_node("Sub", ["kk", "kbase"], ["slot"]))  # k % per
+    n.append(helper.make_node("Mul", ["slot", "b"], ["bj"]))
+    n.append(helper.make_node("Sub", ["c32", "b"], ["sr_i"]))
     n.append(helper.make_node("Sub", ["sr_i", "bj"], ["sl_i"]))
+    n.append(helper.make_node("Cast", ["wp"], ["wu"], to=u32))
+    n.append(helper.make_node("Reshape", ["wu", "flat"], ["wflat"]))
+    n.append(helper.make_node("Gather", ["wflat", "word_idx"], ["words"], axis=0))
     n.append(helper.make_node("Cast", ["sl_i"], ["sl"], to=u32))
     n.append(helper.make_node("Cast", ["sr_i"], ["sr"], to=u32))
-    n.append(helper.make_node("Cast", ["wp"], ["wu"], to=u32))
-    n.append(helper.make_node("Unsqueeze", ["wu", "ax2"], ["wu3"]))
-    n.append(helper.make_node("BitShift", ["wu3", "sl"], ["hi_bits"], direction="LEFT"))
-    n.append(helper.make_node("BitShift", ["hi_bits", "sr"], ["codes3"], direction="RIGHT"))
-    # [N, W, per] -> [N, W*per] -> [:, :K]
-    n.append(helper.make_node("Shape", ["wu"], ["wshape"]))
-    n.append(helper.make_node("Gather", ["wshape", "c0"], ["nrows"], axis=0))
-    n.append(helper.make_node("Unsqueeze", ["nrows", "ax0"], ["nrows1"]))
-    n.append(_const("shape_tail", [-1]))
-    n.append(helper.make_node("Concat", ["nrows1", "shape_tail"], ["flat_shape"], axis=0))
-    n.append(helper.make_node("Reshape", ["codes3", "flat_shape"], ["codes"]))
-    n.append(helper.make_node("Unsqueeze", ["k_i", "ax0"], ["k1"]))
-    n.append(helper.make_node("Slice", ["codes", "ax0", "k1", "ax1"], ["codes_k"]))
-    n.append(helper.make_node("Cast", ["codes_k"], ["codes_f"], to=f))
-    # offset 2^(b-1) = 2^b / 2 as float
-    n.append(helper.make_node("Sub", ["b_i", "c1"], ["bm1"]))
+    n.append(helper.make_node("BitShift", ["words", "sl"], ["hi_bits"], direction="LEFT"))
+    n.append(helper.make_node("BitShift", ["hi_bits", "sr"], ["codes"], direction="RIGHT"))
+    n.append(helper.make_node("Cast", ["codes"], ["codes_f"], to=f))
+    n.append(helper.make_node("Sub", ["b", "c1"], ["bm1"]))  # offset 2^(b-1)
     n.append(helper.make_node("Cast", ["bm1"], ["bm1_f"], to=f))
     n.append(_const("two", 2.0, f))
     n.append(helper.make_node("Pow", ["two", "bm1_f"], ["offset"]))
     n.append(helper.make_node("Sub", ["codes_f", "offset"], ["q"]))
+
+
+def lowbit_function(opset: int) -> FunctionProto:
+    """The function definition of ``qvit.edge::QvitLowBitLinear`` for a graph at ``opset``."""
+    f = TensorProto.FLOAT
+    n = [_const_ref("wp", "weight_packed", "value"), _const_ref("ws", "weight_scale", "value"),
+         _const_ref("bias", "bias", "value"), _const_ref("s", "act_scale", "value_float"),
+         _const_ref("lo_i", "act_lo", "value_int"), _const_ref("hi_i", "act_hi", "value_int"),
+         _const_ref("b_i", "bits", "value_int"), _const_ref("k_i", "in_features", "value_int"),
+         _const_ref("n_i", "out_features", "value_int"), _const_ref("gs_i", "group_size", "value_int"),
+         _const_ref("gb", "group_bits", "value"),
+         _const("c32", 32), _const("c0", 0), _const("c1", 1), _const("ax0", [0]), _const("ax1", [1]),
+         _const("flat", [-1])]
+    _row_bits(n)
+    _unpack(n)
     n.append(helper.make_node("Transpose", ["q"], ["qT"], perm=[1, 0]))
-    # --- activation: integers on the b-bit grid (zero-point folded into lo/hi)
+    # activation: integers on the b-bit grid (zero-point folded into lo/hi)
     n.append(helper.make_node("Cast", ["lo_i"], ["lo"], to=f))
     n.append(helper.make_node("Cast", ["hi_i"], ["hi"], to=f))
     n.append(helper.make_node("Div", ["X", "s"], ["xs"]))
@@ -99,33 +119,20 @@ def lowbit_function(opset: int) -> FunctionProto:
     n.append(helper.make_node("Mul", ["s", "ws"], ["out_scale"]))
     n.append(helper.make_node("Mul", ["acc", "out_scale"], ["y0"]))
     n.append(helper.make_node("Add", ["y0", "bias"], ["Y"]))
-    del i64
-    return helper.make_function(
-        qformat.LOWBIT_DOMAIN, qformat.LOWBIT_OP, ["X"], ["Y"], n,
-        [helper.make_opsetid("", opset)],
-        attributes=list(qformat.LOWBIT_ATTRS))
+    plain = [a for a in qformat.LOWBIT_ATTRS if a not in qformat.LOWBIT_GROUP_ATTRS]
+    defaults = [helper.make_attribute("group_size", 0),  # a version-1 node carries neither
+                helper.make_attribute("group_bits", numpy_helper.from_array(np.zeros(0, np.int32), "group_bits"))]
+    return helper.make_function(qformat.LOWBIT_DOMAIN, qformat.LOWBIT_OP, ["X"], ["Y"], n,
+                                [helper.make_opsetid("", opset)], attributes=plain, attribute_protos=defaults)
 
 
-def lowbit_node(name: str, x: str, y: str, *, bits: int, weight_int, weight_scale, bias,
-                act_scale: float, act_lo: int, act_hi: int, act_bits: int):
-    """One ``QvitLowBitLinear`` node with every parameter as an attribute (qformat.LOWBIT_ATTRS)."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    q = np.asarray(weight_int)
-    n_out, k = q.shape
-    packed = qformat.pack(q, bits).view(np.int32)
-    attrs = dict(
-        bits=int(bits), in_features=int(k), out_features=int(n_out),
-        weight_packed=numpy_helper.from_array(packed, name=f"{name}.weight_packed"),
-        weight_scale=numpy_helper.from_array(np.asarray(weight_scale, np.float32).reshape(-1),
-                                             name=f"{name}.weight_scale"),
-        bias=numpy_helper.from_array(np.asarray(bias, np.float32).reshape(-1), name=f"{name}.bias"),
-        act_scale=float(np.float32(act_scale)), act_lo=int(act_lo), act_hi=int(act_hi), act_bits=int(act_bits),
-        plugin_version=qformat.LOWBIT_PLUGIN_VERSION, plugin_namespace=qformat.LOWBIT_PLUGIN_NAMESPACE,
-    )
-    assert tuple(attrs) + qformat.LOWBIT_GROUP_ATTRS == qformat.LOWBIT_ATTRS  # uniform: no group attributes
+def lowbit_node(name: str, x: str, y: str, attrs: dict):
+    """One ``QvitLowBitLinear`` node whose attributes are ``attrs`` (:func:`qformat.lowbit_attrs`)."""
     node = helper.make_node(qformat.LOWBIT_OP, [x], [y], name=name, domain=qformat.LOWBIT_DOMAIN)
     # in LOWBIT_ATTRS order (make_node would sort them): the plugin's PluginField order
-    node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+    for key in qformat.LOWBIT_ATTRS:
+        if key in attrs:
+            v = attrs[key]
+            node.attribute.append(helper.make_attribute(
+                key, numpy_helper.from_array(v, name=f"{name}.{key}") if isinstance(v, np.ndarray) else v))
     return node

@@ -1,4 +1,8 @@
-"""The built-in parity check: the converted PyTorch model vs the exported graph in ONNX Runtime."""
+"""The built-in parity check: the converted PyTorch model vs the exported graph in ONNX Runtime.
+
+Which graph tensors hold each site's activation codes comes from the format's emitter (its
+*taps*); which integers PyTorch computes comes from the site's :class:`qformat.SiteSpec`.
+"""
 
 from __future__ import annotations
 
@@ -48,14 +52,11 @@ class Parity:
         return asdict(self)
 
 
-def load_images(n: int, meta: dict, calib_dir: str | None = None) -> torch.Tensor:
-    """``n`` preprocessed images: Fashion-MNIST test (default) or the files of ``calib_dir``."""
-    from train.data import adapt, eval_images
-
-    size, mean, std = meta["input_size"], meta["mean"], meta["std"]
+def load_images(n: int, dep, calib_dir: str | None = None) -> torch.Tensor:
+    """``n`` images preprocessed for the :class:`train.deploy.Deployable` ``dep``: Fashion-MNIST
+    test (default) or the files of ``calib_dir``."""
     if not calib_dir:
-        x, _ = eval_images(n, split="test", input_size=size, mean=mean, std=std)
-        return x
+        return dep.test_images(n)
     if not os.path.isdir(calib_dir):
         raise UserError(f"--calib-dir {calib_dir} is not a directory of images")
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(calib_dir) for f in fs if f.lower().endswith(_IMAGE_EXT))
@@ -65,29 +66,15 @@ def load_images(n: int, meta: dict, calib_dir: str | None = None) -> torch.Tenso
         import PIL  # noqa: F401
     except ImportError:
         raise UserError("--calib-dir needs Pillow (pip install pillow)") from None
-    from train.data import UnreadableImage, image_mode, load_image, warn_unreadable
-
-    imgs, bad = [], []
-    for f in files:  # decode until n images are readable; skip (and name) the ones that are not
-        if len(imgs) >= n:
-            break
-        try:
-            im = load_image(f, image_mode(size)).resize((int(size[2]), int(size[1])))
-        except UnreadableImage as e:
-            bad.append((e.path, e.reason))
-            continue
-        t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
-        imgs.append(t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1))
-    warn_unreadable(bad, calib_dir, len(bad) + len(imgs))
-    return adapt(torch.stack(imgs), size, mean, std).contiguous()
+    return dep.image_files(files, n, calib_dir)
 
 
 def ort_session(model: onnx.ModelProto, threads: int | None = None):
     import onnxruntime as ort
 
-    from runtime.backends import ort_session_options
+    from qformat.ort import session_options
 
-    so = ort_session_options(ort, threads)
+    so = session_options(ort, threads)
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
@@ -115,17 +102,6 @@ def compare(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float, min_agre
     return Parity(int(ref.shape[0]), max_abs, rel, agree, atol, rtol, min_agree, passed)
 
 
-def code_taps(graph: onnx.ModelProto) -> dict[str, tuple[str, str]]:
-    """Activation-quantizer name -> (graph tensor, "q" integer codes | "x" lowbit node input)."""
-    taps = {}
-    for n in graph.graph.node:
-        if n.op_type == "QuantizeLinear" and n.name.endswith("/QuantizeLinear") and "/weight" not in n.name:
-            taps[n.name.rsplit("/", 1)[0]] = (n.output[0], "q")
-        elif n.op_type == "QvitLowBitLinear":
-            taps[n.name.rsplit("/", 1)[0] + ".a_quant"] = (n.input[0], "x")
-    return taps
-
-
 def _with_outputs(graph: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     g = onnx.ModelProto()
     g.CopyFrom(graph)
@@ -139,61 +115,61 @@ def _with_outputs(graph: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 class _Aligner:
-    """Forward hooks that give each frozen ActQuantizer ORT's integer codes, counting differences.
+    """Forward pre-hooks that hand each quantized site ORT's integer codes, counting differences.
 
     A code may differ from PyTorch's only where ``x / s`` sits on a rounding boundary to
     float precision (the kernels sum in different orders); anything else is a mismatch.
-    Replacing the output keeps both runs on the same discrete path, so one tie does not
-    cascade through a deep low-bit network and the logits can be compared tightly.
+    Feeding ``codes * s`` into the site's quantizer (which maps it to itself) keeps both runs on
+    the same discrete path, so one tie does not cascade through a deep low-bit network and the
+    logits can be compared tightly.
     """
 
-    def __init__(self, model: torch.nn.Module, taps: dict[str, tuple[str, str]]) -> None:
-        from train.quantizers import ActQuantizer
-
-        self.mods = {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer) and n in taps}
+    def __init__(self, model: torch.nn.Module, sites: list, taps: dict[str, tuple[str, str]]) -> None:
+        self.sites = [(s, model.get_submodule(s.name)) for s in sites if s.name in taps]
         self.taps = taps
         self.outs: dict[str, np.ndarray] = {}
         self.codes = self.ties = self.mismatches = 0
 
-    def _ort_codes(self, name: str, mod, like: torch.Tensor) -> torch.Tensor:
-        tensor, kind = self.taps[name]
-        a = self.outs[tensor]
-        if kind == "x":  # lowbit node input: quantize exactly as the node does (per-tensor)
-            s = np.float32(mod.scale.detach().reshape(()).item())
-            lo, hi = (float(v.reshape(())) for v in mod.int_bounds())
-            a = np.clip(np.rint(a.astype(np.float32) / s), lo, hi)
-        t = torch.from_numpy(np.asarray(a, dtype=np.float32))
+    def _ort_codes(self, site, s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, like: torch.Tensor):
+        tensor, kind = self.taps[site.name]
+        t = torch.from_numpy(np.asarray(self.outs[tensor], dtype=np.float32))
+        if kind == "x":  # a lowbit node's float input: quantize exactly as the node does (per-tensor)
+            t = torch.clamp(torch.round(t / s), lo, hi)
         if tuple(t.shape) != tuple(like.shape) and t.dim() >= 2 and t.transpose(-1, -2).shape == like.shape:
             t = t.transpose(-1, -2)  # K^T: the graph quantizes after the transpose
         return t.reshape(like.shape)
 
-    def hook(self, name: str):
-        def fn(mod, inp, _out):
-            xi = inp[0]
-            lo, hi = mod.int_bounds()
-            s = mod._view(mod.scale, xi)
+    def hook(self, site):
+        spec = site.input
+        s = torch.from_numpy(spec.scale_view().astype(np.float32))
+        lo, hi = (torch.from_numpy(np.asarray(v, np.float32)) for v in spec.bounds())
+
+        def fn(_mod, args):
+            xi = args[0]
             v = xi / s
-            ct = torch.clamp(torch.round(v), mod._view(lo, xi), mod._view(hi, xi))
-            co = self._ort_codes(name, mod, ct)
+            ct = torch.clamp(torch.round(v), lo, hi)
+            co = self._ort_codes(site, s, lo, hi, ct)
             diff = ct != co
             tie = diff & ((ct - co).abs() == 1) & ((v - (torch.minimum(ct, co) + 0.5)).abs() <= TIE_EPS)
             self.codes += ct.numel()
             self.ties += int(tie.sum())
             self.mismatches += int((diff & ~tie).sum())
-            return co * s
+            return (co * s,) + tuple(args[1:])
         return fn
 
 
 def run_parity(reference, model: onnx.ModelProto, x: torch.Tensor, atol: float, rtol: float,
-               min_agree: float = 0.0, batch: int | None = None, align: bool = True) -> Parity:
+               min_agree: float = 0.0, batch: int | None = None, taps: dict | None = None,
+               sites: list | None = None) -> Parity:
     """``reference(x) -> logits`` (torch) vs ONNX Runtime on the same images, in batches.
 
-    With ``align`` (quantized graphs, ``reference`` a converted model) the check is two-fold:
-    every activation code of the graph equals PyTorch's except at float ties, and with ties
-    resolved as ORT resolved them the logits agree within ``atol + rtol * max|logit|`` and
-    top-1 agreement >= ``min_agree``.  The plain (unaligned) numbers are reported too.
+    With ``taps`` (the emitter's: site name -> graph tensor) and ``sites`` (their SiteSpecs), and
+    ``reference`` the converted model, the check is two-fold: every activation code of the graph
+    equals PyTorch's except at float ties, and with ties resolved as ORT resolved them the logits
+    agree within ``atol + rtol * max|logit|`` and top-1 agreement >= ``min_agree``.  The plain
+    (unaligned) numbers are reported too.
     """
-    taps = code_taps(model) if align and isinstance(reference, torch.nn.Module) else {}
+    taps = taps if taps and sites and isinstance(reference, torch.nn.Module) else {}
     align = bool(taps)
     tap_names = sorted({t for t, _ in taps.values()})
     sess = ort_session(_with_outputs(model, tap_names) if align else model)
@@ -201,7 +177,7 @@ def run_parity(reference, model: onnx.ModelProto, x: torch.Tensor, atol: float, 
     out_names = [o.name for o in sess.get_outputs()]
     if batch is None:
         batch = 16 if int(np.prod(x.shape[1:])) <= 3 * 64 * 64 else 2
-    aligner = _Aligner(reference, taps) if align else None
+    aligner = _Aligner(reference, sites, taps) if align else None
     refs, gots, aligned = [], [], []
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):
@@ -211,7 +187,7 @@ def run_parity(reference, model: onnx.ModelProto, x: torch.Tensor, atol: float, 
             refs.append(reference(xb).float().cpu().numpy())
             if aligner is not None:
                 aligner.outs = dict(zip(out_names, res))
-                hooks = [m.register_forward_hook(aligner.hook(n)) for n, m in aligner.mods.items()]
+                hooks = [m.register_forward_pre_hook(aligner.hook(site)) for site, m in aligner.sites]
                 try:
                     aligned.append(reference(xb).float().cpu().numpy())
                 finally:

@@ -11,9 +11,18 @@ import onnx
 from onnx import numpy_helper
 
 import qformat
+from qformat.targets import Target
 
 from .graph import consumers, producers
-from .targets import ALLOWED_OPS, Target
+
+#: Standard ops the exporter may emit (TensorRT's ONNX parser supports all of them).
+ALLOWED_OPS = frozenset({
+    "Add", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "DequantizeLinear", "Div", "Erf",
+    "Expand", "Flatten", "Gather", "Gelu", "Gemm", "Identity", "LayerNormalization", "MatMul", "Max", "Min", "Mod",
+    "Mul", "Pad", "Pow", "QuantizeLinear", "Range", "ReduceMean", "Reshape", "Shape", "Slice", "Softmax",
+    "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose", "Unsqueeze", "Where", "Equal", "Less",
+    "Greater", "Not", "And", "Neg", "Abs", "Exp", "Reciprocal", "ScatterND", "GatherElements", "Sigmoid",
+})
 
 _INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4)
 
@@ -35,7 +44,7 @@ def violations(model: onnx.ModelProto, target: Target) -> list[str]:
     consts, prod, users = _consts(g), producers(g), consumers(g)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     out: list[str] = []
-    lo, hi = target.opset_range()
+    lo, hi = target.opsets
     if not lo <= opset <= hi:
         out.append(f"opset {opset} outside {lo}..{hi} for {target.name}")
     for n in g.node:
@@ -55,8 +64,8 @@ def violations(model: onnx.ModelProto, target: Target) -> list[str]:
                 out.append(f"{where}: activation scale must be a per-tensor constant")
             if zp is None or np.any(_array(zp) != 0):
                 out.append(f"{where}: zero-point must be a constant 0")
-            elif target.tensorrt and zp.data_type != onnx.TensorProto.INT8:
-                out.append(f"{where}: TensorRT needs INT8 activations")
+            elif not target.uint8 and zp.data_type != onnx.TensorProto.INT8:
+                out.append(f"{where}: {target.name} needs INT8 activations (no UINT8)")
             nxt = users.get(n.output[0], [])
             if not nxt or any(u.op_type != "DequantizeLinear" for u in nxt):
                 out.append(f"{where}: Q must be followed by DQ only")

@@ -4,9 +4,12 @@ The float parts of the network (reshapes, LayerNorm, softmax, Swin windows, posi
 bias, residuals) come from PyTorch's TorchScript-based ONNX exporter, so they follow the
 installed timm exactly.  Every quantized piece is traced as a custom-domain marker node
 instead (``qvit_export::Act`` / ``Linear`` / ``Conv`` with an ``idx`` attribute pointing
-into :class:`Site`), and :mod:`export.qdq` / :mod:`export.lowbit` replace each marker with
-the exact standard-op (or custom-op) subgraph.  That keeps the quantization arithmetic in
-one place we control instead of pattern-matching whatever the tracer emits.
+into the list of :class:`Site`), and the format's emitter (:mod:`export.emitters`) replaces
+each marker with the exact standard-op (or custom-op) subgraph.  That keeps the quantization
+arithmetic in one place we control instead of pattern-matching whatever the tracer emits.
+
+The sites are the model's :class:`qformat.SiteSpec` records (what ``train``'s ``convert``
+produced); the module of each is looked up by its path only to route its forward here.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import onnx
 import torch
 from torch import nn
 
-from train.quant import QuantConv2d, QuantLinear
-from train.quantizers import ActQuantizer
+import qformat
+from qformat.errors import UserError
 
 MARKER_DOMAIN = "qvit_export"
 INPUT_NAME = "input"
@@ -31,11 +34,18 @@ OUTPUT_NAME = "logits"
 
 @dataclass
 class Site:
-    """One quantized place in the model: an activation quantizer, a QuantLinear or a QuantConv2d."""
+    """One quantized place in the model: its spec record and the module that computes it."""
 
-    kind: str  # "act" | "linear" | "conv"
-    name: str  # qualified module name, e.g. "blocks.3.attn.q_quant"
+    spec: qformat.SiteSpec
     module: nn.Module
+
+    @property
+    def kind(self) -> str:  # "act" | "linear" | "conv"
+        return self.spec.op
+
+    @property
+    def name(self) -> str:  # module path, e.g. "blocks.3.attn.q_quant"
+        return self.spec.name
 
 
 def _marker(kind: str):
@@ -66,44 +76,47 @@ _OUT: dict[int, int] = {}  # idx -> Linear out_features while tracing
 _MARKS = {"act": _marker("Act"), "linear": _marker("Linear"), "conv": _marker("Conv")}
 
 
-def collect_sites(model: nn.Module) -> list[Site]:
-    """Every quantized site in module order (Linear/Conv input quantizers belong to their layer)."""
-    sites: list[Site] = []
-    owned = set()
-    for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantConv2d)):
-            if not getattr(m, "converted", False):
-                raise ValueError(f"{name} is not converted: call train.quant.convert(model) first")
-            sites.append(Site("conv" if isinstance(m, QuantConv2d) else "linear", name, m))
-            owned.add(id(m.a_quant))
-    for name, m in model.named_modules():
-        if isinstance(m, ActQuantizer) and id(m) not in owned:
-            sites.append(Site("act", name, m))
+def collect_sites(model: nn.Module, specs: list[qformat.SiteSpec]) -> list[Site]:
+    """The spec records paired with their modules (a spec naming no module is a stale checkpoint)."""
+    sites = []
+    for spec in specs:
+        try:
+            sites.append(Site(spec, model.get_submodule(spec.name)))
+        except AttributeError:
+            raise UserError(f"the model has no module {spec.name!r} named by its quantization specs; "
+                            "re-create the checkpoint") from None
     return sites
 
 
 def _shape_only(site: Site):
     """What a marker's forward returns while tracing: a zero tensor of the site's output shape."""
-    m = site.module
+    spec = site.spec
     if site.kind == "act":
         return lambda x: x.clone()
     if site.kind == "linear":
-        return lambda x: x.new_zeros(tuple(x.shape[:-1]) + (m.out_features,))
+        return lambda x: x.new_zeros(tuple(x.shape[:-1]) + (spec.out_features,))
+    g = spec.conv
 
     def conv(x):
-        hw = [(int(x.shape[2 + i]) + 2 * int(m.padding[i]) - int(m.dilation[i]) * (int(m.kernel_size[i]) - 1) - 1)
-              // int(m.stride[i]) + 1 for i in range(2)]
-        return x.new_zeros((x.shape[0], m.out_channels, hw[0], hw[1]))
+        k, st, pads, dil = g["kernel_shape"], g["strides"], g["pads"], g["dilations"]
+        hw = [(int(x.shape[2 + i]) + pads[i] + pads[i + 2] - dil[i] * (k[i] - 1) - 1) // st[i] + 1 for i in range(2)]
+        return x.new_zeros((x.shape[0], spec.out_features, hw[0], hw[1]))
     return conv
 
 
 def _float_forward(site: Site):
-    m = site.module
+    """The site without quantization: dequantized weights from the spec, float activations."""
+    spec = site.spec
     if site.kind == "act":
         return lambda x: x
+    w = torch.from_numpy(spec.dequantized_weight())
+    b = None if spec.bias is None else torch.from_numpy(spec.bias)
     if site.kind == "linear":
-        return lambda x: nn.functional.linear(x, m.dequantized_weight(), m.bias)
-    return lambda x: m._conv_forward(x, m.dequantized_weight(), m.bias)
+        return lambda x: nn.functional.linear(x, w.to(x.device), None if b is None else b.to(x.device))
+    g = spec.conv
+    pads = g["pads"][:2]
+    return lambda x: nn.functional.conv2d(x, w.to(x.device), None if b is None else b.to(x.device), g["strides"],
+                                          pads, g["dilations"], g["group"])
 
 
 @contextlib.contextmanager
@@ -118,7 +131,7 @@ def patched(model: nn.Module, sites: list[Site], float_mode: bool = False) -> It
         else:
             _REAL[idx] = _shape_only(site)
             if site.kind == "linear":
-                _OUT[idx] = int(site.module.out_features)
+                _OUT[idx] = site.spec.out_features
             m.forward = (lambda x, idx=idx, mark=_MARKS[site.kind]: mark.apply(x, idx))
     try:
         yield
@@ -133,8 +146,6 @@ def patched(model: nn.Module, sites: list[Site], float_mode: bool = False) -> It
 
 def skeleton(model: nn.Module, sites: list[Site], example: torch.Tensor, opset: int) -> onnx.ModelProto:
     """TorchScript-trace ``model`` with markers; dynamic batch; constants folded by the tracer."""
-    from qformat.errors import UserError
-
     buf = io.BytesIO()
     with patched(model, sites), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

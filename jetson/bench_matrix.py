@@ -7,15 +7,16 @@ Reads ``artifacts/<model>_w<b>a<b>.<format>.onnx`` (``make export``), builds eac
 (cached, so reruns only bench), benches it, and writes ``<out>.md`` (the table to paste)
 and ``<out>.json`` (every bench record).  A missing or failing model is a table row with
 the reason, not an abort: a long unattended run should finish.  ``--format auto`` picks
-``lowbit`` on TX2 (no fast INT8) and ``qdq`` elsewhere.  ``--backend ort`` skips the
-engine build (dry run on any machine).  Python 3.6-compatible.
+``lowbit`` where the board's target row (qformat.targets) has no fast INT8 (TX2) and ``qdq``
+elsewhere.  ``--backend ort`` skips the engine build (dry run on any machine).
+Python 3.6-compatible.
 """
 
 import os
 import sys
 import time
 
-from qformat import PACKED_BITS
+from qformat import PACKED_BITS, targets
 from qformat.argtypes import ArgumentParser, bits_int, int_list, nonneg_int, positive_int
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, write_json
@@ -29,9 +30,11 @@ def onnx_path(artifacts, model, bits, fmt):
 
 
 def pick_format(fmt, bits, board):
+    """``auto``: ``lowbit`` where the board's target row has no fast INT8 (TX2) and the bits pack, else ``qdq``."""
     if fmt != "auto":
         return fmt
-    if board and "tx2" in board.lower() and int(bits) in PACKED_BITS:
+    tgt = targets.for_board(board)
+    if tgt is not None and not tgt.fast_int8 and int(bits) in PACKED_BITS:
         return "lowbit"
     return "qdq"
 

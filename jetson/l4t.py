@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+from qformat import targets
+
 RELEASE_FILE = "/etc/nv_tegra_release"
 
 #: L4T release -> JetPack release (NVIDIA's JetPack archive).
@@ -19,12 +21,6 @@ JETPACK = {
     "32.6.1": "4.6", "32.7.1": "4.6.1", "32.7.2": "4.6.2", "32.7.3": "4.6.3", "32.7.4": "4.6.4", "32.7.5": "4.6.5",
     "35.1.0": "5.0.2", "35.2.1": "5.1", "35.3.1": "5.1.1", "35.4.1": "5.1.2", "35.5.0": "5.1.3", "35.6.0": "5.1.4",
     "36.2.0": "6.0 DP", "36.3.0": "6.0", "36.4.0": "6.1", "36.4.3": "6.2",
-}
-#: L4T major -> (TensorRT, Python of its bindings, container base for docker/Dockerfile.jetson)
-STACK = {
-    "32": ("8.2", "3.6", "nvcr.io/nvidia/l4t-base:r32.7.1"),
-    "35": ("8.5", "3.8", "nvcr.io/nvidia/l4t-jetpack:r35.4.1"),
-    "36": ("10.x", "3.10", "nvcr.io/nvidia/l4t-jetpack:r36.3.0"),
 }
 
 
@@ -45,13 +41,16 @@ def parse_dpkg_version(text):
 
 
 def describe(l4t):
-    """JetPack, TensorRT, Python and docker base for an L4T version string."""
+    """JetPack, TensorRT, Python, docker base and export target for an L4T version string
+    (the stack comes from the target table, qformat.targets)."""
     major = l4t.split(".")[0]
-    trt, py, base = STACK.get(major, (None, None, None))
+    tgt = targets.for_l4t(major)
     jp = JETPACK.get(l4t)
-    if jp is None and major in ("32", "35", "36"):
-        jp = {"32": "4.x", "35": "5.x", "36": "6.x"}[major]
-    return {"l4t": l4t, "jetpack": jp, "tensorrt": trt, "python": py, "docker_base": base}
+    if jp is None and tgt is not None:
+        jp = next((v.split(".")[0] + ".x" for k, v in sorted(JETPACK.items()) if k.split(".")[0] == major), None)
+    return {"l4t": l4t, "jetpack": jp, "tensorrt": tgt.trt_range() if tgt else None,
+            "python": tgt.python if tgt else None, "docker_base": tgt.docker_base if tgt else None,
+            "target": tgt.name if tgt else None}
 
 
 def detect(release_file=RELEASE_FILE, run=subprocess.check_output):
@@ -86,8 +85,8 @@ def main(argv=None):
     if "--json" in argv:
         print(json.dumps(info, sort_keys=True))
     else:
-        print("L4T {l4t} = JetPack {jetpack} (TensorRT {tensorrt}, Python {python}); docker base {docker_base}; "
-              "from {source}".format(**info))
+        print("L4T {l4t} = JetPack {jetpack} (TensorRT {tensorrt}, Python {python}); export --target {target}; "
+              "docker base {docker_base}; from {source}".format(**info))
     return 0
 
 

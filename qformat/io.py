@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 
 from .errors import OutputError, UserError, describe_oserror
@@ -171,3 +172,16 @@ def sha256_file(path, chunk=1 << 20):
 def sha256_bytes(data):
     """Hex SHA-256 of ``bytes`` (what a sidecar records of the artifact written beside it)."""
     return hashlib.sha256(data).hexdigest()
+#: The checkout this package lives in (for :func:`code_revision`).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def code_revision(repo=REPO_ROOT):
+    """Short git revision of the checkout at ``repo``, or "unknown" (e.g. an installed wheel)."""
+    try:
+        out = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=repo, stderr=subprocess.DEVNULL,
+                                      timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    rev = out.decode("ascii", "replace").strip()
+    return rev or "unknown"

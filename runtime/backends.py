@@ -2,78 +2,21 @@
 
 bench and demo time and feed all three the same way (``prepare(batch)`` then ``run(x)``
 on a preprocessed ``[N, C, H, W]`` float32 array -> logits), so their numbers compare.
-tensorrt/pycuda, onnxruntime and torch are imported only by the backend that needs them:
+tensorrt/pycuda and onnxruntime are imported only by the backend that needs them; the torch
+backend lives apart (:mod:`runtime.torchtools.backend`) and loads only for ``--backend torch``:
 the Jetson image has no torch.  Python 3.6-compatible.
 """
 
 import os
-import resource
 
 import numpy as np
 
 from qformat.errors import UserError
 from qformat.io import sha256_file, sidecar_path
+from qformat.ort import session_options
 from runtime import engine_cache, model_meta, trt_compat
+from runtime.backend_api import BACKENDS, Backend, BatchUnsupported, host_peak_rss_mb  # noqa: F401 (re-exported)
 from runtime.device import gpu_info
-from runtime.preprocess import check_input
-
-BACKENDS = ("trt", "ort", "torch")
-
-
-class BatchUnsupported(Exception):
-    """The model/engine cannot run this batch size (fixed batch, profile limit)."""
-
-
-def host_peak_rss_mb():
-    """Peak resident memory of this process in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-class Backend:
-    name = "?"
-    meta = None  # type: dict
-    path = ""
-    precision = "fp32"
-
-    def max_batch(self):
-        """Largest batch accepted, or None when any batch works."""
-        return None
-
-    def prepare(self, batch):
-        mb = self.max_batch()
-        if mb is not None and batch > mb:
-            raise BatchUnsupported("{} accepts batch <= {}".format(self.name, mb))
-        if getattr(self, "fixed_batch", None) and batch != self.fixed_batch:
-            raise BatchUnsupported("{} has a fixed batch of {}".format(os.path.basename(self.path), self.fixed_batch))
-
-    def run(self, x):
-        """Logits for a preprocessed ``[N, C, H, W]`` batch. Refuses (UserError) a batch of the wrong shape
-        or one with NaN/Inf frames (:class:`runtime.preprocess.NonFiniteInput`), at the cost of one sum."""
-        return self._run(check_input(x, self.meta, self.path))
-
-    def _run(self, x):
-        raise NotImplementedError
-
-    def memory(self):
-        return {"host_peak_rss_mb": round(host_peak_rss_mb(), 1)}
-
-    def close(self):
-        pass
-
-
-def ort_session_options(ort, threads=0):
-    """The one ONNX Runtime set-up every stage uses (bench, demo, the exporter's parity check).
-
-    ORT rewrites DQ(weights) -> MatMul whose activation is not a DQ output (per-channel input
-    scales) into MatMulNBits, which by default re-quantizes the activations to int8 on the fly
-    (accuracy level 4): not the trained arithmetic.  Level 1 keeps the fp32 compute.
-    """
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    return opts
 
 
 class OrtBackend(Backend):
@@ -88,7 +31,7 @@ class OrtBackend(Backend):
             raise UserError("the ort backend needs onnxruntime: pip install onnxruntime") from None
         self.path = onnx_path
         self.meta = model_meta.load_onnx_meta(onnx_path)
-        opts = ort_session_options(ort, threads)
+        opts = session_options(ort, threads)
         available = ort.get_available_providers()
         providers = list(providers or ["CPUExecutionProvider"])
         bad = [p for p in providers if p not in available]
@@ -225,70 +168,27 @@ class TrtBackend(Backend):
         self.cuda.close()
 
 
-class TorchBackend(Backend):
-    """The trained (converted) checkpoint in torch: the accuracy reference, and --lowbit-cuda kernels."""
+def _torch_backend():
+    try:
+        from runtime.torchtools.backend import TorchBackend
+    except ImportError as e:  # torch (or the trainer package) is absent, as on a Jetson
+        raise UserError("the torch backend needs torch and the train package ({}); on a Jetson use "
+                        "--backend trt or ort".format(e)) from None
+    return TorchBackend
 
-    name = "torch"
 
-    def __init__(self, checkpoint, lowbit_cuda=False, device=None):
-        try:
-            import torch
-        except ImportError:
-            raise UserError("the torch backend needs torch (not on Jetson images: use --backend trt)") from None
-        try:
-            from train.checkpoint import load_converted
-        except ImportError as e:
-            raise UserError("cannot import train.checkpoint.load_converted ({}): the trainer package is "
-                            "missing or too old".format(e)) from None
-        if not os.path.isfile(checkpoint):
-            raise UserError("checkpoint not found: {} (train one with `make train`)".format(checkpoint))
-        self.torch = torch
-        self.path = checkpoint
-        model, meta = load_converted(checkpoint)
-        meta = dict(meta)
-        for k, v in (("model", os.path.basename(checkpoint)), ("format", "torch"), ("target", "torch"),
-                     ("bits", {}), ("input_name", "input"), ("output_name", "logits")):
-            meta.setdefault(k, v)
-        self.meta = model_meta.validate(meta, checkpoint + " metadata")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if lowbit_cuda:
-            try:
-                from runtime.torchtools import gemm_ext
-            except ImportError as e:
-                raise UserError("--lowbit-cuda needs runtime/torchtools/gemm_ext.py and its CUDA extension ({})".format(
-                    e)) from None
-            if not hasattr(gemm_ext, "swap_linears"):
-                raise UserError("runtime.torchtools.gemm_ext has no swap_linears(): update the kernels package")
-            bits = meta.get("bits") or {}
-            wbits = bits.get("weight", 4) if isinstance(bits, dict) else 4
-            model = gemm_ext.swap_linears(model, bits=wbits) or model
-        self.model = model.eval().to(self.device)
-        self.precision = "lowbit-cuda" if lowbit_cuda else "torch-fakequant"
-
-    def _run(self, x):
-        torch = self.torch
-        with torch.inference_mode():
-            y = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
-            if isinstance(y, (tuple, list)):
-                y = y[0]
-            if self.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            return y.float().cpu().numpy()
-
-    def memory(self):
-        m = Backend.memory(self)
-        if self.device.startswith("cuda"):
-            m["device_peak_mb"] = round(self.torch.cuda.max_memory_allocated() / 1e6, 1)
-        return m
+#: One class per backend; the torch one is imported only when asked for.
+_CLASSES = {"ort": lambda: OrtBackend, "trt": lambda: TrtBackend, "torch": _torch_backend}
 
 
 def open_backend(kind, path, threads=0, providers=None, plugins=None, cuda_graph=True, lowbit_cuda=False,
                  verbose=False, log=print):
     """Backend ``kind`` for ``path`` (ONNX for ort, engine for trt, checkpoint for torch)."""
+    if kind not in _CLASSES:
+        raise UserError("unknown backend {!r}: use one of {}".format(kind, ", ".join(BACKENDS)))
+    cls = _CLASSES[kind]()
     if kind == "ort":
-        return OrtBackend(path, threads=threads, providers=providers)
+        return cls(path, threads=threads, providers=providers)
     if kind == "trt":
-        return TrtBackend(path, plugins=plugins, cuda_graph=cuda_graph, verbose=verbose, log=log)
-    if kind == "torch":
-        return TorchBackend(path, lowbit_cuda=lowbit_cuda)
-    raise UserError("unknown backend {!r}: use one of {}".format(kind, ", ".join(BACKENDS)))
+        return cls(path, plugins=plugins, cuda_graph=cuda_graph, verbose=verbose, log=log)
+    return cls(path, lowbit_cuda=lowbit_cuda)

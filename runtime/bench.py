@@ -17,18 +17,24 @@ import socket
 import sys
 import time
 
-if __package__ in (None, ""):  # `python3 runtime/bench.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:
+    import qformat  # noqa: F401
+except ImportError:  # `python3 runtime/<script>.py` where the package is neither installed nor on PYTHONPATH
+    sys.stderr.write("error: cannot import qformat: pip install -e . in the repository, or export "
+                     "PYTHONPATH=<repository root>\n")
+    sys.exit(2)
 
 import numpy as np  # noqa: E402
 
-from qformat.argtypes import ArgumentParser, int_list, nonneg_int, positive_float, positive_int, seed_int  # noqa: E402
+from qformat.argtypes import int_list, nonneg_int, positive_float, positive_int, seed_int  # noqa: E402
+from qformat.cli import add_runtime_args, parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
 from qformat.io import write_json  # noqa: E402
 from qformat.paths import check_out_file  # noqa: E402
 from runtime import model_meta  # noqa: E402
 from runtime.backends import BACKENDS, BatchUnsupported, open_backend  # noqa: E402
 from runtime.device import gpu_info, jetson_model  # noqa: E402
+from runtime.power import PowerLogger, nvpmodel_mode  # noqa: E402
 
 SCHEMA = "qvit-edge.bench/1"
 
@@ -37,8 +43,8 @@ def parse_batches(text):
     return int_list(text, 1, "--batch")
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(prog="python3 runtime/bench.py", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None, prog="python3 runtime/bench.py"):
+    p = parser(prog, __doc__.split("\n\n")[0])
     src = p.add_argument_group("what to run (several files -> a comparison)")
     src.add_argument("--onnx", nargs="+", default=[],
                      help="exported ONNX file(s) (ort; or trt: builds/caches an engine)")
@@ -53,9 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=nonneg_int, default=20, help="untimed warm-up iterations (20)")
     p.add_argument("--batch", default="1", help="batch size or sweep, e.g. 1,4,8 (default 1)")
     p.add_argument("--json", dest="json_path", default=None, help="result file (default runs/bench/bench-<time>.json)")
-    p.add_argument("--threads", type=nonneg_int, default=0, help="ort: intra-op threads (0 = ORT default)")
-    p.add_argument("--providers", nargs="+", default=None, help="ort: execution providers (default CPU)")
-    p.add_argument("--plugins", action="append", default=[], help="trt: plugin library to load")
+    add_runtime_args(p, threads=True, providers=True)
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="trt: time plain enqueues instead of a captured CUDA graph")
     p.add_argument("--precision", default="auto", help="trt with --onnx: precision for the engine build")
@@ -97,10 +101,6 @@ def latency_stats(seconds):
 def _power_logger(enabled, log):
     """tegrastats logger on a Jetson (None elsewhere or when tegrastats is missing)."""
     if not enabled or not jetson_model():
-        return None
-    try:
-        from jetson.tegrastats import PowerLogger
-    except ImportError:
         return None
     try:
         return PowerLogger()
@@ -173,8 +173,6 @@ def host_info(power_enabled):
         pass
     if info["jetson"] and power_enabled:
         try:
-            from jetson.tegrastats import nvpmodel_mode
-
             info["nvpmodel"] = nvpmodel_mode()
         except Exception:  # noqa: BLE001
             pass
@@ -272,8 +270,8 @@ def summary_line(result):
 
 
 @main_guard
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog="python3 runtime/bench.py"):
+    args = parse_args(argv, prog)
     result = run(args)
     print(summary_line(result))
     return 0

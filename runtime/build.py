@@ -15,11 +15,16 @@ import shlex
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:
+    import qformat  # noqa: F401
+except ImportError:  # `python3 runtime/<script>.py` where the package is neither installed nor on PYTHONPATH
+    sys.stderr.write("error: cannot import qformat: pip install -e . in the repository, or export "
+                     "PYTHONPATH=<repository root>\n")
+    sys.exit(2)
 
-from qformat import LOWBIT_OP  # noqa: E402
-from qformat.argtypes import ArgumentParser, check_le, nonneg_int, positive_int  # noqa: E402
+from qformat import LOWBIT_OP, targets  # noqa: E402
+from qformat.argtypes import check_le, nonneg_int, positive_int  # noqa: E402
+from qformat.cli import parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
 from qformat.io import atomic_write, sha256_file, sidecar_path  # noqa: E402
 from qformat.paths import check_out_dir, check_out_file  # noqa: E402
@@ -40,8 +45,10 @@ def plan_precision(requested, has_qdq, is_lowbit, fast_int8, fast_fp16, int4_wei
         return {"fp16": False, "int8": False, "int4": False, "label": "typed",
                 "notes": ["strongly typed: every tensor keeps the type the ONNX gives it"]}
     if int4_weights and not int4_supported:
-        raise UserError("this ONNX stores INT4 weights, which need TensorRT 10+: re-export for this device's "
-                        "target (e.g. --target orin-jp5 or tx2) or use a TensorRT 10 container")
+        raise UserError("this ONNX stores INT4 weights, which need TensorRT {}.{}+: re-export for this device's "
+                        "target (one without INT4: {}) or use a newer TensorRT".format(
+                            targets.TRT_FEATURES["int4"][0], targets.TRT_FEATURES["int4"][1],
+                            ", ".join(t.name for t in targets.TARGETS if t.tensorrt and not t.int4)))
     if requested in ("fp32", "fp16") and has_qdq:
         raise UserError("the graph has Q/DQ nodes, which TensorRT only builds with INT8 enabled: use --int8 "
                         "(or export --format lowbit / fp32 for a {} engine)".format(requested.upper()))
@@ -104,8 +111,8 @@ def trtexec_command(onnx, engine, plan, input_name=None, dims=None, batch=1, max
     return " ".join(shlex.quote(c) for c in cmd)
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(prog="python3 -m runtime.build", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None, prog="python3 -m runtime.build"):
+    p = parser(prog, __doc__.split("\n\n")[0])
     p.add_argument("--onnx", required=True, help="exported model (its sidecar <stem>.json must be beside it)")
     p.add_argument("--saveEngine", "--engine", dest="engine", default=None,
                    help="engine path (default: <onnx stem>.<precision>.b<batch>.<key>.engine, the cache)")
@@ -127,7 +134,8 @@ def parse_args(argv=None):
     p.add_argument("--no-gpu-fallback", dest="gpu_fallback", action="store_false",
                    help="fail instead of running DLA-unsupported layers on the GPU")
     p.add_argument("--strongly-typed", "--stronglyTyped", dest="strongly_typed", action="store_true",
-                   help="TensorRT 9.1+: keep the ONNX's tensor types, no precision flags")
+                   help="keep the ONNX's tensor types, no precision flags (TensorRT {}.{}+)".format(
+                       *targets.TRT_FEATURES["strongly_typed"]))
     p.add_argument("--allow-slow-int8", action="store_true", help="build INT8 even where it is not fast (TX2)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cached engine matches")
     p.add_argument("--print-only", action="store_true",
@@ -162,54 +170,61 @@ def _parse_onnx(trt, network, logger, path, strip_local_fn):
     return parser
 
 
-def build(args, log=print):
-    """Build (or reuse from the cache) the engine for ``args``; returns ``(engine_path, sidecar)``."""
-    meta = model_meta.load_onnx_meta(args.onnx)
-    info = onnx_info.inspect(args.onnx)  # a truncated or non-ONNX file stops here, in one line
-    has_qdq = bool(info["ops"] & set(onnx_info.QDQ_OPS))
-    is_lowbit = meta.get("format") == "lowbit" or LOWBIT_OP in info["ops"]
-    int4_weights = bool(info.get("int4_weights"))
-    dims = model_meta.onnx_input_dims(meta, info, args.onnx)
-    if not args.print_only:
-        if args.engine:
-            check_out_file(args.engine, "--saveEngine")
-        else:
-            check_out_dir(os.path.dirname(os.path.abspath(args.onnx)), "the engine cache beside --onnx")
-    if dims and dims[0] != -1 and (args.batch != dims[0] or args.max_batch != dims[0]):
-        raise UserError("{} has a fixed batch of {}: use --batch {} or re-export with a dynamic batch axis".format(
-            args.onnx, dims[0], dims[0]))
-    def print_plan():
-        plan = plan_precision(args.precision, has_qdq, is_lowbit, True, True, int4_weights, True,
-                              args.allow_slow_int8, args.strongly_typed)
-        log("plan (assuming a GPU with fast INT8/FP16): {}".format(plan["label"]))
-        log(trtexec_command(args.onnx, args.engine or "model.engine", plan, meta["input_name"], dims, args.batch,
-                            args.max_batch, args.workspace, args.timing_cache, args.plugins, args.dla_core,
-                            args.gpu_fallback, strongly_typed=args.strongly_typed))
+class _Graph:
+    """What the builder reads from the ONNX file and its sidecar before any TensorRT call."""
 
-    if args.print_only:
-        print_plan()
-        return None, None
+    def __init__(self, args):
+        self.meta = model_meta.load_onnx_meta(args.onnx)
+        self.info = onnx_info.inspect(args.onnx)
+        self.has_qdq = bool(self.info["ops"] & set(onnx_info.QDQ_OPS))
+        self.is_lowbit = self.meta.get("format") == "lowbit" or LOWBIT_OP in self.info["ops"]
+        self.int4_weights = bool(self.info.get("int4_weights"))
+        self.dims = dims = model_meta.onnx_input_dims(self.meta, self.info, args.onnx)
+        if not args.print_only:
+            if args.engine:
+                check_out_file(args.engine, "--saveEngine")
+            else:
+                check_out_dir(os.path.dirname(os.path.abspath(args.onnx)), "the engine cache beside --onnx")
+        if dims and dims[0] != -1 and (args.batch != dims[0] or args.max_batch != dims[0]):
+            raise UserError("{} has a fixed batch of {}: use --batch {} or re-export with a dynamic batch axis".format(
+                args.onnx, dims[0], dims[0]))
+
+    def plan(self, args, fast_int8=True, fast_fp16=True, int4_supported=True):
+        return plan_precision(args.precision, self.has_qdq, self.is_lowbit, fast_int8, fast_fp16, self.int4_weights,
+                              int4_supported, args.allow_slow_int8, args.strongly_typed)
+
+    def trtexec(self, args, engine, plan, timing_cache, memory_pool_api=True):
+        return trtexec_command(args.onnx, engine, plan, self.meta["input_name"], self.dims, args.batch, args.max_batch,
+                               args.workspace, timing_cache, args.plugins, args.dla_core, args.gpu_fallback,
+                               memory_pool_api, args.strongly_typed)
+
+
+def _print_plan(args, g, log):
+    plan = g.plan(args)
+    log("plan (assuming a GPU with fast INT8/FP16): {}".format(plan["label"]))
+    log(g.trtexec(args, args.engine or "model.engine", plan, args.timing_cache))
+
+
+def _open_trt(args, g, log):
+    """(tensorrt, caps, logger) with the plugins loaded; refuses targets and graphs this TensorRT cannot build."""
     try:
         trt = trt_compat.import_trt()
     except UserError:
-        print_plan()  # still useful: the same build with the trtexec binary
+        _print_plan(args, g, log)  # still useful: the same build with the trtexec binary
         raise
     caps = trt_compat.caps_of(trt)
     log(caps.describe())
+    caps.check_target(g.meta.get("target"), log)
     logger = trt_compat.make_logger(trt, args.verbose)
     trt_compat.load_plugins(trt, logger, args.plugins)
-    if is_lowbit and not trt_compat.has_plugin_creator(trt, caps, LOWBIT_OP):
+    if g.is_lowbit and not trt_compat.has_plugin_creator(trt, caps, LOWBIT_OP):
         raise UserError("{} uses the {} custom op but its TensorRT plugin is not loaded: {}".format(
             args.onnx, LOWBIT_OP, trt_compat.PLUGIN_HINT))
-    gpu = gpu_info() or {"name": "unknown", "compute_capability": "?"}
-    builder = trt.Builder(logger)
-    fast_int8 = trt_compat.platform_fast_int8(builder, caps)
-    fast_fp16 = trt_compat.platform_fast_fp16(builder, caps)
-    plan = plan_precision(args.precision, has_qdq, is_lowbit, fast_int8, fast_fp16, int4_weights, caps.int4,
-                          args.allow_slow_int8, args.strongly_typed)
-    for note in plan["notes"]:
-        log("note: " + note)
+    return trt, caps, logger
 
+
+def _cache_paths(args, caps, gpu, plan):
+    """(cache key, engine path, timing-cache path, plugin records, ONNX sha256)."""
     plugins = [{"path": os.path.abspath(p), "sha256": sha256_file(p)} for p in args.plugins]
     onnx_sha = sha256_file(args.onnx)
     key = engine_cache.cache_key(onnx_sha, caps.version_str, gpu.get("name"), gpu.get("compute_capability"),
@@ -219,23 +234,21 @@ def build(args, log=print):
     timing_cache = None if args.no_timing_cache else (args.timing_cache or os.path.join(
         os.path.dirname(os.path.abspath(engine_path)), "timing.{}.{}.cache".format(
             caps.version_str, gpu.get("compute_capability"))))
-    log(trtexec_command(args.onnx, engine_path, plan, meta["input_name"], dims, args.batch, args.max_batch,
-                        args.workspace, timing_cache, args.plugins, args.dla_core, args.gpu_fallback,
-                        caps.memory_pool_api, args.strongly_typed))
-    engine_flag = "--saveEngine" if args.engine else "the default engine path (name one with --saveEngine)"
-    for path, flag in ((engine_path, engine_flag), (sidecar_path(engine_path), "the engine sidecar"),
-                       (timing_cache, "--timingCacheFile")):
-        if path:  # before minutes of building: the name must fit and the folder take it
-            check_out_file(path, flag)
-    if not args.force and engine_cache.cached_engine(engine_path, key):
-        log("engine cache hit: {} (key {}; --force rebuilds)".format(engine_path, key))
-        return engine_path, engine_cache.read_engine_meta(engine_path)
+    return key, engine_path, timing_cache, plugins, onnx_sha
 
+
+def _network(trt, builder, logger, caps, args, g, log):
     network = trt_compat.create_network(trt, builder, caps, args.strongly_typed)
-    _parse_onnx(trt, network, logger, args.onnx, is_lowbit and info["has_local_lowbit_fn"] and info["exact"])
-    if is_lowbit and info["has_local_lowbit_fn"] and not info["exact"]:
+    info = g.info
+    _parse_onnx(trt, network, logger, args.onnx, g.is_lowbit and info["has_local_lowbit_fn"] and info["exact"])
+    if g.is_lowbit and info["has_local_lowbit_fn"] and not info["exact"]:
         log("note: the onnx package is absent, so the {} reference function stays in the graph; if the "
             "engine is slow, `pip install onnx` so the builder can drop it in favour of the plugin".format(LOWBIT_OP))
+    return network
+
+
+def _configure(trt, builder, caps, network, args, g, plan, timing_cache, log):
+    """Builder config: batch profile, workspace, precision flags, FP32 pins, DLA, timing cache."""
     config = builder.create_builder_config()
     inp = network.get_input(0)
     shape = [int(d) for d in inp.shape]
@@ -249,14 +262,41 @@ def build(args, log=print):
     trt_compat.set_workspace(trt, config, caps, args.workspace)
     flags = trt_compat.set_precision(trt, config, caps, plan["fp16"], plan["int8"], plan["int4"])
     if plan["fp16"] and not args.strongly_typed:
-        n = trt_compat.pin_fp32_layers(trt, network, config, meta.get("fp32_layers") or [])
+        n = trt_compat.pin_fp32_layers(trt, network, config, g.meta.get("fp32_layers") or [])
         if n:
             log("kept {} LayerNorm/IRM layers in FP32 (FP16 variance overflows)".format(n))
     if args.dla_core is not None:
         trt_compat.configure_dla(trt, builder, config, args.dla_core, args.gpu_fallback)
     if timing_cache:
         trt_compat.load_timing_cache(config, timing_cache)
+    return config, shape, flags
 
+
+def build(args, log=print):
+    """Build (or reuse from the cache) the engine for ``args``; returns ``(engine_path, sidecar)``."""
+    g = _Graph(args)
+    if args.print_only:
+        _print_plan(args, g, log)
+        return None, None
+    trt, caps, logger = _open_trt(args, g, log)
+    gpu = gpu_info() or {"name": "unknown", "compute_capability": "?"}
+    builder = trt.Builder(logger)
+    plan = g.plan(args, trt_compat.platform_fast_int8(builder, caps), trt_compat.platform_fast_fp16(builder, caps),
+                  caps.int4)
+    for note in plan["notes"]:
+        log("note: " + note)
+    key, engine_path, timing_cache, plugins, onnx_sha = _cache_paths(args, caps, gpu, plan)
+    log(g.trtexec(args, engine_path, plan, timing_cache, caps.memory_pool_api))
+    engine_flag = "--saveEngine" if args.engine else "the default engine path (name one with --saveEngine)"
+    for path, flag in ((engine_path, engine_flag), (sidecar_path(engine_path), "the engine sidecar"),
+                       (timing_cache, "--timingCacheFile")):
+        if path:  # before minutes of building: the name must fit and the folder take it
+            check_out_file(path, flag)
+    if not args.force and engine_cache.cached_engine(engine_path, key):
+        log("engine cache hit: {} (key {}; --force rebuilds)".format(engine_path, key))
+        return engine_path, engine_cache.read_engine_meta(engine_path)
+    network = _network(trt, builder, logger, caps, args, g, log)
+    config, shape, flags = _configure(trt, builder, caps, network, args, g, plan, timing_cache, log)
     log("building {} engine for {} on {} (minutes on a Jetson)...".format(plan["label"], args.onnx, gpu_label(gpu)))
     t0 = time.time()
     blob = trt_compat.build_serialized(trt, builder, network, config, caps)
@@ -265,7 +305,7 @@ def build(args, log=print):
         data = trt_compat.timing_cache_bytes(config)
         if data:
             atomic_write(timing_cache, data)
-    sidecar = model_meta.preprocess_subset(meta)
+    sidecar = model_meta.preprocess_subset(g.meta)
     sidecar.update({
         "cache_key": key, "tensorrt_version": caps.version_str, "gpu_name": gpu.get("name"),
         "compute_capability": gpu.get("compute_capability"), "board": gpu.get("board"),
@@ -283,8 +323,8 @@ def build(args, log=print):
 
 
 @main_guard
-def main(argv=None):
-    build(parse_args(argv))
+def main(argv=None, prog="python3 -m runtime.build"):
+    build(parse_args(argv, prog))
     return 0
 
 

@@ -17,12 +17,17 @@ import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):  # `python3 runtime/demo.py`: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:
+    import qformat  # noqa: F401
+except ImportError:  # `python3 runtime/<script>.py` where the package is neither installed nor on PYTHONPATH
+    sys.stderr.write("error: cannot import qformat: pip install -e . in the repository, or export "
+                     "PYTHONPATH=<repository root>\n")
+    sys.exit(2)
 
 import numpy as np  # noqa: E402
 
-from qformat.argtypes import ArgumentParser, nonneg_int, positive_int  # noqa: E402
+from qformat.argtypes import nonneg_int, positive_int  # noqa: E402
+from qformat.cli import add_runtime_args, parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
 from qformat.io import TEMP_SUFFIX, atomic_write, output_error, remove_stale_temps, temp_prefix  # noqa: E402
 from qformat.paths import check_out_dir, check_out_file  # noqa: E402
@@ -103,8 +108,8 @@ class Output:
                 shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(prog="python3 runtime/demo.py", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None, prog="python3 runtime/demo.py"):
+    p = parser(prog, __doc__.split("\n\n")[0])
     m = p.add_mutually_exclusive_group(required=True)
     m.add_argument("--onnx", help="exported ONNX (ort backend)")
     m.add_argument("--engine", help="TensorRT engine built by runtime.build (trt backend)")
@@ -122,8 +127,7 @@ def parse_args(argv=None):
     p.add_argument("--height", type=positive_int, default=720, help="CSI capture height")
     p.add_argument("--fps", type=positive_int, default=30, help="CSI capture rate, and the output video's rate")
     p.add_argument("--retries", type=nonneg_int, default=10, help="reconnect attempts for a lost camera")
-    p.add_argument("--plugins", action="append", default=[], help="trt: plugin library")
-    p.add_argument("--threads", type=nonneg_int, default=0, help="ort: intra-op threads")
+    add_runtime_args(p, threads=True)
     args = p.parse_args(argv)
     if args.headless and not args.out and not args.screenshot:
         p.error("--headless needs --out (video file or folder) or --screenshot")
@@ -215,24 +219,29 @@ def run(args, log=print):
         backend.close()
         if not args.headless:
             cv2.destroyAllWindows()
-    seconds = time.perf_counter() - t_start
+    return _summary(args, source, frames, time.perf_counter() - t_start, infer_ms, interrupted,
+                    args.screenshot if shot_saved else None, out is not None, log)
+
+
+def _summary(args, source, frames, seconds, infer_ms, interrupted, screenshot, wrote, log):
+    """The demo's result dict, also printed as one line."""
     if frames == 0 and not interrupted:  # e.g. a folder of only corrupt images: a failure, not a result
         raise UserError("no frame from {} could be classified ({} unreadable or bad): check --source".format(
             args.source, source.bad_frames))
     summary = {"frames": frames, "seconds": seconds, "fps": frames / seconds if seconds > 0 else 0.0,
                "infer_ms_p50": float(np.percentile(infer_ms, 50)) if infer_ms else None,
                "bad_frames": source.bad_frames, "reconnects": source.reconnects, "interrupted": interrupted,
-               "out": args.out, "screenshot": args.screenshot if shot_saved else None}
+               "out": args.out, "screenshot": screenshot}
     log("demo: {} frames in {:.1f} s ({:.1f} FPS, inference p50 {} ms), {} bad frame(s), {} reconnect(s){}{}".format(
         frames, seconds, summary["fps"],
         "{:.2f}".format(summary["infer_ms_p50"]) if infer_ms else "n/a", source.bad_frames, source.reconnects,
-        " -> " + args.out if out is not None else "", " (interrupted)" if interrupted else ""))
+        " -> " + args.out if wrote else "", " (interrupted)" if interrupted else ""))
     return summary
 
 
 @main_guard
-def main(argv=None):
-    run(parse_args(argv))
+def main(argv=None, prog="python3 runtime/demo.py"):
+    run(parse_args(argv, prog))
     return 0
 
 

@@ -7,7 +7,7 @@ device.  Validated once here so every consumer can trust the shapes.  Python 3.6
 
 import os
 
-from qformat import SIDECAR_KEYS
+from qformat import SIDECAR_KEYS, FormatError, check_format_version
 from qformat.errors import UserError
 from qformat.io import read_json, sha256_file, sidecar_path
 
@@ -47,6 +47,11 @@ def load_onnx_meta(onnx_path):
     if meta.get("onnx_sha256") and meta["onnx_sha256"] != sha256_file(onnx_path):
         raise UserError("{} does not match its sidecar {} (sha256 differs: the file was truncated, replaced, or "
                         "an export was interrupted before its sidecar): re-export the model".format(onnx_path, path))
+    if "format_version" in meta:  # version 1 and 2 sidecars are read alike; a newer one is refused
+        try:
+            check_format_version(meta["format_version"], path)
+        except FormatError as e:
+            raise UserError(str(e)) from None
     missing = [k for k in SIDECAR_KEYS if k not in meta]
     if missing:  # only the preprocessing keys are required; the rest is provenance
         meta.setdefault("_warnings", []).append("sidecar lacks " + ", ".join(missing))

@@ -12,11 +12,14 @@ and kernel efficiency are ignored, so measured numbers will be well below the bo
     python3 runtime/roofline.py [--markdown] [--png docs/roofline.png]
 """
 
-import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:
+    import qformat  # noqa: F401
+except ImportError:  # `python3 runtime/<script>.py` where the package is neither installed nor on PYTHONPATH
+    sys.stderr.write("error: cannot import qformat: pip install -e . in the repository, or export "
+                     "PYTHONPATH=<repository root>\n")
+    sys.exit(2)
 
 from qformat.argtypes import ArgumentParser  # noqa: E402
 from qformat.errors import main_guard  # noqa: E402

@@ -1,17 +1,25 @@
-"""Every TensorRT version difference (8.2 on JetPack 4.6 .. 10.x) in one place.
+"""Every TensorRT API difference (8.2 on JetPack 4.6 .. 10.x) in one place.
 
 The builder and the TensorRT backend never test ``trt.__version__`` themselves: they ask
 :class:`TrtCaps` (decided from the version string alone, so it is unit-tested with fake
-modules) and call the helpers here.  Python 3.6-compatible (TX2 runs it).
+modules) and call the helpers here.  What a version can *build* (the oldest supported
+release, INT4, strongly typed networks, which target rows it serves) comes from the target
+table, :mod:`qformat.targets`; this module only knows how each release spells its API.
+Python 3.6-compatible (TX2 runs it).
 """
 
 import ctypes
 import os
 
+from qformat import targets
 from qformat.errors import UserError
 
-MIN_VERSION = (8, 2)
+MIN_VERSION = targets.TRT_MIN
 PLUGIN_HINT = "build it with `make plugins` and pass --plugins build/plugins/libqvit_plugins.so"
+
+
+def _release(version):
+    return "{}.{}".format(*version)
 
 
 def import_trt():
@@ -58,10 +66,10 @@ class TrtCaps:
         self.explicit_batch_flag = v < (10, 0)
         #: name-based I/O (num_io_tensors, set_tensor_address, execute_async_v3): 8.5+
         self.tensor_io_api = v >= (8, 5)
-        #: INT4 weights (DQ with INT4 initializers, BuilderFlag.INT4 for plugins): 10+
-        self.int4 = v >= (10, 0)
-        #: NetworkDefinitionCreationFlag.STRONGLY_TYPED: 9.1+
-        self.strongly_typed = v >= (9, 1)
+        #: INT4 weights (DQ with INT4 initializers, BuilderFlag.INT4 for plugins)
+        self.int4 = targets.trt_has("int4", v)
+        #: NetworkDefinitionCreationFlag.STRONGLY_TYPED
+        self.strongly_typed = targets.trt_has("strongly_typed", v)
         #: registry.get_creator (10+) instead of get_plugin_creator
         self.registry_get_creator = v >= (10, 0)
         #: builder.platform_has_fast_int8 still meaningful (deprecated in 10)
@@ -72,6 +80,24 @@ class TrtCaps:
             raise UserError("TensorRT {} is too old: qvit-edge needs {}.{}+ (JetPack 4.6 or newer)".format(
                 self.version_str, MIN_VERSION[0], MIN_VERSION[1]))
         return self
+
+    def check_target(self, name, log=print):
+        """Refuse a graph exported for a target this TensorRT cannot build; note a mismatch it may build."""
+        try:
+            tgt = targets.get_target(name)
+        except UserError:
+            log("note: the sidecar names an unknown target {!r}; building anyway".format(name))
+            return
+        mine = ", ".join(t.name for t in targets.for_trt_version(self.version)) or "none"
+        if not tgt.tensorrt:
+            log("note: exported for {} (--target {}); TensorRT may reject what only it runs (UINT8, INT4): "
+                "re-export with --target {} for TensorRT {}".format(tgt.runtime, tgt.name, mine, self.version_str))
+        elif self.version[:2] < tgt.trt[0]:
+            raise UserError("exported for --target {} ({}), which needs TensorRT {}; this is {}: re-export with "
+                            "--target {}".format(tgt.name, tgt.runtime, tgt.trt_range(), self.version_str, mine))
+        elif self.version[:2] > tgt.trt[1]:
+            log("note: exported for --target {} ({}); this TensorRT {} is newer (targets: {})".format(
+                tgt.name, tgt.runtime, self.version_str, mine))
 
     def describe(self):
         """One line for logs: which code paths this version takes."""
@@ -101,7 +127,8 @@ def create_network(trt, builder, caps, strongly_typed=False):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     if strongly_typed:
         if not caps.strongly_typed:
-            raise UserError("--strongly-typed needs TensorRT 9.1+, this is {}".format(caps.version_str))
+            raise UserError("--strongly-typed needs TensorRT {}+, this is {}".format(
+                _release(targets.TRT_FEATURES["strongly_typed"]), caps.version_str))
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return builder.create_network(flags)
 
@@ -153,8 +180,8 @@ def set_precision(trt, config, caps, fp16=False, int8=False, int4=False):
         flags.append("int8")
     if int4:
         if not caps.int4:
-            raise UserError("INT4 needs TensorRT 10+, this is {}: build with --int8 or --fp16".format(
-                caps.version_str))
+            raise UserError("INT4 needs TensorRT {}+, this is {}: build with --int8 or --fp16".format(
+                _release(targets.TRT_FEATURES["int4"]), caps.version_str))
         flag = getattr(trt.BuilderFlag, "INT4", None)
         if flag is not None:  # plugin INT4 I/O; INT4 DQ weights need no flag
             config.set_flag(flag)

@@ -120,6 +120,13 @@ def test_load_converted_fp_and_missing_meta(tmp_path):
         ckpt.load_converted(str(tmp_path / "fp.safetensors"))
 
 
-def test_code_revision():
-    rev = ckpt.code_revision()
-    assert rev == "unknown" or (4 <= len(rev) <= 12 and rev.isalnum())
+def test_code_revision(tmp_path):
+    """The checkout's short HEAD (this test runs in a git checkout), and "unknown" outside one."""
+    import subprocess
+
+    from qformat.io import REPO_ROOT, code_revision
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert head.returncode == 0, "the test suite runs in a git checkout"
+    assert code_revision() == head.stdout.strip()
+    assert code_revision(str(tmp_path)) == "unknown"

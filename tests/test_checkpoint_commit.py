@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from qformat import io as qio
 from qformat.errors import UserError
 from train import checkpoint as ckpt
-from train.__main__ import parse_args
+from train.cli import parse_args
 from train.models import create_model
 from train.trainer import run
 

@@ -5,6 +5,7 @@ must match ``qformat.lowbit_linear_reference``; GPU tests are marked ``cuda`` an
 everything numpy-side (repack, argument checks, the no-GPU error paths) runs here too.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -185,21 +186,17 @@ def test_swap_linears_plain_model_needs_act_scale():
     assert isinstance(net[0], gemm_ext.LowBitLinearCUDA) and net[1][1].bits == 2
 
 
-def test_swap_linears_converted_model_uses_the_exporters_attributes():
-    """A converted QAT model: 3-bit block Linears become kernels built from the same attributes
-    the exporter writes (qformat.lowbit_attrs); the 8-bit head stays a QuantLinear."""
-    from train.config import QuantConfig
-    from train.models import create_model
-    from train.quant import QuantLinear, calibrate, convert, prepare
+def test_swap_linears_converted_model_uses_the_exporters_attributes(converted):
+    """A converted QAT model: 3-bit block Linears become kernels built from the spec records' attributes,
+    the ones the exporter writes (qformat.lowbit_attrs); the 8-bit head and mixed-width layers stay
+    QuantLinears (the kernels take one width for now)."""
+    from train.quant import QuantLinear
 
-    torch.manual_seed(0)
-    model = create_model("vit_fmnist")
-    prepare(model, QuantConfig(w_bits=3, a_bits=3))
-    calibrate(model, [torch.randn(4, 1, 28, 28)])
-    convert(model)
-    qkv = model.blocks[0].attn.qkv
-    attrs = qkv.lowbit_attrs()
-    gemm_ext.swap_linears(model)
+    dep = converted("vit_fmnist", 3, overrides={"blocks.1.attn.qkv": {"w_bits": [2, 3, 3]}})
+    model = copy.deepcopy(dep.model)
+    site = next(s for s in dep.specs if s.name == "blocks.0.attn.qkv")
+    attrs = qformat.lowbit_attrs(site)
+    gemm_ext.swap_linears(model, specs=dep.specs)
     new = model.blocks[0].attn.qkv
     assert isinstance(new, gemm_ext.LowBitLinearCUDA) and new.bits == 3
     assert (new.act_scale, new.act_lo, new.act_hi) == (attrs["act_scale"], attrs["act_lo"], attrs["act_hi"])
@@ -209,6 +206,9 @@ def test_swap_linears_converted_model_uses_the_exporters_attributes():
     np.testing.assert_array_equal(_decode_repacked(rep, 3)[: attrs["out_features"], :k],
                                   qformat.unpack(attrs["weight_packed"].view(np.uint32), 3, k))
     assert isinstance(model.head, QuantLinear)
+    assert isinstance(model.blocks[1].attn.qkv, QuantLinear)  # mixed widths: not swapped
+    swapped = sum(isinstance(m, gemm_ext.LowBitLinearCUDA) for m in model.modules())
+    assert swapped == sum(s.op == "linear" and s.weight.max_bits == 3 and not s.weight.mixed for s in dep.specs)
 
 
 # ----------------------------------------------------------------------------- CPU: bench_gemm

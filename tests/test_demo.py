@@ -8,7 +8,7 @@ import time
 import cv2
 import numpy as np
 import pytest
-from test_runtime_toymodel import make_toy_model
+from conftest import make_toy_model
 
 from qformat.errors import UserError
 from runtime import demo, sources

@@ -13,26 +13,8 @@ from export.cli import main
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A small trained-format checkpoint: prepared + calibrated vit_fmnist at 3 bits (not converted)."""
-    from train.checkpoint import save_checkpoint
-    from train.config import QuantConfig
-    from train.data import FMNIST_CLASSES, eval_images
-    from train.models import create_model, model_spec
-    from train.quant import calibrate, prepare
-
-    spec = model_spec("vit_fmnist")
-    torch.manual_seed(0)
-    m = create_model("vit_fmnist").eval()
-    cfg = QuantConfig.for_method("qvit", 3)
-    prepare(m, cfg)
-    x, _ = eval_images(16, split="train", model="vit_fmnist")
-    calibrate(m, [x])
-    meta = {"model": "vit_fmnist", "quant": cfg.to_dict(), "input_size": list(spec.input_size),
-            "mean": list(spec.mean), "std": list(spec.std), "class_names": list(FMNIST_CLASSES),
-            "num_classes": 10, "metrics": {"top1": 0.5}}
-    d = tmp_path_factory.mktemp("ckpt")
-    return save_checkpoint(str(d / "best"), m, meta)
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_checkpoint_export_writes_graph_and_sidecar(checkpoint, tmp_path, capsys):
@@ -129,28 +111,27 @@ def test_calib_dir_images(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["vit_fmnist", "swin_fmnist"])
-def test_dynamic_batch(name):
+def test_dynamic_batch(name, converted):
     from export.exporter import build_graph
     from export.parity import ort_session
-    from export.source import fresh
 
-    m, meta = fresh(name, 4, calib_n=8)
-    sess = ort_session(build_graph(m, meta["input_size"], "lowbit", "ort", log=lambda s: None).ort)
-    gen = torch.Generator().manual_seed(0)
-    for b in (1, 3):
-        x = torch.randn(b, *meta["input_size"], generator=gen)
-        y = sess.run(None, {"input": x.numpy()})[0]
-        assert y.shape == (b, 10)
-        np.testing.assert_allclose(y, m(x).numpy(), atol=1e-2)
+    dep = converted(name, 4, calib_n=8)
+    sess = ort_session(build_graph(dep, "lowbit", "ort", log=lambda s: None).ort)
+    x = dep.test_images(3)
+    with torch.no_grad():
+        want = dep.model(x).numpy()
+    for b in (1, 3):  # every batch size gives the PyTorch logits of the same images
+        y = sess.run(None, {"input": x[:b].numpy()})[0]
+        np.testing.assert_allclose(y, want[:b], rtol=1e-4, atol=1e-4)
 
 
-def test_calib_dir_skips_undecodable_images(tmp_path, capsys):
+def test_calib_dir_skips_undecodable_images(tmp_path, capsys, converted):
     from PIL import Image
 
     from export.parity import load_images
     from qformat.errors import UserError
 
-    meta = {"input_size": [1, 28, 28], "mean": [0.3], "std": [0.3]}
+    meta = converted("vit_fmnist", 4, calib_n=8)
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")

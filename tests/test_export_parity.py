@@ -10,24 +10,24 @@ import functools
 
 import numpy as np
 import pytest
+from conftest import converted_model
 
-from export.exporter import build_graph
-from export.parity import load_images, run_parity
-from export.source import fresh
+from export.exporter import build_graph, check_parity
+from export.parity import run_parity
 
 MODELS = ("vit_fmnist", "swin_fmnist")
 N_IMAGES = 16
 
 
 @functools.cache
-def model_and_meta(name, bits):
-    return fresh(name, bits, calib_n=16)
-
-
-@functools.cache
 def images(name):
-    _, meta = model_and_meta(name, 4)
-    return load_images(N_IMAGES, meta)
+    return converted_model(name, 4).test_images(N_IMAGES)
+
+
+def parity(dep, g, name, atol=1e-5, rtol=1e-5, min_agree=1.0):
+    """The exporter's own check: emitter taps, the deployable's specs, real test images."""
+    return run_parity(dep.model, g.ort, images(name), atol, rtol, min_agree, taps=g.taps,
+                      sites=[s.spec for s in g.sites])
 
 
 @pytest.mark.parametrize("opset", [17, 21])
@@ -35,34 +35,29 @@ def images(name):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("name", MODELS)
 def test_parity(name, bits, fmt, opset):
-    model, meta = model_and_meta(name, bits)
-    g = build_graph(model, meta["input_size"], fmt, "ort", opset, log=lambda s: None)
+    dep = converted_model(name, bits)
+    g = build_graph(dep, fmt, "ort", opset, log=lambda s: None)
     if fmt == "lowbit":
-        assert g.lowbit_nodes == (0 if bits == 8 else sum(1 for _ in _block_linears(model)))
+        assert g.lowbit_nodes == (0 if bits == 8 else len(_block_linears(dep)))
         assert len(g.ort.functions) == (1 if g.lowbit_nodes else 0)
-    par = run_parity(model, g.ort, images(name), atol=1e-5, rtol=1e-5, min_agree=1.0)
+    par = parity(dep, g, name)
     assert par.passed and par.aligned and par.mismatches == 0, par.line()
     assert par.codes > 100_000 and par.ties <= 1e-4 * par.codes, par.line()
     assert par.top1_agree >= 0.9, par.line()  # plain, unaligned decisions too
+    assert set(g.taps) == {s.name for s in dep.specs}  # every site's codes are compared
 
 
-def _block_linears(model):
-    from train.quant import QuantLinear
-
-    for n, m in model.named_modules():
-        if isinstance(m, QuantLinear) and m.w_quant.bits < 8:
-            yield n
+def _block_linears(dep):
+    return [s.name for s in dep.specs if s.op == "linear" and s.weight.max_bits < 8]
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_fp32_graph_matches_dequantized_float_model(name):
-    from export import trace
-
-    model, meta = model_and_meta(name, 4)
-    g = build_graph(model, meta["input_size"], "fp32", "ort", 17, log=lambda s: None)
-    sites = trace.collect_sites(model)
-    par = run_parity(lambda x: trace.float_reference(model, sites, x), g.ort, images(name), 1e-4, 1e-4, 1.0)
-    assert par.passed, par.line()
+    dep = converted_model(name, 4)
+    g = build_graph(dep, "fp32", "ort", 17, log=lambda s: None)
+    assert g.taps == {}
+    par = check_parity(dep, g, "fp32", N_IMAGES, 1e-4, 1e-4, 1.0, log=lambda s: None)
+    assert par.passed and not par.aligned, par.line()
 
 
 def test_a_wrong_scale_is_caught():
@@ -70,42 +65,31 @@ def test_a_wrong_scale_is_caught():
     import onnx
     from onnx import numpy_helper
 
-    model, meta = model_and_meta("vit_fmnist", 4)
-    g = build_graph(model, meta["input_size"], "qdq", "ort", 17, log=lambda s: None)
+    dep = converted_model("vit_fmnist", 4)
+    g = build_graph(dep, "qdq", "ort", 17, log=lambda s: None)
     bad = onnx.ModelProto()
     bad.CopyFrom(g.ort)
     for t in bad.graph.initializer:
-        if t.name == "blocks.1.mlp.fc2.a_quant/scale":
+        if t.name == "blocks.1.mlp.fc2/input/scale":
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.01), t.name))
             break
     else:
         raise AssertionError("scale initializer not found")
-    par = run_parity(model, bad, images("vit_fmnist")[:4], 1e-3, 1e-2, 0.0)
+    g.ort = bad
+    par = parity(dep, g, "vit_fmnist", 1e-3, 1e-2, 0.0)
     assert not par.passed and par.mismatches > 100, par.line()
 
 
 def test_paper_granularity_and_lsq_plus_offsets_are_exact():
     """Per-channel Linear inputs and per-head q/k/v with non-zero integer zero-points."""
-    import torch
-
-    from train.config import QuantConfig
-    from train.data import eval_images
-    from train.models import create_model
-    from train.quant import calibrate, convert, prepare
-
-    torch.manual_seed(1)
-    model = create_model("vit_fmnist").eval()
-    prepare(model, QuantConfig.for_method("qvit", 4, granularity="paper", irm_per_head=True))
-    x, _ = eval_images(16, split="train", model="vit_fmnist")
-    calibrate(model, [x])
-    convert(model)
-    zps = [float(m.zero_point.abs().max()) for n, m in model.named_modules() if n.endswith("a_quant")]
+    dep = converted_model("vit_fmnist", 4, seed=1, granularity="paper", irm_per_head=True)
+    zps = [int(np.abs(s.input.zero_point).max()) for s in dep.specs if s.op == "linear"]
     assert max(zps) > 0  # LSQ+ offsets really present
-    g = build_graph(model, [1, 28, 28], "qdq", "ort", 17, log=lambda s: None)
-    par = run_parity(model, g.ort, images("vit_fmnist"), 1e-5, 1e-5, 1.0)
+    g = build_graph(dep, "qdq", "ort", 17, log=lambda s: None)
+    par = parity(dep, g, "vit_fmnist")
     assert par.passed and par.mismatches == 0, par.line()
     with pytest.raises(Exception, match="per-tensor input scale"):
-        build_graph(model, [1, 28, 28], "lowbit", "ort", 17, log=lambda s: None)
+        build_graph(dep, "lowbit", "ort", 17, log=lambda s: None)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -114,22 +98,10 @@ def test_paper_granularity_and_lsq_plus_offsets_are_exact():
     {"act_init": "lsq", "attn_bits": 3, "qkv_bits": 2},  # mixed widths
 ])
 def test_config_variants(overrides):
-    import torch
-
-    from train.config import QuantConfig
-    from train.data import eval_images
-    from train.models import create_model
-    from train.quant import calibrate, convert, prepare
-
-    torch.manual_seed(2)
-    model = create_model("swin_fmnist").eval()
-    prepare(model, QuantConfig.for_method("qvit", 4, **overrides))
-    x, _ = eval_images(16, split="train", model="swin_fmnist")
-    calibrate(model, [x])
-    convert(model)
+    dep = converted_model("swin_fmnist", 4, seed=2, **overrides)
     for fmt in ("qdq", "lowbit"):
-        g = build_graph(model, [1, 28, 28], fmt, "ort", 17, log=lambda s: None)
-        par = run_parity(model, g.ort, images("swin_fmnist"), 1e-5, 1e-5, 1.0)
+        g = build_graph(dep, fmt, "ort", 17, log=lambda s: None)
+        par = parity(dep, g, "swin_fmnist")
         assert par.passed and par.mismatches == 0, par.line()
 
 

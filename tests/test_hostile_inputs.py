@@ -11,9 +11,9 @@ import io
 import os
 
 import pytest
+from conftest import make_toy_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_runtime_toymodel import make_toy_model
 
 JUNK = ["", "abc", "1.5x", "0x10", "--", " ", "1e999", "nan", "inf", "-inf"]
 

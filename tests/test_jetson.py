@@ -5,9 +5,10 @@ import stat
 import subprocess
 
 import pytest
-from test_runtime_toymodel import make_toy_model
+from conftest import make_toy_model
 
-from jetson import bench_matrix, l4t, tegrastats
+from jetson import bench_matrix, l4t
+from runtime import power as tegrastats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +79,8 @@ def test_l4t_detection(tmp_path):
     # JetPack 6: version from the nvidia-l4t-core package when the release file is absent
     info = l4t.detect(str(tmp_path / "absent"), run=lambda *a, **k: b"36.3.0-20240506102626")
     assert (info["l4t"], info["jetpack"], info["tensorrt"], info["source"]) == (
-        "36.3.0", "6.0", "10.x", "dpkg nvidia-l4t-core")
+        "36.3.0", "6.0", "8.6-10.3", "dpkg nvidia-l4t-core")
+    assert info["target"] == "orin-jp6"
 
     def no_dpkg(*a, **k):
         raise OSError("no dpkg")

@@ -158,7 +158,7 @@ def _clis(d, onnx):
 
 
 def _toy(tmp_path_factory):
-    from test_runtime_toymodel import make_toy_model
+    from conftest import make_toy_model
 
     return make_toy_model(tmp_path_factory.mktemp("toy"), "toy_w4a4.qdq")
 

@@ -4,16 +4,17 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
+import onnx
 import pytest
-from test_runtime_toymodel import make_toy_model
+from conftest import make_toy_model
+from onnx import numpy_helper
 
 from runtime import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
 def _run(argv, capsys=None):
@@ -96,40 +97,47 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
 
 
-def _fake_checkpoint_module(monkeypatch):
+def test_torch_backend_runs_the_real_checkpoint_loader(tiny_checkpoint, tmp_path, monkeypatch):
+    """--checkpoint goes through train.deploy.load_deployable: the backend's logits are the converted model's."""
     import torch
+    from conftest import test_images
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(3 * 8 * 8, 4)
+    from runtime.backends import open_backend
+    from train.checkpoint import load_converted
 
-        def forward(self, x):
-            return self.fc(x.flatten(1))
-
-    def load_converted(path):
-        meta = {"input_size": [3, 8, 8], "mean": [0.5] * 3, "std": [0.5] * 3, "class_names": list("abcd"),
-                "model": "tiny", "bits": {"weight": 4, "act": 4}}
-        return Net().eval(), meta
-
-    mod = types.ModuleType("train.checkpoint")
-    mod.load_converted = load_converted
-    monkeypatch.setitem(sys.modules, "train.checkpoint", mod)
-
-
-def test_torch_backend_with_monkeypatched_loader(tmp_path, monkeypatch):
-    _fake_checkpoint_module(monkeypatch)
-    ckpt = tmp_path / "best.safetensors"
-    ckpt.write_bytes(b"stub")
-    res = bench.run(bench.parse_args(["--checkpoint", str(ckpt), "--iters", "5", "--warmup", "1", "--batch", "1,2",
-                                      "--json", str(tmp_path / "t.json")]), log=lambda *a: None)
+    backend = open_backend("torch", tiny_checkpoint)
+    assert backend.meta["model"] == "vit_fmnist" and backend.meta["bits"]["weight"] == 3
+    x = test_images("vit_fmnist", 8)
+    model, _ = load_converted(tiny_checkpoint)
+    with torch.no_grad():
+        want = model(x).numpy()
+    backend.prepare(8)
+    np.testing.assert_array_equal(backend.run(x.numpy()), want)
+    res = bench.run(bench.parse_args(["--checkpoint", tiny_checkpoint, "--iters", "3", "--warmup", "1", "--batch",
+                                      "1,2", "--json", str(tmp_path / "t.json")]), log=lambda *a: None)
     assert [r["status"] for r in res["runs"]] == ["ok", "ok"]
-    assert res["runs"][0]["backend"] == "torch" and res["runs"][1]["output_shape"] == [2, 4]
-    assert np.isfinite(res["runs"][0]["img_per_s"])
+    assert res["runs"][0]["backend"] == "torch" and res["runs"][1]["output_shape"] == [2, 10]
     import runtime.torchtools
 
     monkeypatch.setitem(sys.modules, "runtime.torchtools.gemm_ext", None)
     monkeypatch.delattr(runtime.torchtools, "gemm_ext", raising=False)  # an earlier test may have imported it
     with pytest.raises(Exception, match="--lowbit-cuda needs runtime/torchtools/gemm_ext.py"):
-        bench.run(bench.parse_args(["--checkpoint", str(ckpt), "--lowbit-cuda", "--iters", "1",
+        bench.run(bench.parse_args(["--checkpoint", tiny_checkpoint, "--lowbit-cuda", "--iters", "1",
                                     "--json", str(tmp_path / "u.json")]), log=lambda *a: None)
+
+
+def test_toy_model_matches_numpy(tmp_path):
+    """The toy graphs compute what they claim: conv -> relu -> mean -> gemm, behind a Q/DQ pair for qdq."""
+    import onnxruntime as ort
+
+    x = np.random.RandomState(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    for fmt in ("qdq", "lowbit", "fp32"):
+        path = make_toy_model(tmp_path, "toy_w4a4." + fmt, fmt=fmt, seed=5)
+        m = onnx.load(path)
+        w = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        xin = np.clip(np.rint(x / np.float32(0.05)), -128, 127) * np.float32(0.05) if fmt == "qdq" else x
+        patches = xin.reshape(2, 3, 8, 4, 8, 4).transpose(0, 2, 4, 1, 3, 5).reshape(2, 64, 48)
+        feat = np.maximum(patches @ w["w_conv"].reshape(16, 48).T + w["b_conv"], 0).mean(axis=1)
+        want = feat @ w["w_fc"].T + w["b_fc"]
+        got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

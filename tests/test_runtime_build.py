@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from test_runtime_toymodel import make_toy_model
+from conftest import make_toy_model
 from test_runtime_trt_compat import VERSIONS, make_fake_trt
 
 from qformat import LOWBIT_OP

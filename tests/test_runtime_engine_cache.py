@@ -3,7 +3,7 @@
 import sys
 
 import pytest
-from test_runtime_toymodel import make_toy_model
+from conftest import make_toy_model
 from test_runtime_trt_compat import make_fake_trt
 
 from qformat.errors import UserError

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
+from conftest import make_toy_model
 from test_outputs import one_line_error as _one_line
-from test_runtime_toymodel import make_toy_model
 
 from qformat.errors import UserError
 from qformat.io import sidecar_path
@@ -55,13 +55,12 @@ def test_input_shape_disagreeing_with_sidecar_names_both_shapes(tmp_path, capsys
         backends.open_backend("ort", onnx)
 
 
-def test_sidecar_from_another_export_is_refused(tmp_path):
+def test_sidecar_from_another_export_is_refused(tmp_path, converted):
     """The exporter records the graph's sha256; a kill between graph and sidecar, or a copied sidecar, is caught."""
     from export.exporter import export
-    from export.source import fresh
 
-    m, meta = fresh("vit_fmnist", 4, calib_n=4)
-    res = export(m, meta, "fp32", "ort", str(tmp_path), parity_n=0, log=lambda s: None)
+    dep = converted("vit_fmnist", 4, calib_n=4)
+    res = export(dep, "fp32", "ort", str(tmp_path), parity_n=0, log=lambda s: None)
     side = json.loads(open(res.sidecar).read())
     assert len(side["onnx_sha256"]) == 64
     backends.open_backend("ort", res.path).close()  # the pair matches
@@ -87,15 +86,15 @@ def test_runtime_refuses_nonfinite_frames_and_wrong_shapes(tmp_path):
         be.run(x[:, :1])
 
 
-def test_what_each_format_does_with_nan_and_inf():
+def test_what_each_format_does_with_nan_and_inf(converted):
     """The facts the README states: why the runtime refuses non-finite frames instead of running them."""
     import torch
 
     from export.exporter import build_graph
     from export.parity import ort_session
-    from export.source import fresh
 
-    m, meta = fresh("vit_fmnist", 4, calib_n=4)
+    dep = converted("vit_fmnist", 4, calib_n=4)
+    m = dep.model
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     x[0, 0, 3, 3], x[1, 0, 5, 5], x[2, 0, 7, 7] = float("nan"), float("inf"), float("-inf")
     with torch.no_grad():
@@ -103,7 +102,7 @@ def test_what_each_format_does_with_nan_and_inf():
     assert np.isfinite(y).all(axis=1).tolist() == [False, True, True]  # PyTorch: NaN -> NaN, +-Inf clamped
     finite = {}
     for fmt in ("fp32", "qdq", "lowbit"):
-        g = build_graph(m, meta["input_size"], fmt, "ort", log=lambda s: None)
+        g = build_graph(dep, fmt, "ort", log=lambda s: None)
         finite[fmt] = np.isfinite(ort_session(g.ort).run(None, {"input": x.numpy()})[0]).all(axis=1).tolist()
     assert finite["fp32"] == [False, False, False]  # NaN propagates; Inf turns into NaN in LayerNorm
     assert finite["qdq"] == finite["lowbit"] == [True, True, True]  # QuantizeLinear maps NaN to a code: a class

@@ -43,9 +43,16 @@ def good_ckpt(tmp_path_factory):
     (["--method", "lsq"], ["invalid choice", "python -m train --help"]),
     (["--data-dir", "/nonexistent/fmnist"], ["apt-get install dataset-fashion-mnist", "--data-dir"]),
     (["--method", "qvit", "--fp-epochs", "0"], ["--teacher", "--fp-epochs"]),
+    (["--quant-override", '{"blocks.*.attn.qkv": {"wbits": 3}}'], ["unknown key 'wbits'", "w_bits"]),
+    (["--quant-override", '{"blocks.*.attn.qkv": {"w_bits": [2, 9]}}'], ["w_bits=9", "2..8"]),
+    (["--quant-override", "{not json"], ["not valid JSON"]),
+    (["--quant-override", "/nonexistent/mixed.json"], ["no such file"]),
+    (["--quant-override", '{"blocks.*.atn": {"w_bits": 3}}', *TINY], ["matches no quantized module", "blocks.0"]),
+    (["--quant-override", '{"blocks.*.attn": {"q_bits": [4, 3]}}', *TINY], ["one width per head (3)"]),
 ])
 def test_bad_arguments(tmp_path, args, needles):
     _assert_one_line_error(_cli(*args, "--out", str(tmp_path / "o")), *needles)
+    assert not (tmp_path / "o").exists()  # refused before any work: no run folder
 
 
 def test_resume_without_run(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train.__main__ import parse_args
+from train.cli import parse_args
 from train.trainer import WarmupCosine, run
 
 TINY = ["--data", "synthetic", "--batch-size", "16", "--max-eval-batches", "4", "--no-tensorboard",

@@ -33,7 +33,7 @@ BUDGETS = {
 
 
 def _train(argv: list[str]) -> None:
-    from train.__main__ import parse_args
+    from train.cli import parse_args
     from train.trainer import run
 
     run(parse_args(argv))

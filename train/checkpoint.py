@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import uuid
 from typing import Any, Optional
@@ -36,16 +35,6 @@ _HEADER_KEY = "qvit_meta"
 #: What a training run writes into its --out folder (and into --out/teacher/ for a teacher trained there).
 RUN_FILES = ("last.state.pt", "last.safetensors", "last.json", "best.safetensors", "best.json", "metrics.csv")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def code_revision() -> str:
-    """Short git revision of this checkout, or "unknown" (e.g. an installed wheel)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def stem_of(path: str) -> str:

@@ -6,6 +6,7 @@ A config is plain data: it is stored in every checkpoint's JSON so that export a
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -14,10 +15,70 @@ from qformat import FormatError, check_bits
 from qformat.errors import UserError
 
 METHODS = ("fp", "baseline", "irm", "dgd", "qvit")
+DATASETS = ("fmnist", "imagefolder", "synthetic")
 GRANULARITIES = ("deploy", "paper")
 ACT_INITS = ("mse", "lsq")
 IRM_INITS = ("ln", "std")
 DGD_TENSORS = ("q", "k")
+
+#: Per-module override keys (``QuantConfig.overrides``), by the kind of module a pattern matches.
+#: Layers (block Linears, patch embedding, head): ``w_bits`` (an int, or a list of widths per group
+#: of weight rows -- for qkv, a list of one width per head applies to that head's q, k and v rows),
+#: ``w_group_axis`` ("out": rows, default; "in": columns), ``w_group_size`` (default: rows / widths),
+#: ``a_bits`` (the layer input).  Attention modules: ``a_bits`` (default for all four),
+#: ``qkv_bits``, ``q_bits``, ``k_bits``, ``v_bits``, ``attn_bits`` (int or one width per head).
+LAYER_KEYS = ("w_bits", "a_bits", "w_group_size", "w_group_axis")
+ATTENTION_KEYS = ("a_bits", "qkv_bits", "q_bits", "k_bits", "v_bits", "attn_bits")
+_LIST_KEYS = ("w_bits", "qkv_bits", "q_bits", "k_bits", "v_bits", "attn_bits")
+
+
+def resolve_bits(bits: int, w_bits: int | None, a_bits: int | None) -> tuple[int, int]:
+    """(weight bits, activation bits) of a command line (``--bits`` and its ``--w-bits``/``--a-bits``
+    overrides), validated by qformat."""
+    try:
+        return (check_bits(bits if w_bits is None else w_bits, "--bits" if w_bits is None else "--w-bits"),
+                check_bits(bits if a_bits is None else a_bits, "--bits" if a_bits is None else "--a-bits"))
+    except FormatError as e:
+        raise UserError(str(e)) from None
+
+
+def _check_override_value(where: str, key: str, value: Any) -> None:
+    if key == "w_group_axis":
+        if value not in ("out", "in"):
+            raise UserError(f"{where}: w_group_axis must be \"out\" (rows) or \"in\" (columns), got {value!r}")
+        return
+    if key == "w_group_size":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{where}: w_group_size must be a positive integer, got {value!r}")
+        return
+    values = value if isinstance(value, list) and key in _LIST_KEYS else [value]
+    if not values:
+        raise UserError(f"{where}: {key} must not be an empty list")
+    for v in values:
+        try:
+            check_bits(v, key)
+        except FormatError as e:
+            hint = "" if key in _LIST_KEYS else " (one integer: only weights and attention tensors take a list)"
+            raise UserError(f"{where}: {e}{hint}") from None
+
+
+def check_overrides(overrides: Any) -> dict[str, dict[str, Any]]:
+    """Validate the shape, keys and bit-widths of per-module overrides (not yet against a model)."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise UserError("quant overrides must be a JSON object {\"<module pattern>\": {\"<key>\": <value>}}")
+    known = LAYER_KEYS + tuple(k for k in ATTENTION_KEYS if k not in LAYER_KEYS)
+    for pattern, keys in overrides.items():
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise UserError(f"quant override pattern {pattern!r} must be a non-empty module-name pattern")
+        if not isinstance(keys, dict) or not keys:
+            raise UserError(f"quant override {pattern!r} must map to a non-empty object of settings")
+        for key, value in keys.items():
+            if key not in known:
+                raise UserError(f"quant override {pattern!r}: unknown key {key!r}; use {', '.join(known)}")
+            _check_override_value(f"quant override {pattern!r}", key, value)
+    return {p: dict(k) for p, k in overrides.items()}
 
 
 @dataclass
@@ -49,8 +110,12 @@ class QuantConfig:
     attn_granularity: str | None = None
     act_init: str = "mse"
     weight_init: str = "mse"
+    #: per-module overrides by wildcard pattern (ModelOpt-style), e.g.
+    #: ``{"blocks.*.attn.qkv": {"w_bits": 3}, "blocks.0.*": {"a_bits": 8}}``; later patterns win
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.overrides = check_overrides(self.overrides)
         try:
             for name in ("w_bits", "a_bits"):
                 check_bits(getattr(self, name), name)
@@ -92,6 +157,14 @@ class QuantConfig:
     def attn_scale(self) -> str:
         """Scale granularity of q, k, v and the attention map: 'tensor' or 'head'."""
         return self.attn_granularity or "head"
+
+    def module_overrides(self, name: str) -> dict[str, Any]:
+        """The settings of every pattern that matches module ``name``, merged in order (later wins)."""
+        out: dict[str, Any] = {}
+        for pattern, keys in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                out.update(keys)
+        return out
 
     def bits_summary(self) -> dict[str, int | None]:
         return {"weight": self.w_bits, "act": self.a_bits, "qkv": self.q_bits, "attn": self.softmax_bits,

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from qformat.errors import UserError
+from train.config import DATASETS
 
 FMNIST_DIR = os.environ.get("QVIT_FMNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FMNIST_INSTALL = "apt-get install dataset-fashion-mnist"
-DATASETS = ("fmnist", "imagefolder", "synthetic")
 SYNTHETIC_CLASSES = 10
 
 # IDX type byte -> numpy dtype (big-endian on disk).

@@ -21,10 +21,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from .config import DistillConfig
+from .families import family_of
 
 
 def similarity(x: torch.Tensor) -> torch.Tensor:
@@ -86,27 +86,6 @@ class QKRecorder:
             h.remove()
 
 
-class RecordingWindowAttention(WindowAttention):
-    """Float Swin window attention with timm's q_norm/k_norm slots, so DGD hooks see q and k.
-
-    Swin's ``WindowAttention`` has no such slots; float models' modules are re-classed to this
-    (same parameters and buffers) with Identity slots.
-    """
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, _ = x.shape
-        h = self.num_heads
-        q, k, v = self.qkv(x).reshape(b, n, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        logits = (q @ k.transpose(-2, -1)) * self.scale + self._get_rel_pos_bias()
-        if mask is not None:
-            nw = mask.shape[0]
-            logits = logits.view(-1, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)
-            logits = logits.view(-1, h, n, n)
-        a = self.attn_drop(logits.softmax(-1))
-        return self.proj_drop(self.proj((a @ v).transpose(1, 2).reshape(b, n, -1)))
-
-
 def make_teacher(model: nn.Module) -> nn.Module:
     """Frozen full-precision copy of ``model`` (call before ``prepare``)."""
     teacher = copy.deepcopy(model).eval()
@@ -128,10 +107,7 @@ class Distiller(nn.Module):
         self._t_rec = self._s_rec = None
         if cfg.dgd:
             for model in (teacher, student):
-                for m in model.modules():
-                    if type(m) is WindowAttention:
-                        m.__class__ = RecordingWindowAttention
-                        m.q_norm, m.k_norm = nn.Identity(), nn.Identity()
+                family_of(model).expose_qk(model)  # e.g. Swin: q_norm/k_norm slots on the float attention
             self._t_rec = QKRecorder(teacher)
             self._s_rec = QKRecorder(student)
 

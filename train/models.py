@@ -32,13 +32,17 @@ class ModelSpec:
     std: tuple[float, ...]
     num_classes: int
     kwargs: dict[str, Any] = field(default_factory=dict)
-    family: str = "vit"  # "vit" | "swin"
+    family: str = "vit"  # the model-family adapter prepare() uses (train.families)
 
 
 _SPECS: dict[str, ModelSpec] = {}
 
 
 def register(spec: ModelSpec) -> ModelSpec:
+    from train.families import families
+
+    if spec.family not in families():
+        raise ValueError(f"model {spec.name}: family {spec.family!r} has no adapter ({', '.join(families())})")
     _SPECS[spec.name] = spec
     return spec
 
@@ -90,4 +94,5 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
                             "use --checkpoint with a local timm state dict instead") from None
         raise
     model.qvit_name = name  # type: ignore[attr-defined]
+    model.qvit_family = spec.family  # type: ignore[attr-defined]
     return model

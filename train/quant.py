@@ -1,7 +1,7 @@
 """Model surgery, torchao style: ``prepare(model, QuantConfig)`` -> train -> ``convert(model)``.
 
 ``prepare`` swaps module classes in place (parameters and state-dict keys are kept) and
-attaches quantizers:
+attaches quantizers, at the places the model's family adapter (:mod:`train.families`) names:
 
 * every block Linear (qkv, proj, fc1, fc2; Swin's patch-merging reduction): LSQ weight
   quantizer + LSQ+ quantizer on its input;
@@ -9,33 +9,36 @@ attaches quantizers:
   (unsigned); IRM in the ``q_norm``/``k_norm`` slots when enabled;
 * patch embedding and classifier head at ``embed_bits``/``head_bits`` (8 by default).
 
+Bits come from the config's defaults per tensor kind, then its per-module overrides by
+wildcard pattern (``QuantConfig.overrides``), which may give a weight one width per group of
+rows (the rows of one head in qkv) and q/k/v/attention one width per head.
 LayerNorm, softmax, GELU, residual adds and Swin's relative position bias stay float.
 
-``convert`` freezes the result into the form the exporter reads (see :class:`QuantLinear`
-and :class:`train.quantizers.ActQuantizer`): integer weights + per-channel scales, and
-activation quantizers with integer zero-points whose forward is exactly
-``s * clip(round(x / s), lo, hi)`` -- the zero-point-0 Q/DQ the exported graph contains.
+``convert`` freezes the result into integer weights + per-channel scales and activation
+quantizers with integer zero-points whose forward is exactly ``s * clip(round(x / s), lo, hi)``
+-- the zero-point-0 Q/DQ the exported graph contains -- and attaches ``model.qvit_specs``: one
+:class:`qformat.SiteSpec` per quantized site, the record every later stage reads.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, WindowAttention
-from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 
+import qformat
 from qformat.errors import UserError
 
-from .config import QuantConfig
+from .attention import add_slots
+from .config import ATTENTION_KEYS, LAYER_KEYS, QuantConfig
+from .families import FamilyAdapter, family_of
 from .irm import IRMNorm
 from .quantizers import ActQuantizer, WeightQuantizer
-
-SUPPORTED = "timm VisionTransformer (DeiT-T/S/B, distilled) and SwinTransformer (Swin-T/S)"
-
 
 # ------------------------------------------------------------------------ quantized layers
 
@@ -49,10 +52,11 @@ class _QuantWeightMixin:
 
     converted: bool = False
 
-    def _attach(self, w_bits: int, a_bits: int, grouping: str, groups: int, cfg: QuantConfig) -> None:
+    def _attach(self, plan: dict[str, Any], grouping: str, groups: int, cfg: QuantConfig) -> None:
         out = self.weight.shape[0]
-        self.w_quant = WeightQuantizer(w_bits, out, init=cfg.weight_init)
-        self.a_quant = ActQuantizer(a_bits, signed=True, grouping=grouping, groups=groups, init=cfg.act_init)
+        self.w_quant = WeightQuantizer(plan["w_bits"], out, init=cfg.weight_init, group_axis=plan.get("group_axis"),
+                                       group_size=plan.get("group_size"), in_features=self.weight.shape[-1])
+        self.a_quant = ActQuantizer(plan["a_bits"], signed=True, grouping=grouping, groups=groups, init=cfg.act_init)
         self.converted = False
 
     def quant_weight(self) -> torch.Tensor:
@@ -74,25 +78,22 @@ class _QuantWeightMixin:
         del self.weight
         self.converted = True
 
+    def spec(self, name: str) -> qformat.SiteSpec:
+        """This converted layer as the format's record (integer weights, both quantizers)."""
+        if not self.converted:
+            raise UserError(f"{name} is not converted: call train.quant.convert(model) first")
+        ws = self.w_quant.spec(self.weight_int.dim())
+        bias = None if self.bias is None else self.bias.detach().float().cpu().numpy()
+        op = "conv" if isinstance(self, nn.Conv2d) else "linear"
+        return qformat.SiteSpec(name, op, self.a_quant.spec(), ws, self.weight_int.cpu().numpy(), bias,
+                                self._geometry(name) if op == "conv" else None)
+
 
 class QuantLinear(_QuantWeightMixin, nn.Linear):
     """nn.Linear with a quantized weight and a quantized input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.a_quant(x), self.quant_weight(), self.bias)
-
-    def lowbit_attrs(self) -> dict[str, Any]:
-        """This converted layer as ``QvitLowBitLinear`` attributes (qformat.lowbit_attrs)."""
-        import qformat
-
-        aq = self.a_quant
-        if not self.converted or aq.scale.numel() != 1:
-            raise UserError(f"{self.__class__.__name__}: the low-bit kernel needs a converted layer with a "
-                            "per-tensor input scale (granularity='deploy')")
-        lo, hi = (int(t.reshape(-1)[0]) for t in aq.int_bounds())
-        bias = None if self.bias is None else self.bias.detach().cpu().numpy()
-        return qformat.lowbit_attrs(self.weight_int.cpu().numpy(), self.weight_scale.cpu().numpy(), bias,
-                                    self.w_quant.bits, float(aq.scale), lo, hi, aq.bits)
 
 
 class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
@@ -101,10 +102,135 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.a_quant(x), self.quant_weight(), self.bias)
 
+    def _geometry(self, name: str) -> dict[str, Any]:
+        if isinstance(self.padding, str):
+            raise UserError(f"{name}: padding={self.padding!r} is not supported by the exporter (use explicit ints)")
+        pads = [int(p) for p in self.padding]
+        return {"kernel_shape": [int(k) for k in self.kernel_size], "strides": [int(v) for v in self.stride],
+                "pads": pads + pads, "dilations": [int(v) for v in self.dilation], "group": int(self.groups)}
 
-# ------------------------------------------------------------------------ quantized attention
 
-def _attach_attention(attn: nn.Module, cfg: QuantConfig) -> None:
+# ------------------------------------------------------------------------ the plan: which bits where
+
+LAYER_ROLES = ("block", "embed", "head")
+
+
+@dataclass
+class Site:
+    """A module ``prepare`` quantizes: an attention block or a layer (block Linear, patch embedding, head)."""
+
+    name: str
+    module: nn.Module
+    role: str  # "attention" | "block" | "embed" | "head"
+    attn: nn.Module | None = None  # the attention block whose qkv this Linear is
+
+
+def quantizable_sites(model: nn.Module, fam: FamilyAdapter) -> list[Site]:
+    """Every module ``prepare`` touches, named by its module path (what override patterns match)."""
+    sites = [Site(n, m, "attention") for n, m in fam.attention_modules(model)]
+    qkv_of = {id(s.module.qkv): s.module for s in sites}
+    for prefix, root in fam.block_roots(model):
+        for n, m in root.named_modules():
+            if isinstance(m, nn.Linear):
+                sites.append(Site(f"{prefix}.{n}", m, "block", qkv_of.get(id(m))))
+    name, conv = fam.patch_embed(model)
+    sites.append(Site(name, conv, "embed"))
+    sites += [Site(n, m, "head") for n, m in fam.heads(model)]
+    return sites
+
+
+def _group_plan(site: Site, widths: list, ov: dict[str, Any]) -> dict[str, Any]:
+    """Row (or column) groups of a weight given as a list of widths."""
+    if site.role == "embed" or not isinstance(site.module, nn.Linear):
+        raise UserError(f"{site.name}: w_bits per group are for Linear layers; give one integer")
+    axis = ov.get("w_group_axis", "out")
+    n = site.module.out_features if axis == "out" else site.module.in_features
+    gs = ov.get("w_group_size")
+    if gs is None and site.attn is not None and axis == "out" and len(widths) == site.attn.num_heads:
+        heads = site.attn.num_heads  # one width per head: its q, k and v rows (qkv rows are [3, heads, head_dim])
+        widths, gs = [widths[h] for _ in range(3) for h in range(heads)], n // (3 * heads)
+    elif gs is None:
+        if n % len(widths):
+            raise UserError(f"{site.name}: {len(widths)} widths do not divide its {n} "
+                            f"{'rows' if axis == 'out' else 'columns'}; add w_group_size")
+        gs = n // len(widths)
+    if -(-n // gs) != len(widths):
+        raise UserError(f"{site.name}: {n} {'rows' if axis == 'out' else 'columns'} in groups of {gs} need "
+                        f"{-(-n // gs)} widths, got {len(widths)}")
+    return {"w_bits": tuple(widths), "group_axis": -2 if axis == "out" else -1, "group_size": gs}
+
+
+def layer_plan(site: Site, cfg: QuantConfig) -> dict[str, Any] | None:
+    """Bits of a layer (``w_bits``, ``a_bits`` and weight groups) after overrides; None keeps it float."""
+    ov = cfg.module_overrides(site.name)
+    w_default, a_default = {"block": (cfg.w_bits, cfg.a_bits), "embed": (cfg.embed_bits, cfg.embed_bits),
+                            "head": (cfg.head_bits, cfg.head_bits)}[site.role]
+    w, a = ov.get("w_bits", w_default), ov.get("a_bits", a_default)
+    if w is None and a is None:
+        return None
+    if w is None or a is None:  # a float embed/head given one of the two: the other follows it
+        w, a = (a if w is None else w), (max(w) if isinstance(w, list) else w) if a is None else a
+    plan: dict[str, Any] = {"w_bits": w, "a_bits": a}
+    if isinstance(w, list) and len(set(w)) > 1:
+        plan.update(_group_plan(site, list(w), ov))
+    elif isinstance(w, list):
+        plan["w_bits"] = w[0]
+    elif "w_group_size" in ov or "w_group_axis" in ov:
+        raise UserError(f"{site.name}: w_group_size/w_group_axis need w_bits as a list of widths")
+    return plan
+
+
+def attention_plan(site: Site, cfg: QuantConfig) -> dict[str, Any]:
+    """Bits of q, k, v (signed) and the attention map (unsigned), each an int or one width per head."""
+    ov = cfg.module_overrides(site.name)
+    a = ov.get("a_bits", cfg.a_bits)
+    qkv = ov.get("qkv_bits", cfg.qkv_bits)
+    attn = ov.get("attn_bits", cfg.attn_bits)
+    plan = {t: ov.get(f"{t}_bits", qkv if qkv is not None else a) for t in ("q", "k", "v")}
+    plan["attn"] = attn if attn is not None else a
+    heads = site.module.num_heads
+    for t, bits in plan.items():
+        if isinstance(bits, list) and len(set(bits)) == 1:
+            plan[t] = bits[0]
+        elif isinstance(bits, list):
+            if len(bits) != heads:
+                raise UserError(f"{site.name}: {t} bits {bits} need one width per head ({heads})")
+            if cfg.attn_scale != "head":
+                raise UserError(f"{site.name}: per-head {t} bits need per-head scales (attn_granularity='head')")
+            plan[t] = tuple(bits)
+    return plan
+
+
+def check_overrides(model: nn.Module, cfg: QuantConfig) -> None:
+    """Refuse override patterns that match no module, keys that fit no matched module, and widths
+    that do not fit the model -- before any training starts."""
+    fam = family_of(model)
+    fam.check(model)
+    sites = quantizable_sites(model, fam)
+    for pattern, keys in cfg.overrides.items():
+        matched = [s for s in sites if fnmatch.fnmatchcase(s.name, pattern)]
+        if not matched:
+            examples = ", ".join(dict.fromkeys(s.name for s in sites[:2] + sites[-2:]))
+            raise UserError(f"quant override pattern {pattern!r} matches no quantized module "
+                            f"(names look like {examples})")
+        roles = {s.role for s in matched}
+        for key in keys:
+            fits = (key in ATTENTION_KEYS and "attention" in roles) or (key in LAYER_KEYS and roles & set(LAYER_ROLES))
+            if not fits:
+                raise UserError(f"quant override {pattern!r}: {key} applies to none of the modules it matches "
+                                f"({', '.join(s.name for s in matched[:3])}{' ...' if len(matched) > 3 else ''})")
+    for s in sites:
+        if s.role == "attention":
+            attention_plan(s, cfg)
+        else:
+            layer_plan(s, cfg)
+
+
+# ------------------------------------------------------------------------ prepare / convert
+
+def _attach_attention(site: Site, cfg: QuantConfig, fam: FamilyAdapter) -> None:
+    attn = site.module
+    attn.__class__ = fam.quant_attention
     heads = attn.num_heads
     head_dim = attn.qkv.out_features // (3 * heads)
     if cfg.irm:
@@ -115,76 +241,27 @@ def _attach_attention(attn: nn.Module, cfg: QuantConfig) -> None:
             if isinstance(trained, nn.LayerNorm):  # FP model trained with IRM (timm qk_norm)
                 irm.inherit(trained)
             setattr(attn, slot, irm)
-    elif not hasattr(attn, "q_norm"):
-        attn.q_norm, attn.k_norm = nn.Identity(), nn.Identity()
-    grouping = cfg.attn_scale
-    kw = dict(grouping=grouping, groups=heads, init=cfg.act_init)
-    attn.q_quant = ActQuantizer(cfg.q_bits, signed=True, **kw)
-    attn.k_quant = ActQuantizer(cfg.q_bits, signed=True, **kw)
-    attn.v_quant = ActQuantizer(cfg.q_bits, signed=True, **kw)
-    attn.attn_quant = ActQuantizer(cfg.softmax_bits, signed=False, **kw)
+    add_slots(attn)
+    plan = attention_plan(site, cfg)
+    kw = dict(grouping=cfg.attn_scale, groups=heads, init=cfg.act_init, kind="qkv")
+    attn.q_quant = ActQuantizer(plan["q"], signed=True, **kw)
+    attn.k_quant = ActQuantizer(plan["k"], signed=True, **kw)
+    attn.v_quant = ActQuantizer(plan["v"], signed=True, **kw)
+    attn.attn_quant = ActQuantizer(plan["attn"], signed=False, **dict(kw, kind="attn"))
 
 
-def quant_attention_core(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
-                         window_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Explicit quantized attention (fused SDPA cannot quantize q, k, v or the map).
-
-    ``attn.scale`` multiplies the integer-grid product q̂·k̂ᵀ, so QK^T stays a pure
-    quantized MatMul in the exported graph.
-    """
-    b, n, _ = x.shape
-    h = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, n, 3, h, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k, v = attn.q_quant(q), attn.k_quant(k), attn.v_quant(v)
-    logits = (q @ k.transpose(-2, -1)) * attn.scale
-    if bias is not None:
-        logits = logits + bias
-    if window_mask is not None:
-        nw = window_mask.shape[0]
-        logits = logits.view(-1, nw, h, n, n) + window_mask.unsqueeze(1).unsqueeze(0)
-        logits = logits.view(-1, h, n, n)
-    a = attn.attn_quant(logits.softmax(dim=-1))
-    a = attn.attn_drop(a)
-    out = (a @ v).transpose(1, 2).reshape(b, n, -1)
-    return attn.proj_drop(attn.proj(out))
-
-
-class QuantAttention(Attention):
-    """timm ``Attention`` with quantized q/k/v/attention map; IRM sits in q_norm/k_norm."""
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("quantized attention supports unmasked ViT attention only")
-        return quant_attention_core(self, x, None)
-
-
-class QuantWindowAttention(WindowAttention):
-    """timm Swin ``WindowAttention`` quantized the same way; relative position bias stays float."""
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return quant_attention_core(self, x, self._get_rel_pos_bias(), mask)
-
-
-# ------------------------------------------------------------------------ prepare / convert
-
-def _swap_linear(lin: nn.Linear, w_bits: int, a_bits: int, grouping: str, cfg: QuantConfig) -> None:
-    lin.__class__ = QuantLinear
-    lin._attach(w_bits, a_bits, grouping, lin.in_features, cfg)
-
-
-def _check_supported(model: nn.Module) -> str:
-    if isinstance(model, VisionTransformer):
-        for blk in model.blocks:
-            attn = blk.attn
-            if type(attn) is not Attention or getattr(attn, "gate", None) is not None or \
-                    not isinstance(attn.norm, nn.Identity):
-                raise UserError(f"unsupported attention variant {type(attn).__name__}: supported are {SUPPORTED}")
-        return "vit"
-    if isinstance(model, SwinTransformer):
-        return "swin"
-    raise UserError(f"cannot quantize {type(model).__name__}: supported are {SUPPORTED}")
+def _attach_layer(site: Site, cfg: QuantConfig) -> None:
+    plan = layer_plan(site, cfg)
+    if plan is None or type(site.module) not in (nn.Linear, nn.Conv2d):
+        return
+    m = site.module
+    if isinstance(m, nn.Conv2d):
+        m.__class__ = QuantConv2d
+        m._attach(plan, "tensor", 1, cfg)
+        return
+    m.__class__ = QuantLinear
+    channel = site.role == "block" and cfg.linear_scale == "channel"
+    m._attach(plan, "channel" if channel else "tensor", m.in_features, cfg)
 
 
 def is_prepared(model: nn.Module) -> bool:
@@ -195,31 +272,13 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """Attach quantizers in place (Q-ViT's fully quantized layout) and return the model."""
     if is_prepared(model):
         raise UserError("model is already prepared for quantization")
-    family = _check_supported(model)
-    lin_grouping = "channel" if cfg.linear_scale == "channel" else "tensor"
-
-    for module in list(model.modules()):
-        if type(module) is Attention:
-            module.__class__ = QuantAttention
-            _attach_attention(module, cfg)
-        elif isinstance(module, WindowAttention) and not isinstance(module, QuantWindowAttention):
-            module.__class__ = QuantWindowAttention
-            _attach_attention(module, cfg)
-
-    blocks = model.blocks if family == "vit" else model.layers
-    for module in blocks.modules():
-        if type(module) is nn.Linear:
-            _swap_linear(module, cfg.w_bits, cfg.a_bits, lin_grouping, cfg)
-
-    if cfg.embed_bits is not None:
-        conv = model.patch_embed.proj
-        conv.__class__ = QuantConv2d
-        conv._attach(cfg.embed_bits, cfg.embed_bits, "tensor", 1, cfg)
-    if cfg.head_bits is not None:
-        heads = [model.head.fc] if family == "swin" else [model.head, getattr(model, "head_dist", None)]
-        for head in heads:
-            if type(head) is nn.Linear:
-                _swap_linear(head, cfg.head_bits, cfg.head_bits, "tensor", cfg)
+    check_overrides(model, cfg)
+    fam = family_of(model)
+    for site in quantizable_sites(model, fam):
+        if site.role == "attention":
+            _attach_attention(site, cfg, fam)
+        else:
+            _attach_layer(site, cfg)
     model.qvit_quant_config = cfg.to_dict()
     return model
 
@@ -237,6 +296,13 @@ def quant_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
         for p in m.parameters(recurse=False):
             if p.requires_grad:
                 yield p
+
+
+def scale_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The quantizers' learned steps (the trainer keeps them positive)."""
+    for _, m in quantizers(model):
+        if m.scale.requires_grad:
+            yield m.scale
 
 
 def quant_report(model: nn.Module) -> list[dict[str, Any]]:
@@ -280,4 +346,26 @@ def convert(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     model.qvit_converted = True
+    model.qvit_specs = site_specs(model)
     return model
+
+
+def site_specs(model: nn.Module) -> list[qformat.SiteSpec]:
+    """One :class:`qformat.SiteSpec` per quantized site of a converted model, in module order:
+    the layers (with their input quantizers), then the standalone activation quantizers."""
+    specs, owned = [], set()
+    for name, m in model.named_modules():
+        if isinstance(m, _QuantWeightMixin):
+            specs.append(m.spec(name))
+            owned.add(id(m.a_quant))
+    for name, m in model.named_modules():
+        if isinstance(m, ActQuantizer) and id(m) not in owned:
+            if not bool(m.frozen):
+                raise UserError(f"{name} is not converted: call train.quant.convert(model) first")
+            specs.append(qformat.SiteSpec(name, "act", m.spec()))
+    return specs
+
+
+def float_modules(model: nn.Module) -> list[str]:
+    """Module paths of the LayerNorm and IRM computations (builders keep them in FP32)."""
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.LayerNorm, IRMNorm))]

@@ -250,7 +250,7 @@ def launch_inprocess(argv: list, log_path: str) -> int:
     """Same as :func:`launch_subprocess` inside this process (tests: no interpreter start-up)."""
     import contextlib
 
-    from train.__main__ import main
+    from train.cli import main
 
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
@@ -847,8 +847,8 @@ def _only(text: Optional[str], stages: list) -> tuple:
     return pats
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m train.study", description=__doc__.split("\n\n")[0],
+def build_parser(prog: str = "python -m train.study") -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", default="stage1", help="comma-separated: " + ", ".join(STAGES))
     p.add_argument("--seeds", default="0,1,2", help="QAT seeds (the FP teacher is seed 0 for all)")
@@ -884,8 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: Optional[list]) -> tuple[Study, list]:
-    args = build_parser().parse_args(argv)
+def parse(argv: Optional[list], prog: str = "python -m train.study") -> tuple[Study, list]:
+    args = build_parser(prog).parse_args(argv)
     stages = [s for s in args.stage.split(",") if s]
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -956,8 +956,8 @@ def print_plan(study: Study, plans: list) -> None:
 
 
 @main_guard
-def main(argv: Optional[list] = None) -> int:
-    study, plans = parse(argv)
+def main(argv: Optional[list] = None, prog: str = "python -m train.study") -> int:
+    study, plans = parse(argv, prog)
     args = study.args  # type: ignore[attr-defined]
     if args.plan:
         print_plan(study, plans)

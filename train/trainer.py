@@ -27,11 +27,11 @@ from torch import nn
 from tqdm import tqdm
 
 from qformat.errors import UserError
-from qformat.io import output_error, remove_stale_temps
+from qformat.io import code_revision, output_error, remove_stale_temps
 from qformat.paths import check_out_dir
 from train import checkpoint as ckpt
 from train import dist
-from train.__main__ import check_run_bits
+from train.config import resolve_bits
 from train.data import Loaders, build_loaders
 from train.evaluate import evaluate
 from train.logger import RunLogger, write_metrics_csv
@@ -155,6 +155,84 @@ class Phase:
     lr: float
 
 
+@dataclass
+class Optim:
+    """The optimisation state one phase steps: optimizer, schedule, AMP, and the quantizer scales kept positive."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: Optional[torch.amp.GradScaler]
+    autocast: object
+    scales: list  # quantizer steps: projected to >= MIN_SCALE after every step (Adam can push a tiny step below 0)
+
+
+MIN_SCALE = 1e-8
+
+
+def _optimizer(args: argparse.Namespace, phase: Phase, model: nn.Module, total: int, warmup: int,
+               device: torch.device) -> Optim:
+    from train.quant import is_prepared, scale_parameters
+
+    quant_lr = args.quant_lr if args.quant_lr is not None else phase.lr
+    opt = torch.optim.AdamW(param_groups(model, phase.lr, args.weight_decay, quant_lr, args.quant_weight_decay),
+                            lr=phase.lr, betas=(0.9, 0.999))
+    autocast, scaler = amp_context(device, args.amp)
+    scales = list(scale_parameters(model)) if is_prepared(model) else []
+    return Optim(opt, torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total)), scaler, autocast, scales)
+
+
+def _step(args: argparse.Namespace, o: Optim, train_obj: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """One optimizer step; returns (loss, logits, parts)."""
+    with o.autocast():
+        loss, logits, parts = train_obj(x, y)
+    o.opt.zero_grad(set_to_none=True)
+    if o.scaler is not None:
+        o.scaler.scale(loss).backward()
+        o.scaler.unscale_(o.opt)
+    else:
+        loss.backward()
+    if args.clip_grad and args.clip_grad > 0:
+        nn.utils.clip_grad_norm_([p for g in o.opt.param_groups for p in g["params"]], args.clip_grad)
+    if o.scaler is not None:
+        o.scaler.step(o.opt)
+        o.scaler.update()
+    else:
+        o.opt.step()
+    o.sched.step()
+    with torch.no_grad():
+        for p in o.scales:
+            p.clamp_(min=MIN_SCALE)
+    return loss, logits, parts
+
+
+def _restore(state: dict, o: Optim) -> tuple[int, int, float]:
+    """Optimizer, schedule, scaler and RNG from a resume state; returns (epoch, step, best top-1)."""
+    o.opt.load_state_dict(state["optimizer"])
+    o.sched.load_state_dict(state["scheduler"])
+    if o.scaler is not None and state.get("scaler"):
+        o.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state["epoch"], state["step"], state["best_top1"]
+
+
+def _save_epoch(phase: Phase, model: nn.Module, meta: dict, row: dict, best: float, is_best: bool,
+                o: Optim, rows: list) -> None:
+    """best first (a new file of its own), then the one-file commit of the epoch (weights, metadata,
+    optimizer, RNG, metric rows), then the ``last.*`` copies derived from it: a kill anywhere leaves
+    either epoch N-1 or epoch N, never a mix."""
+    metrics = {"top1": row["val_top1"], "top5": row["val_top5"], "val_loss": row["val_loss"],
+               "train_loss": row["train_loss"], "best_top1": best}
+    m = dict(meta, epoch=row["epoch"], step=row["step"], metrics=metrics, save_id=ckpt.new_save_id())
+    if is_best:
+        ckpt.save_checkpoint(os.path.join(phase.out, "best"), model, m)
+    ckpt.save_state(os.path.join(phase.out, "last.state.pt"), {
+        "epoch": row["epoch"], "step": row["step"], "best_top1": best, "phase": phase.name,
+        "model": ckpt.cpu_state(model), "meta": m, "rows": rows,
+        "optimizer": o.opt.state_dict(), "scheduler": o.sched.state_dict(),
+        "scaler": o.scaler.state_dict() if o.scaler is not None else None, "rng": rng_state()})
+    ckpt.save_checkpoint(os.path.join(phase.out, "last"), model, m)
+
+
 def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.Module, loaders: Loaders,
         meta: dict, dinfo: dist.DistInfo, device: torch.device, resume_state: Optional[dict]) -> dict:
     """Train ``model`` through ``objective`` for ``phase.epochs``; returns the last epoch's row.
@@ -163,28 +241,17 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
     if args.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, args.max_train_batches)
     total = phase.epochs * steps_per_epoch
-    warmup = min(total, int(round(args.warmup_epochs * steps_per_epoch)))
-    quant_lr = args.quant_lr if args.quant_lr is not None else phase.lr
-    opt = torch.optim.AdamW(param_groups(model, phase.lr, args.weight_decay, quant_lr, args.quant_weight_decay),
-                            lr=phase.lr, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total))
-    autocast, scaler = amp_context(device, args.amp)
+    o = _optimizer(args, phase, model, total, min(total, int(round(args.warmup_epochs * steps_per_epoch))), device)
     start_epoch, step, best = 0, 0, -1.0
     if resume_state is not None:
-        opt.load_state_dict(resume_state["optimizer"])
-        sched.load_state_dict(resume_state["scheduler"])
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        start_epoch, step, best = resume_state["epoch"], resume_state["step"], resume_state["best_top1"]
-        set_rng_state(resume_state["rng"])
+        start_epoch, step, best = _restore(resume_state, o)
         say("{}: resumed at epoch {}/{} (best top-1 {:.2f})".format(phase.name, start_epoch, phase.epochs, best),
             dinfo)
     train_obj = objective
     if dinfo.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [device.index] if device.type == "cuda" else None
-        train_obj = DDP(objective, device_ids=ids)
+        train_obj = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     logger = RunLogger(phase.out, enabled=dinfo.is_main, tensorboard=not args.no_tensorboard,
                        resume_epoch=start_epoch, resume_step=step,
                        resume_rows=resume_state.get("rows") if resume_state is not None else None)
@@ -197,32 +264,18 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
                 return {"stopped": True, **row}
             loaders.sampler.set_epoch(epoch)
             objective.train()
-            tr = _train_epoch(args, phase, epoch, train_obj, opt, sched, scaler, autocast, loaders, steps_per_epoch,
-                              step, dinfo, device, logger)
+            tr = _train_epoch(args, phase, epoch, train_obj, o, loaders, steps_per_epoch, step, dinfo, device, logger)
             step += steps_per_epoch
-            ev = evaluate(model, loaders.val, device, args.max_eval_batches, autocast)
-            is_best = ev["top1"] > best
-            best = max(best, ev["top1"])
-            row = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0], **tr,
+            ev = evaluate(model, loaders.val, device, args.max_eval_batches, o.autocast)
+            is_best, best = ev["top1"] > best, max(best, ev["top1"])
+            row = {"epoch": epoch + 1, "step": step, "lr": o.sched.get_last_lr()[0], **tr,
                    "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"], "val_img_s": ev["img_s"]}
             top5 = "n/a" if ev["top5"] is None else "{:.2f}".format(ev["top5"])
             say("{} epoch {}/{}: train loss {:.4f} acc {:.2f} | val top-1 {:.2f} top-5 {} loss {:.4f} | "
                 "{:.0f} img/s".format(phase.name, epoch + 1, phase.epochs, tr["train_loss"], tr["train_acc"],
                                       ev["top1"], top5, ev["loss"], tr["train_img_s"]), dinfo)
             if dinfo.is_main:
-                metrics = {"top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"],
-                           "train_loss": tr["train_loss"], "best_top1": best}
-                m = dict(meta, epoch=epoch + 1, step=step, metrics=metrics, save_id=ckpt.new_save_id())
-                # best first (a new file of its own), then the one-file commit of the epoch, then the copies
-                # derived from it: a kill anywhere leaves either epoch N-1 or epoch N, never a mix
-                if is_best:
-                    ckpt.save_checkpoint(os.path.join(phase.out, "best"), model, m)
-                ckpt.save_state(os.path.join(phase.out, "last.state.pt"), {
-                    "epoch": epoch + 1, "step": step, "best_top1": best, "phase": phase.name,
-                    "model": ckpt.cpu_state(model), "meta": m, "rows": logger.rows + [row],
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state()})
-                ckpt.save_checkpoint(os.path.join(phase.out, "last"), model, m)
+                _save_epoch(phase, model, meta, row, best, is_best, o, logger.rows + [row])
                 logger.epoch(row)
             dist.barrier()
     finally:
@@ -230,9 +283,8 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
     return row
 
 
-def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, opt, sched, scaler, autocast,
-                 loaders: Loaders, steps: int, step: int, dinfo: dist.DistInfo, device: torch.device,
-                 logger: RunLogger) -> dict:
+def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, o: Optim, loaders: Loaders, steps: int,
+                 step: int, dinfo: dist.DistInfo, device: torch.device, logger: RunLogger) -> dict:
     loss_sum = correct = seen = 0.0
     part_sums: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -242,22 +294,7 @@ def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, opt, sche
         if i >= steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            loss, logits, parts = train_obj(x, y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if args.clip_grad and args.clip_grad > 0:
-            nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.clip_grad)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        sched.step()
+        loss, logits, parts = _step(args, o, train_obj, x, y)
         lv = float(loss.detach())
         if not math.isfinite(lv):
             raise UserError("{}: loss became {} at epoch {} step {}; lower --lr/--quant-lr or raise --warmup-epochs"
@@ -273,7 +310,7 @@ def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, opt, sche
             bar.set_postfix(loss="{:.4f}".format(loss_sum / seen), acc="{:.2f}".format(100 * correct / seen),
                             img_s="{:.0f}".format(img_s), refresh=False)
             logger.scalar("train/loss", lv, step + i + 1)
-            logger.scalar("train/lr", sched.get_last_lr()[0], step + i + 1)
+            logger.scalar("train/lr", o.sched.get_last_lr()[0], step + i + 1)
         bar.update(1)
     bar.close()
     dt = time.perf_counter() - t0
@@ -340,7 +377,7 @@ def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, ep
         "quant": qcfg.to_dict() if qcfg is not None else None, "distill": dcfg.to_dict() if dcfg is not None else None,
         "data": args.data, "seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
         "holdout": getattr(args, "holdout", 0),
-        "code_revision": ckpt.code_revision(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "code_revision": code_revision(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
 
 
@@ -432,21 +469,71 @@ def _open_run_folder(args: argparse.Namespace) -> None:
             sys.stderr.write("note: removed {}, left by an interrupted save\n".format(os.path.join(d, name)))
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The whole recipe for one command line; returns the final epoch's metrics row."""
+def _configs(args: argparse.Namespace):
+    """(model spec, QuantConfig | None, DistillConfig | None) of a command line, refused before any work."""
     from train.config import DistillConfig, QuantConfig, variant_overrides
-    from train.models import model_spec
+    from train.models import create_model, model_spec
 
     spec = model_spec(args.model)  # unknown model -> UserError before any data is read
-    w_bits, a_bits = check_run_bits(args)
+    w_bits, a_bits = resolve_bits(args.bits, args.w_bits, args.a_bits)
     _check_run_folder(args)
+    overrides = getattr(args, "quant_override", None) or {}
+    if overrides and args.method == "fp":
+        raise UserError("--quant-override needs a quantized --method (not fp)")
     q_over, d_over = variant_overrides(args)
-    qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity, **q_over)
+    qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity,
+                                  overrides=overrides, **q_over)
     dcfg = DistillConfig.for_method(args.method, **d_over)
     if dcfg is not None and not (args.teacher or args.checkpoint or args.pretrained or args.fp_epochs):
         raise UserError("--method {} distils from a full-precision teacher: pass --teacher CKPT, --checkpoint CKPT, "
                         "--pretrained, or --fp-epochs N (N > 0) to train one first".format(args.method))
+    if qcfg is not None and qcfg.overrides:
+        from train.quant import check_overrides
 
+        check_overrides(create_model(args.model), qcfg)  # a pattern typo must not wait for the FP teacher
+    return spec, qcfg, dcfg
+
+
+def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg):
+    """(model, objective, meta, resume state) of this run: FP weights, teacher copy, quantizers."""
+    seed_everything(args.seed)
+    model = _new_model(args, loaders.num_classes)
+    init_path = args.checkpoint or fp_path
+    if init_path:
+        _load_fp_weights(model, init_path, "--checkpoint" if args.checkpoint else "teacher")
+    model.to(device)
+    meta = dict(_base_meta(args, spec, loaders, args.method, args.epochs, qcfg, dcfg), teacher=fp_path)
+    state, sd = (None, None)
+    if args.resume:
+        state, sd = _resume_state_for(args.out, meta, dinfo.is_main)
+        if state is None and dinfo.is_main:  # e.g. interrupted before its first epoch ended
+            sys.stderr.write("note: --resume: no training state in {} yet; starting this phase from its "
+                             "beginning\n".format(args.out))
+    teacher = None
+    if dcfg is not None:
+        from train.distill import make_teacher
+
+        teacher = make_teacher(model)
+        if args.teacher and args.checkpoint:  # different weights for teacher and student init
+            _load_fp_weights(teacher, args.teacher, "--teacher")
+    if qcfg is not None:
+        from train.quant import calibrate, prepare
+
+        prepare(model, qcfg)
+        if sd is None:
+            calibrate(model, _calibration_batches(loaders, args.calib_batches, device))
+    if sd is not None:
+        ckpt.load_state(model, sd, os.path.join(args.out, "last.safetensors"))
+    if dcfg is not None:
+        from train.distill import Distiller
+
+        return model, Distiller(teacher, model, dcfg, label_smoothing=args.smoothing), meta, state
+    return model, Supervised(model, args.smoothing), meta, state
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole recipe for one command line; returns the final epoch's metrics row."""
+    spec, qcfg, dcfg = _configs(args)
     dinfo = dist.setup("cuda" if args.device.startswith("cuda") or
                        (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
@@ -461,7 +548,6 @@ def run(args: argparse.Namespace) -> dict:
             args.model, qcfg.tag if qcfg else "fp32", args.data, len(loaders.train.dataset),
             len(loaders.val.dataset) * dinfo.world_size if dinfo.enabled else len(loaders.val.dataset),
             loaders.num_classes, dinfo.world_size, args.out), dinfo)
-
         # 1. full-precision weights: given, from the hub, or trained here (Fashion-MNIST has none)
         fp_path = None
         if args.method != "fp" or args.checkpoint:
@@ -469,55 +555,13 @@ def run(args: argparse.Namespace) -> dict:
         if fp_path == "stopped":
             return {"stopped": True}
         dist.barrier()  # rank 0 has written the teacher before anyone reads it
-
-        # 2. the model of this run, initialised from the FP weights
-        seed_everything(args.seed)
-        model = _new_model(args, loaders.num_classes)
-        init_path = args.checkpoint or fp_path
-        if init_path:
-            _load_fp_weights(model, init_path, "--checkpoint" if args.checkpoint else "teacher")
-        model.to(device)
-        meta = _base_meta(args, spec, loaders, args.method, args.epochs, qcfg, dcfg)
-        meta["teacher"] = fp_path
-        state, sd = (None, None)
-        if args.resume:
-            state, sd = _resume_state_for(args.out, meta, dinfo.is_main)
-            if state is None and dinfo.is_main:  # e.g. interrupted before its first epoch ended
-                sys.stderr.write("note: --resume: no training state in {} yet; starting this phase from its "
-                                 "beginning\n".format(args.out))
-            if state is not None and state["epoch"] >= args.epochs:
-                say("{}: already finished ({} epochs); nothing to do".format(args.out, state["epoch"]), dinfo)
-                return {"epoch": state["epoch"], "finished": True}
-
-        # 3. teacher (frozen FP copy) and quantization
-        teacher = None
-        if dcfg is not None:
-            from train.distill import make_teacher
-
-            teacher = make_teacher(model)
-            if args.teacher and args.checkpoint:  # different weights for teacher and student init
-                _load_fp_weights(teacher, args.teacher, "--teacher")
-        if qcfg is not None:
-            from train.quant import calibrate, prepare
-
-            prepare(model, qcfg)
-            if sd is not None:
-                ckpt.load_state(model, sd, os.path.join(args.out, "last.safetensors"))
-            else:
-                calibrate(model, _calibration_batches(loaders, args.calib_batches, device))
-        elif sd is not None:
-            ckpt.load_state(model, sd, os.path.join(args.out, "last.safetensors"))
-        if dcfg is not None:
-            from train.distill import Distiller
-
-            objective = Distiller(teacher, model, dcfg, label_smoothing=args.smoothing)
-        else:
-            objective = Supervised(model, args.smoothing)
-
-        # 4. train
-        name = "qat" if qcfg is not None else "fp"
-        row = fit(args, Phase(name, args.out, args.epochs, args.lr), model, objective, loaders,
-                  meta, dinfo, device, state)
+        # 2. this run's model, teacher copy and quantizers; 3. train
+        model, objective, meta, state = _student(args, spec, loaders, dinfo, device, fp_path, qcfg, dcfg)
+        if state is not None and state["epoch"] >= args.epochs:
+            say("{}: already finished ({} epochs); nothing to do".format(args.out, state["epoch"]), dinfo)
+            return {"epoch": state["epoch"], "finished": True}
+        row = fit(args, Phase("qat" if qcfg is not None else "fp", args.out, args.epochs, args.lr), model, objective,
+                  loaders, meta, dinfo, device, state)
         if dinfo.is_main and not row.get("stopped"):
             best = ckpt.read_meta(os.path.join(args.out, "best.json")) or {}
             say("done: best top-1 {:.2f} -> {}".format(best.get("metrics", {}).get("top1", float("nan")),

@@ -23,7 +23,7 @@
 
 namespace qvit {
 
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;  // 2: mixed widths per output-row group
 constexpr int kWordBits = 32;
 constexpr int kMinPackedBits = 2;
 constexpr int kMaxPackedBits = 4;  // PACKED_BITS = (2, 3, 4): contiguous range
@@ -50,8 +50,8 @@ enum LowbitAttr : int {
   kAttrActBits,
   kAttrPluginVersion,
   kAttrPluginNamespace,
-  kAttrGroupSize,
-  kAttrGroupBits,
+  kAttrGroupSize,  // mixed-width nodes only: output rows per group
+  kAttrGroupBits,  // mixed-width nodes only: int32 [ceil(N / group_size)] widths; weight_packed is 1-D rows
   kNumLowbitAttrs
 };
 

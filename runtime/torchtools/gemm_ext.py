@@ -526,35 +526,51 @@ if nn is not None:
 
 
 def swap_linears(module: Any, bits: int = 4, act_scale: Optional[float] = None, act_lo: int = -128,
-                 act_hi: int = 127, path: str = "auto") -> Any:
+                 act_hi: int = 127, path: str = "auto", specs: Any = None) -> Any:
     """Replace Linears under ``module`` by :class:`LowBitLinearCUDA` (in place; returns ``module``).
 
-    A converted model (``train.quant.convert``): every ``QuantLinear`` with 2/3/4-bit weights is
-    swapped exactly from its ``lowbit_attrs()`` (the exporter's node attributes, qformat.lowbit_attrs);
-    8-bit and float layers stay as they are.  A plain float model: every ``nn.Linear`` is quantized
-    per channel with ``bits`` and needs ``act_scale`` (the activation grid is not in a plain Linear).
+    A converted model: every linear :class:`qformat.SiteSpec` (``specs``, default the model's
+    ``qvit_specs`` from ``train.quant.convert``) that has a packed form is swapped exactly from
+    :func:`qformat.lowbit_attrs` -- the exporter's node attributes; 8-bit and float layers stay as
+    they are; mixed-width layers keep one repacked matrix per width (segments).
+    A plain float model: every ``nn.Linear`` is quantized per channel with ``bits`` and needs
+    ``act_scale`` (the activation grid is not in a plain Linear).
     """
     if nn is None:
         raise UserError("swap_linears needs PyTorch")
-    converted = any(hasattr(m, "weight_int") for m in module.modules())
-    if not converted and act_scale is None:
+    specs = specs if specs is not None else getattr(module, "qvit_specs", None)
+    if specs is None and any(hasattr(m, "weight_int") for m in module.modules()):
+        raise UserError("swap_linears: this converted model carries no qvit_specs; load it with "
+                        "train.deploy.load_deployable and pass specs=")
+    if specs is None and act_scale is None:
         raise UserError("swap_linears: the model is not a converted qvit-edge model; pass act_scale (and bits)")
-    _swap(module, converted, bits, act_scale, act_lo, act_hi, path)
+    _swap(module, specs, bits, act_scale, act_lo, act_hi, path)
     return module
 
 
-def _swap(module: Any, converted: bool, bits: int, act_scale: Optional[float], act_lo: int, act_hi: int,
+def _swap(module: Any, specs: Any, bits: int, act_scale: Optional[float], act_lo: int, act_hi: int,
           path: str) -> None:
-    for name, child in list(module.named_children()):
-        if not isinstance(child, nn.Linear):
-            _swap(child, converted, bits, act_scale, act_lo, act_hi, path)
+    """With ``specs``: the layers they give a uniform packed form; without: every float nn.Linear."""
+    if specs is None:
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, LowBitLinearCUDA.from_linear(child, bits, act_scale, act_lo, act_hi, path=path))
+            else:
+                _swap(child, None, bits, act_scale, act_lo, act_hi, path)
+        return
+    for site in specs:
+        if site.op != "linear":
             continue
-        if converted:
-            if not hasattr(child, "weight_int") or child.w_quant.bits not in qformat.PACKED_BITS:
-                continue
-            a = child.lowbit_attrs()
-            new = LowBitLinearCUDA(a["weight_packed"].view(np.uint32), a["weight_scale"], a["bias"], a["bits"],
-                                   a["in_features"], a["act_scale"], a["act_lo"], a["act_hi"], path=path)
-            setattr(module, name, new.to(child.weight_int.device))
-        else:
-            setattr(module, name, LowBitLinearCUDA.from_linear(child, bits, act_scale, act_lo, act_hi, path=path))
+        try:
+            a = qformat.lowbit_attrs(site)
+        except qformat.FormatError:  # no packed form (8-bit head, per-channel input): stays in PyTorch
+            continue
+        rb = (qformat.row_bits(a["group_bits"], a["group_size"], a["out_features"]) if "group_bits" in a
+              else None)  # mixed widths: one repacked matrix per width (segments)
+        parent_name, _, child = site.name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        old = getattr(parent, child)
+        new = LowBitLinearCUDA(a["weight_packed"].view(np.uint32), a["weight_scale"], a["bias"], a["bits"],
+                               a["in_features"], a["act_scale"], a["act_lo"], a["act_hi"], path=path, row_bits=rb)
+        device = next((t.device for t in old.buffers()), None)
+        setattr(parent, child, new.to(device) if device is not None else new)
