@@ -156,6 +156,25 @@ def _open_window(cv2, name):
                         ) from None
 
 
+def _classify(backend, frame, tag, meta, source, log):
+    """``(class probabilities, inference ms)`` of one frame, or None for a frame that cannot be
+    classified (counted in ``source.bad_frames`` and named in a warning)."""
+    try:
+        x = to_input(frame, meta)[None]
+    except ValueError as e:
+        source.bad_frames += 1
+        log("warning: bad frame {} skipped ({})".format(tag, e))
+        return None
+    t0 = time.perf_counter()
+    try:
+        probs = softmax(backend.run(x))[0]
+    except NonFiniteInput:
+        source.bad_frames += 1
+        log("warning: frame {} holds NaN/Inf after preprocessing: skipped".format(tag))
+        return None
+    return probs, (time.perf_counter() - t0) * 1e3
+
+
 def run(args, log=print):
     """The demo loop; returns the summary dict (also printed as one line)."""
     cv2 = require_cv2()
@@ -176,20 +195,11 @@ def run(args, log=print):
     try:
         backend.prepare(1)
         for frame, tag in source:
-            try:
-                x = to_input(frame, meta)[None]
-            except ValueError as e:
-                source.bad_frames += 1
-                log("warning: bad frame {} skipped ({})".format(tag, e))
+            got = _classify(backend, frame, tag, meta, source, log)
+            if got is None:
                 continue
-            t0 = time.perf_counter()
-            try:
-                probs = softmax(backend.run(x))[0]
-            except NonFiniteInput:
-                source.bad_frames += 1
-                log("warning: frame {} holds NaN/Inf after preprocessing: skipped".format(tag))
-                continue
-            infer_ms.append((time.perf_counter() - t0) * 1e3)
+            probs, ms = got
+            infer_ms.append(ms)
             now = time.perf_counter()
             inst = 1.0 / max(now - last, 1e-6)
             fps = inst if fps is None else 0.9 * fps + 0.1 * inst
