@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qformat.errors import UserError
-from train.cli import parse_args
 from train.checkpoint import build_model, load_state
+from train.cli import parse_args
 from train.config import DistillConfig, QuantConfig, variant_overrides
 from train.distill import Distiller, make_teacher
 from train.irm import IRMNorm

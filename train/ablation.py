@@ -62,13 +62,9 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    import io
+    from train.plots import pyplot, save_png
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     bits = results["bits"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.axhline(results["fp"], color="k", ls="--", lw=1, label=f"FP32 ({results['fp']:.2f})")
@@ -83,11 +79,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_title(f"Q-ViT ablation: {results['model']} on {results['data']} ({results['budget']} budget)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ subprocesses, so ``train`` imports neither ``export`` nor ``runtime``.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import subprocess
 import sys
@@ -100,10 +99,9 @@ def table(points: list[dict]) -> str:
 
 
 def plot(points: list[dict], title: str, path: str) -> None:
-    import matplotlib
+    from train.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110, sharey=True)
     marks = {"fp32": "*", "qdq": "o", "lowbit": "s"}
@@ -116,11 +114,7 @@ def plot(points: list[dict], title: str, path: str) -> None:
     axes[0].set_xscale("log")
     axes[0].set_ylabel("validation top-1 (%)")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -628,14 +628,9 @@ def group_table(study: Study, group: Group, bits_list: list, seeds: list, steps:
 def plot_groups(study: Study, groups: list, bits_list: list, seeds: list, steps: int, title: str, path: str,
                 key: str = "val_top1", fp: Optional[float] = None) -> bool:
     """One panel per group: mean ± std (error bars) per config and bit-width. False if nothing to plot."""
-    import io
+    from train.plots import pyplot, save_png
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from qformat.io import atomic_write
+    plt = pyplot()
 
     def has(c: dict) -> bool:
         return any(stats(study, c, b, seeds, steps, key) for b in bits_list)
@@ -666,25 +661,15 @@ def plot_groups(study: Study, groups: list, bits_list: list, seeds: list, steps:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path)
     return True
 
 
 def plot_sweep(study: Study, group: Group, bits_list: list, seeds: list, steps: int, path: str) -> bool:
     """The DGD weight sweep as a curve: validation top-1 vs weight (log axis), IRM alone as a band."""
-    import io
+    from train.plots import pyplot, save_png
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from qformat.io import atomic_write
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     drawn = False
     for i, b in enumerate(bits_list):
@@ -714,11 +699,7 @@ def plot_sweep(study: Study, group: Group, bits_list: list, seeds: list, steps: 
                  f"(of {seeds}); dots = single seeds", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path)
     return True
 
 
