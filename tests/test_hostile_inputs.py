@@ -49,7 +49,8 @@ CLIS = {
         "--lr": POSF, "--quant-lr": POSF, "--weight-decay": NONNEGF, "--quant-weight-decay": NONNEGF,
         "--warmup-epochs": NONNEGF, "--clip-grad": NONNEGF, "--smoothing": _floats(0.0, 1.0, hi_open=True),
         "--seed": SEED, "--workers": NONNEG, "--max-train-batches": POS, "--max-eval-batches": POS,
-        "--stop-after-epochs": POS, "--bits": BITS, "--w-bits": BITS, "--a-bits": BITS}),
+        "--stop-after-epochs": POS, "--bits": BITS, "--w-bits": BITS, "--a-bits": BITS,
+        "--holdout": NONNEG, "--dgd-weight": NONNEGF, "--irm-blend-steps": NONNEG}),
     "export": ("export.cli", "main", ["--model", "vit_fmnist", "--bits", "4", "--out", "{out}/art"], "{out}", {
         "--bits": BITS, "--opset": _ints(13, 21), "--parity-n": NONNEG, "--atol": NONNEGF, "--rtol": NONNEGF,
         "--min-agree": FRACTION}),
@@ -64,6 +65,11 @@ CLIS = {
         "--threads": NONNEG}),
     "ablation": ("train.ablation", "main", ["--budget", "tiny", "--out", "{out}/abl"], "{out}", {
         "--seed": SEED, "--fp-lr": POSF, "--bits": BIT_LISTS}),
+    "study": ("train.study", "main", ["--data", "synthetic", "--results", "{out}/res", "--work", "{out}/work"],
+              "{out}", {
+        "--budget": POS, "--choose-at": POS, "--time-limit": POSF, "--max-runs": NONNEG, "--threads": POS,
+        "--holdout": POS, "--teacher-epochs": POS, "--batch-size": POS, "--chunk": POS, "--max-eval-batches": POS,
+        "--bits": BIT_LISTS, "--seeds": st.sampled_from(["", ",", "a", "1.5", "-1", "0,-2", str(2 ** 32)])}),
     "bench_matrix": ("jetson.bench_matrix", "main", ["--models", "vit_fmnist", "--bits", "4", "--backend", "ort",
                                                      "--artifacts", "{models}", "--out", "{out}/m"], "{out}", {
         "--bits": BITS, "--iters": POS, "--warmup": NONNEG, "--batch": BATCHES}),

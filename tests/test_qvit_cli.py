@@ -28,13 +28,14 @@ def test_qvit_is_a_project_script():
 def test_help_lists_every_stage(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert [name for name, _, _ in STAGES] == ["train", "softlabels", "export", "build", "bench", "demo"]
+    assert [name for name, _, _ in STAGES] == ["train", "softlabels", "study", "export", "build", "bench", "demo"]
     assert all(f"  {name} " in out for name, _, _ in STAGES)
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["nope"], "unknown stage 'nope'"),
     (["train", "--bits", "9"], "argument --bits: must be in [2, 8]"),
+    (["study", "--seeds", "a", "--plan"], "--seeds"),
     (["export", "--format", "int2"], "invalid choice"),
     (["bench", "--batch", "0", "--onnx", "x.onnx"], "must be >= 1"),
     (["build"], "the following arguments are required: --onnx"),

@@ -79,7 +79,6 @@ def plot(results: dict, path: str) -> None:
     ax.set_title(f"Q-ViT ablation: {results['model']} on {results['data']} ({results['budget']} budget)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     save_png(fig, path)
 
 

@@ -22,7 +22,17 @@ from qformat.argtypes import (
 )
 from qformat.cli import add_model_args, add_override_arg, parser, read_overrides
 from qformat.errors import UserError, main_guard
-from train.config import DATASETS, METHODS, MIXED_METHODS, WEIGHT_SCALES, check_overrides, mixed_settings, resolve_bits
+from train.config import (
+    DATASETS,
+    IRM_INITS,
+    METHODS,
+    MIXED_METHODS,
+    WEIGHT_SCALES,
+    check_overrides,
+    mixed_settings,
+    resolve_bits,
+    variant_overrides,
+)
 
 
 def _model_group(p: argparse.ArgumentParser) -> None:
@@ -54,6 +64,8 @@ def _mixed_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bit-lr", type=positive_float, default=None, help="peak lr of the float bit-widths (default 0.01)")
     g.add_argument("--no-switchable-scale", dest="switchable_scale", action="store_const", const=False, default=None,
                    help="one scale per quantizer instead of one per candidate width 2..8 (ablation)")
+
+
 def _vvtq_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("VVTQ (variation-aware QAT, train/vvtq.py); combine with any quantized --method")
     bool_flag = argparse.BooleanOptionalAction
@@ -73,6 +85,19 @@ def _vvtq_group(p: argparse.ArgumentParser) -> None:
                    help="EMA momentum of the oscillation measure (default 0.01)")
     g.add_argument("--osc-threshold", type=fraction, default=None,
                    help="oscillation frequency above which a weight counts as oscillating (default 0.005)")
+
+
+def _variant_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Q-ViT variants (IRM / DGD; defaults: the --method preset)")
+    g.add_argument("--dgd-weight", type=nonneg_float, default=None,
+                   help="weight of the DGD term (DistillConfig.dgd_weight)")
+    g.add_argument("--dgd-on", default=None, help="DGD on q, k or both: q | k | q,k")
+    g.add_argument("--irm-per-head", action="store_true", help="one IRM affine (gamma, beta) per head")
+    g.add_argument("--irm-init", default=None, choices=IRM_INITS,
+                   help="IRM gamma: ln = 1 (LayerNorm); std = per-head std of q/k on the calibration batches, "
+                        "which keeps the FP attention temperature")
+    g.add_argument("--irm-blend-steps", type=nonneg_int, default=None,
+                   help="blend IRM in over the first N QAT steps: (1 - t) q + t IRM(q), t = step / N")
 
 
 def _weights_group(p: argparse.ArgumentParser) -> None:
@@ -126,7 +151,8 @@ def _data_run_groups(p: argparse.ArgumentParser) -> None:
 
 def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     p = parser(prog, __doc__.split("\n\n")[0], defaults_help=True)
-    for group in (_model_group, _mixed_group, _vvtq_group, _weights_group, _optim_group, _data_run_groups):
+    groups = (_model_group, _variant_group, _mixed_group, _vvtq_group, _weights_group, _optim_group, _data_run_groups)
+    for group in groups:
         group(p)
     return p
 
@@ -148,6 +174,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m train") -> 
     if vvtq_flags and args.method == "fp":
         raise UserError("--{} needs a quantized --method (vvtq, baseline, irm, dgd or qvit), not fp".format(
             vvtq_flags[0].replace("_", "-")))
+    variant_overrides(args)  # the IRM/DGD variant flags, checked against --method
     return args
 
 

@@ -27,6 +27,8 @@ GRANULARITIES = ("deploy", "paper")
 #: q, k or v rows of one head in qkv, the whole layer elsewhere), stored per row after convert
 WEIGHT_SCALES = ("row", "module")
 ACT_INITS = ("mse", "lsq")
+IRM_INITS = ("ln", "std")
+DGD_TENSORS = ("q", "k")
 
 #: Per-module override keys (``QuantConfig.overrides``), by the kind of module a pattern matches.
 #: Layers (block Linears, patch embedding, head): ``w_bits`` (an int, or a list of widths per group
@@ -184,6 +186,12 @@ class QuantConfig:
     head_bits: int | None = 8  # classifier weights + input; None -> float
     irm: bool = True
     irm_per_head: bool = False
+    #: IRM gamma at the start of QAT: "ln" = 1 (LayerNorm); "std" = the std of q (k) over head_dim,
+    #: averaged over the calibration tokens (per head with ``irm_per_head``), so the normalised
+    #: q, k keep the FP model's attention temperature on average
+    irm_init: str = "ln"
+    #: > 0: IRM enters gradually, (1 - t)·q + t·IRM(q) with t = min(1, step / irm_blend_steps)
+    irm_blend_steps: int = 0
     granularity: str = "deploy"
     linear_granularity: str | None = None
     attn_granularity: str | None = None
@@ -215,6 +223,10 @@ class QuantConfig:
             raise UserError(f"granularity={self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
         if self.act_init not in ACT_INITS or self.weight_init not in ACT_INITS:
             raise UserError(f"act_init/weight_init must be one of {', '.join(ACT_INITS)}")
+        if self.irm_init not in IRM_INITS:
+            raise UserError(f"irm_init={self.irm_init!r}: use one of {', '.join(IRM_INITS)}")
+        if not isinstance(self.irm_blend_steps, int) or self.irm_blend_steps < 0:
+            raise UserError(f"irm_blend_steps={self.irm_blend_steps!r}: give an integer >= 0")
         if self.linear_granularity not in (None, "tensor", "channel"):
             raise UserError("linear_granularity must be 'tensor' or 'channel'")
         if self.attn_granularity not in (None, "tensor", "head"):
@@ -324,6 +336,17 @@ class DistillConfig:
     dgd_mean: bool = True
     dgd_on: tuple[str, ...] = field(default_factory=lambda: ("q", "k"))
 
+    def __post_init__(self) -> None:
+        for name in ("ce_weight", "kd_weight", "dgd_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise UserError(f"{name}={v!r}: give a finite number >= 0")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise UserError(f"temperature={self.temperature!r}: give a number > 0")
+        self.dgd_on = tuple(self.dgd_on)
+        if not self.dgd_on or set(self.dgd_on) - set(DGD_TENSORS) or len(set(self.dgd_on)) != len(self.dgd_on):
+            raise UserError(f"dgd_on={','.join(self.dgd_on)!r}: use q, k or q,k")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["dgd_on"] = list(self.dgd_on)
@@ -395,3 +418,29 @@ class VvtqConfig:
         if method == "fp":
             return None
         return cls(**{"obr": method == "vvtq", **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def variant_overrides(args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(QuantConfig, DistillConfig) overrides from the ``--irm-*``/``--dgd-*`` flags of ``args``
+    (attributes that are absent or None keep the ``--method`` preset), validated: an IRM flag
+    needs a method with IRM (irm, qvit), a DGD flag one with DGD (dgd, qvit)."""
+    q: dict[str, Any] = {}
+    d: dict[str, Any] = {}
+    if getattr(args, "irm_per_head", False):
+        q["irm_per_head"] = True
+    if getattr(args, "irm_init", None) is not None:
+        q["irm_init"] = args.irm_init
+    if getattr(args, "irm_blend_steps", None) is not None:
+        q["irm_blend_steps"] = args.irm_blend_steps
+    if getattr(args, "dgd_weight", None) is not None:
+        d["dgd_weight"] = args.dgd_weight
+    if getattr(args, "dgd_on", None) is not None:
+        d["dgd_on"] = tuple(t.strip() for t in str(args.dgd_on).split(",") if t.strip())
+    method = getattr(args, "method", "qvit")
+    if q and method not in IRM_METHODS:
+        raise UserError(f"--irm-* flags change IRM: use them with --method {' or '.join(IRM_METHODS)}, not {method}")
+    if d and method not in DGD_METHODS:
+        raise UserError(f"--dgd-* flags change DGD: use them with --method {' or '.join(DGD_METHODS)}, not {method}")
+    QuantConfig(**q)  # validate now (no torch import needed)
+    DistillConfig(**d)
+    return q, d

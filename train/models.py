@@ -58,6 +58,13 @@ register(ModelSpec(
     kwargs=dict(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0,
                 class_token=True, global_pool="token"),
 ))
+# the same ViT with IRM's LayerNorm over head_dim in q_norm/k_norm (timm ``qk_norm``) from the FP stage:
+# its FP teacher is trained with IRM, and ``prepare`` hands the trained gamma/beta to IRM
+register(ModelSpec(
+    "vit_fmnist_irm", "vit_tiny_patch16_224", (1, 28, 28), FMNIST_MEAN, FMNIST_STD, 10,
+    kwargs=dict(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0,
+                class_token=True, global_pool="token", qk_norm=True),
+))
 register(ModelSpec(
     "swin_fmnist", "swin_tiny_patch4_window7_224", (1, 28, 28), FMNIST_MEAN, FMNIST_STD, 10, family="swin",
     kwargs=dict(img_size=28, patch_size=2, in_chans=1, embed_dim=48, depths=(2, 2), num_heads=(2, 4),

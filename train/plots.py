@@ -1,12 +1,12 @@
-"""The one way ``train`` draws a figure: headless matplotlib, written as a PNG atomically."""
+"""The one way this package writes a matplotlib figure: headless (Agg), PNG, atomically."""
 
 from __future__ import annotations
 
-from typing import Any
+import io
 
 
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed; imported only when a plot is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,12 +15,11 @@ def pyplot() -> Any:
     return plt
 
 
-def save_png(fig: Any, path: str) -> None:
-    """Write ``fig`` to ``path`` as a PNG in one step (no half-written file) and close it."""
-    import io
-
+def save_png(fig, path: str) -> None:
+    """Lay out, render and close ``fig``; write it to ``path`` atomically (a reader never sees half a PNG)."""
     from qformat.io import atomic_write
 
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     pyplot().close(fig)

@@ -237,8 +237,13 @@ def _attach_attention(site: Site, cfg: QuantConfig, fam: FamilyAdapter) -> None:
     heads = attn.num_heads
     head_dim = attn.qkv.out_features // (3 * heads)
     if cfg.irm:
-        attn.q_norm = IRMNorm(head_dim, heads, per_head=cfg.irm_per_head)
-        attn.k_norm = IRMNorm(head_dim, heads, per_head=cfg.irm_per_head)
+        for slot in ("q_norm", "k_norm"):
+            irm = IRMNorm(head_dim, heads, per_head=cfg.irm_per_head, init=cfg.irm_init,
+                          blend_steps=cfg.irm_blend_steps)
+            trained = getattr(attn, slot, None)
+            if isinstance(trained, nn.LayerNorm):  # FP model trained with IRM (timm qk_norm)
+                irm.inherit(trained)
+            setattr(attn, slot, irm)
     add_slots(attn)
     plan = attention_plan(site, cfg)
     kw = dict(grouping=cfg.attn_scale, groups=heads, init=cfg.act_init, kind="qkv",

@@ -364,6 +364,18 @@ def _bits_postfix(parts: dict) -> dict:
 # ----------------------------------------------------------------------------- the recipe
 
 
+def _run_key(meta: dict, key: str):
+    """``meta[key]`` in a form comparable across code versions: configs with their defaults filled in
+    (a run saved before a config field existed used its default), no holdout recorded = 0."""
+    from train.config import DistillConfig, QuantConfig, VvtqConfig
+
+    value = meta.get(key)
+    if key == "holdout":
+        return value or 0
+    cls = {"quant": QuantConfig, "distill": DistillConfig, "vvtq": VvtqConfig}.get(key)
+    return cls.from_dict(value).to_dict() if cls is not None and value else value
+
+
 def _resume_state_for(out: str, meta: dict, repair: bool = True) -> tuple[Optional[dict], Optional[dict]]:
     """(state, weights) to continue the run in ``out``, or (None, None) when there is none.
 
@@ -384,8 +396,8 @@ def _resume_state_for(out: str, meta: dict, repair: bool = True) -> tuple[Option
                                 out, last.get("epoch"), state.get("epoch"),
                                 " (best.safetensors, epoch {}, is intact and exportable)".format(best["epoch"])
                                 if best.get("epoch") else ""))
-    for key in ("model", "method", "quant", "data", "seed", "epochs", "batch_size", "holdout", "vvtq"):
-        if _as_saved(key, last.get(key, _META_DEFAULTS.get(key))) != meta.get(key):
+    for key in ("model", "method", "quant", "distill", "data", "holdout", "seed", "epochs", "batch_size", "vvtq"):
+        if _run_key(last, key) != _run_key(meta, key):
             raise UserError("--resume: {} holds a run with {}={!r}, this command asks for {!r}; use the same flags "
                             "or another --out".format(out, key, last.get(key), meta.get(key)))
     if repair and "meta" in state:  # rank 0 rewrites what a kill left stale: last.*, metrics.csv, best.json
@@ -397,17 +409,6 @@ def _resume_state_for(out: str, meta: dict, repair: bool = True) -> tuple[Option
 
 
 #: what a run saved before a metadata key existed had (so its --resume still matches)
-_META_DEFAULTS = {"holdout": 0, "vvtq": None}
-
-
-def _as_saved(key: str, value):
-    """A saved config as this code writes it (fields added since then at their defaults)."""
-    from train.config import QuantConfig, VvtqConfig
-
-    cls = {"quant": QuantConfig, "vvtq": VvtqConfig}.get(key)
-    return cls.from_dict(value).to_dict() if cls is not None and isinstance(value, dict) else value
-
-
 def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, epochs: int, qcfg, dcfg,
                vcfg=None) -> dict:
     return {
@@ -528,7 +529,7 @@ def _open_run_folder(args: argparse.Namespace) -> None:
 def _configs(args: argparse.Namespace):
     """(model spec, QuantConfig | None, DistillConfig | None, VvtqConfig | None) of a command line, refused
     before any work."""
-    from train.config import DistillConfig, QuantConfig
+    from train.config import DistillConfig, QuantConfig, variant_overrides
     from train.models import create_model, model_spec
 
     spec = model_spec(args.model)  # unknown model -> UserError before any data is read
@@ -539,9 +540,10 @@ def _configs(args: argparse.Namespace):
     if overrides and args.method == "fp":
         raise UserError("--quant-override needs a quantized --method (not fp)")
     vq, vd, vcfg = _vvtq_configs(args)
+    q_over, d_over = variant_overrides(args)
     qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity,
-                                  overrides=overrides, mixed=mixed, **vq)
-    dcfg = DistillConfig.for_method(args.method, **vd)
+                                  overrides=overrides, mixed=mixed, **vq, **q_over)
+    dcfg = DistillConfig.for_method(args.method, **vd, **d_over)
     if dcfg is not None and not (args.teacher or args.checkpoint or args.pretrained or args.fp_epochs):
         raise UserError("--method {} distils from a full-precision teacher: pass --teacher CKPT, --checkpoint CKPT, "
                         "--pretrained, or --fp-epochs N (N > 0) to train one first".format(args.method))
