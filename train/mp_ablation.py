@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from qformat.argtypes import ArgumentParser, int_list, nonneg_int, positive_float
+from qformat.argtypes import ArgumentParser, int_list, nonneg_int, positive_float, seed_int
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, read_json, write_json
 from train.ablation import _last_top1, _train
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="fmnist", choices=("fmnist", "synthetic"))
     p.add_argument("--data-dir", default=None)
     p.add_argument("--holdout", type=nonneg_int, default=None, help="validation images carved from train")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--bit-lr", type=positive_float, default=None, help="lr of the float bit-widths (mixed rows)")
     p.add_argument("--out", default="runs/mp_ablation")
     p.add_argument("--fp-dir", default=None, help="reuse the FP teacher run in this folder (default: OUT/fp)")
