@@ -50,7 +50,11 @@ CLIS = {
         "--warmup-epochs": NONNEGF, "--clip-grad": NONNEGF, "--smoothing": _floats(0.0, 1.0, hi_open=True),
         "--seed": SEED, "--workers": NONNEG, "--max-train-batches": POS, "--max-eval-batches": POS,
         "--stop-after-epochs": POS, "--bits": BITS, "--w-bits": BITS, "--a-bits": BITS,
-        "--holdout": NONNEG, "--dgd-weight": NONNEGF, "--irm-blend-steps": NONNEG}),
+        "--holdout": NONNEG, "--dgd-weight": NONNEGF, "--irm-blend-steps": NONNEG,
+        "--bitops-budget": _floats(2.0, 8.0), "--search-ratio": _floats(0.0, 1.0, lo_open=True),
+        "--bitops-weight": NONNEGF, "--bit-lr": POSF, "--obr-lambda": NONNEGF,
+        "--obr-start": _floats(0.0, 1.0, hi_open=True), "--osc-momentum": _floats(0.0, 1.0, lo_open=True),
+        "--osc-threshold": FRACTION}),
     "export": ("export.cli", "main", ["--model", "vit_fmnist", "--bits", "4", "--out", "{out}/art"], "{out}", {
         "--bits": BITS, "--opset": _ints(13, 21), "--parity-n": NONNEG, "--atol": NONNEGF, "--rtol": NONNEGF,
         "--min-agree": FRACTION}),

@@ -163,21 +163,31 @@ def test_mixed_model_trains_converts_and_exports_with_parity(tmp_path, fmnist_di
 
 
 def test_uint8_codes_never_feed_an_integer_matmul():
-    """ONNX Runtime's x86 u8s8 MatMul saturates int16 pair sums, so an 8-bit softmax output (UINT8,
-    --target ort) reaches A.V through a float Mul; the parity at 8 bits stays exact."""
+    """ONNX Runtime's x86 u8s8 MatMul saturates int16 pair sums: every integer MatMul the ``ort`` graph
+    offers it (both inputs DequantizeLinear) is u8 x u8, or u8 x s8 within the pair-sum rule
+    (qformat.targets.int_matmul_exact); the parity at 8 bits stays exact."""
+    from onnx import numpy_helper
+
     from export.exporter import build_graph, check_parity
+    from qformat import targets
 
     dep = converted_model("vit_fmnist", 8)
     g = build_graph(dep, "qdq", "ort", 17, log=lambda s: None)
     prod = {o: n for n in g.ort.graph.node for o in n.output}
     consts = {t.name: t for t in g.ort.graph.initializer}
+    checked = 0
     for n in g.ort.graph.node:
-        if n.op_type != "MatMul":
+        dqs = [prod.get(i) for i in n.input]
+        if n.op_type != "MatMul" or not all(p is not None and p.op_type == "DequantizeLinear" for p in dqs):
             continue
-        for i in n.input:
-            p = prod.get(i)
-            if p is not None and p.op_type == "DequantizeLinear" and len(p.input) > 2:
-                assert consts[p.input[2]].data_type != onnx.TensorProto.UINT8, n.name
+        types = [consts[p.input[2]].data_type for p in dqs]
+        if onnx.TensorProto.INT8 in types and onnx.TensorProto.UINT8 in types:
+            w = dqs[types.index(onnx.TensorProto.INT8)]
+            w_max = int(np.abs(numpy_helper.to_array(consts[w.input[0]]).astype(np.int64)).max()) \
+                if w.input[0] in consts else 8  # INT4 storage behind a Cast: |w| <= 8
+            assert targets.int_matmul_exact(255, w_max, targets.INT16_MAX), n.name
+        checked += 1
+    assert checked > 0  # the test saw integer MatMuls
     par = check_parity(dep, g, "qdq", 16, 1e-5, 1e-5, 1.0, log=lambda s: None)
     assert par.passed and par.mismatches == 0, par.line()
     assert math.isfinite(par.max_abs) and np.isfinite(test_images("vit_fmnist", 2).numpy()).all()

@@ -168,6 +168,7 @@ def build_model(meta: dict) -> nn.Module:
 
     model = create_model(meta["model"], num_classes=meta.get("num_classes"))
     if meta.get("quant"):
+        import train.mixedbits  # noqa: F401 (registers the learned-bit hooks a mixed config needs)
         from train.config import QuantConfig
         from train.quant import prepare
 

@@ -45,6 +45,7 @@ from qformat.errors import UserError
 
 from .config import MixedBitsConfig, QuantConfig
 from .families import family_of
+from .quant import MIXED_HOOKS, _QuantWeightMixin, is_prepared, quantizable_sites, quantizers
 from .quantizers import ActQuantizer, WeightQuantizer, _mse_search, lsq_fake_quant, round_ste
 
 #: Candidate widths: one switchable scale each.
@@ -307,7 +308,6 @@ LEARNED = (LearnedWeightQuantizer, LearnedActQuantizer)
 
 def _layer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """(name, quantized layer, role) of every QuantLinear / QuantConv2d, role from the family adapter."""
-    from .quant import _QuantWeightMixin, quantizable_sites
 
     for site in quantizable_sites(model, family_of(model)):
         if site.role != "attention" and isinstance(site.module, _QuantWeightMixin):
@@ -429,8 +429,6 @@ def mac_profile(model: nn.Module) -> dict[str, dict[str, Any]]:
     """
     if getattr(model, "qvit_mac_profile", None) is not None:
         return model.qvit_mac_profile
-    from .quant import is_prepared, quantizable_sites, quantizers
-
     if is_prepared(model) and not all(bool(q.initialized) for _, q in quantizers(model)):
         raise UserError("BitOPs need the MAC profile of a calibrated model: calibrate (or load) it first")
     fam = family_of(model)
@@ -766,3 +764,6 @@ def write_report(model: nn.Module, out_dir: str, extra: dict[str, Any] | None = 
     atomic_write(paths[1], markdown(alloc).encode())
     plot(alloc, paths[2])
     return paths
+
+
+MIXED_HOOKS.update(mac_profile=mac_profile, make_learnable=make_learnable, fix_bits=fix_bits)

@@ -275,6 +275,18 @@ def is_prepared(model: nn.Module) -> bool:
     return getattr(model, "qvit_quant_config", None) is not None
 
 
+#: How prepare/convert handle a learned-bit search (``QuantConfig.mixed``): train.mixedbits registers its
+#: ``mac_profile``, ``make_learnable`` and ``fix_bits`` here when imported.  It builds on this module, so
+#: this module never imports it (no cycle); callers with a mixed config import train.mixedbits first.
+MIXED_HOOKS: dict = {}
+
+
+def _mixed_hook(name: str):
+    if name not in MIXED_HOOKS:
+        raise UserError("a learned-bit (mixed) quant config needs train.mixedbits: import it before prepare/convert")
+    return MIXED_HOOKS[name]
+
+
 def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """Attach quantizers in place (Q-ViT's fully quantized layout) and return the model."""
     if is_prepared(model):
@@ -282,9 +294,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     check_overrides(model, cfg)
     fam = family_of(model)
     if cfg.mixed is not None:  # learned bits: the BitOPs counter needs the float model's MACs
-        from .mixedbits import mac_profile
-
-        mac_profile(model)
+        _mixed_hook("mac_profile")(model)
     for site in quantizable_sites(model, fam):
         if site.role == "attention":
             _attach_attention(site, cfg, fam)
@@ -292,9 +302,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             _attach_layer(site, cfg, fam)
     model.qvit_quant_config = cfg.to_dict()
     if cfg.mixed is not None:
-        from .mixedbits import make_learnable
-
-        make_learnable(model, cfg)
+        _mixed_hook("make_learnable")(model, cfg)
     return model
 
 
@@ -351,9 +359,8 @@ def convert(model: nn.Module) -> nn.Module:
     """Freeze integer weights and integer zero-points; eval mode, no gradients."""
     if not is_prepared(model):
         raise UserError("convert() needs a prepared model: call prepare(model, QuantConfig) first")
-    from .mixedbits import fix_bits
-
-    fix_bits(model)  # learned bit-widths -> plain quantizers at those widths (a no-op for fixed bits)
+    if (getattr(model, "qvit_quant_config", None) or {}).get("mixed") is not None:
+        _mixed_hook("fix_bits")(model)  # learned bit-widths -> plain quantizers at those widths
     for m in model.modules():
         if isinstance(m, _QuantWeightMixin) and not m.converted:
             m.freeze()

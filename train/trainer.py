@@ -540,6 +540,8 @@ def _configs(args: argparse.Namespace):
     if overrides and args.method == "fp":
         raise UserError("--quant-override needs a quantized --method (not fp)")
     vq, vd, vcfg = _vvtq_configs(args)
+    if mixed:  # the bit search's objective does not pass VVTQ's hooks (nor its measures) through yet
+        vcfg = None
     q_over, d_over = variant_overrides(args)
     qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity,
                                   overrides=overrides, mixed=mixed, **vq, **q_over)
@@ -578,6 +580,7 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, v
         if args.teacher and args.checkpoint:  # different weights for teacher and student init
             _load_fp_weights(teacher, args.teacher, "--teacher")
     if qcfg is not None:
+        import train.mixedbits  # noqa: F401 (registers the learned-bit hooks a mixed config needs)
         from train.quant import calibrate, prepare
 
         prepare(model, qcfg)
