@@ -90,8 +90,21 @@ def check_overrides(overrides: Any) -> dict[str, dict[str, Any]]:
     return {p: dict(k) for p, k in overrides.items()}
 
 
+class _Record:
+    """A config dataclass as stored in checkpoints: ``to_dict``, and ``from_dict`` that ignores keys this
+    code does not know (fields added later take their defaults when an older checkpoint is read)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class MixedBitsConfig:
+class MixedBitsConfig(_Record):
     """The learned-bit-width search (``--method mp|qvit-mp``): budget, schedule and penalty.
 
     ``budget``: the BitOPs of a uniform ``budget``-bit model (patch embedding and head at their
@@ -127,9 +140,6 @@ class MixedBitsConfig:
     def init_bits(self) -> float:
         """The float bit-width block quantizers start at (budget + 1 in the paper), capped at 8."""
         return min(float(MAX_BITS), float(self.budget) + float(self.init_offset))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 #: Command-line attribute -> MixedBitsConfig field (None = not given on the command line).
@@ -169,7 +179,7 @@ def _num(v: Any) -> float:
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(_Record):
     """Bit-widths per tensor kind and the quantizer choices of Q-ViT.
 
     ``granularity`` sets the activation-scale granularity:
@@ -302,14 +312,6 @@ class QuantConfig:
             return f"mp{self.mixed['budget']:g}"
         return f"w{self.w_bits}a{self.a_bits}"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
     @classmethod
     def for_method(cls, method: str, bits: int, **overrides: Any) -> QuantConfig | None:
         """Preset of the paper's ablation rows; ``fp`` returns None (no quantization)."""
@@ -322,7 +324,7 @@ class QuantConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(_Record):
     """Loss weights: ``ce_weight``·CE + ``kd_weight``·KD(T) + ``dgd_weight``·DGD (Q-ViT Eq. 10)."""
 
     kd: bool = True
@@ -348,17 +350,11 @@ class DistillConfig:
             raise UserError(f"dgd_on={','.join(self.dgd_on)!r}: use q, k or q,k")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["dgd_on"] = list(self.dgd_on)
-        return d
+        return dict(asdict(self), dgd_on=list(self.dgd_on))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
-        names = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        if "dgd_on" in d:
-            d["dgd_on"] = tuple(d["dgd_on"])
-        return cls(**d)
+        return super().from_dict(dict(d, dgd_on=tuple(d["dgd_on"])) if "dgd_on" in d else d)
 
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> DistillConfig | None:
@@ -376,7 +372,7 @@ class DistillConfig:
 
 
 @dataclass
-class VvtqConfig:
+class VvtqConfig(_Record):
     """VVTQ's training-side switches (Huang et al.; train/vvtq.py): oscillation-aware bin regularisation
     and multi-crop KD from a soft-label store.  Module-dependent scales shape the quantizers, so they
     live in :class:`QuantConfig` (``module_scales``, ``weight_scale``).  Stored as ``meta["vvtq"]``.
@@ -401,14 +397,6 @@ class VvtqConfig:
         for name, ok in checks:
             if not ok:
                 raise UserError(f"{name}={getattr(self, name)!r} is out of range (see python -m train --help)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VvtqConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> VvtqConfig | None:
