@@ -143,7 +143,7 @@ def build_graph(dep: Any, fmt: str, target: str, opset: int | None = None, funct
     op = targets.resolve_opset(tgt, opset)
     typing = targets.resolve_typing(tgt, typing, op)
     if not dep.quantized or not getattr(dep.model, "qvit_converted", False):
-        raise UserError("export needs a converted model (train.quant.convert) or a checkpoint from python -m train")
+        raise UserError("export needs a converted model (train.qat.convert) or a checkpoint from python -m train")
     _check_fits(dep, tgt, fmt)
     m, rw = _rewrite(dep, fmt, tgt, op, int4, log)
     fp32 = cleanup.fp32_layers(m, dep.float_modules)

@@ -87,7 +87,8 @@ def converted_model(name="vit_fmnist", bits=4, seed=0, calib_n=16, **cfg):
         from train.data import FMNIST_CLASSES, eval_images
         from train.deploy import from_model
         from train.models import create_model, model_spec
-        from train.quant import calibrate, convert, prepare
+        from train.qat import convert, prepare
+        from train.quant import calibrate
 
         spec = model_spec(name)
         torch.manual_seed(seed)
@@ -128,7 +129,8 @@ def tiny_checkpoint(tmp_path_factory):
     from train.config import QuantConfig
     from train.data import FMNIST_CLASSES, eval_images
     from train.models import create_model, model_spec
-    from train.quant import calibrate, prepare
+    from train.qat import prepare
+    from train.quant import calibrate
 
     spec = model_spec("vit_fmnist")
     torch.manual_seed(0)

@@ -88,7 +88,8 @@ def test_load_state_names_mismatch():
 
 def test_load_converted_quantized(tmp_path):
     from train.config import QuantConfig
-    from train.quant import calibrate, prepare
+    from train.qat import prepare
+    from train.quant import calibrate
 
     spec = model_spec("vit_fmnist")
     qcfg = QuantConfig.for_method("qvit", 3)

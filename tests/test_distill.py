@@ -6,7 +6,8 @@ from train.config import DistillConfig, QuantConfig
 from train.distill import Distiller, dgd_loss, make_teacher, similarity
 from train.irm import IRMNorm
 from train.models import create_model
-from train.quant import calibrate, prepare
+from train.qat import prepare
+from train.quant import calibrate
 
 
 def test_similarity_rows_are_unit_norm():

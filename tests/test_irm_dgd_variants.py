@@ -13,7 +13,8 @@ from train.config import DistillConfig, QuantConfig, variant_overrides
 from train.distill import Distiller, make_teacher
 from train.irm import IRMNorm
 from train.models import create_model
-from train.quant import calibrate, prepare
+from train.qat import prepare
+from train.quant import calibrate
 
 
 def _x(n=8, seed=0):

@@ -24,7 +24,8 @@ from train.mixedbits import (
     write_report,
 )
 from train.models import create_model
-from train.quant import calibrate, convert, prepare
+from train.qat import convert, prepare
+from train.quant import calibrate
 
 TINY = dict(depth=1, embed_dim=12, num_heads=3, mlp_ratio=2.0)  # head_dim 4, MLP 24, 49 patches + cls
 

@@ -18,7 +18,8 @@ import qformat
 from qformat.errors import UserError
 from train.config import QuantConfig
 from train.models import create_model
-from train.quant import check_overrides, prepare
+from train.qat import prepare
+from train.quant import check_overrides
 from train.quantizers import ActQuantizer, WeightQuantizer
 
 MIXED = {"blocks.*.attn.qkv": {"w_bits": [2, 4, 4]},  # one width per head: head 0's q, k and v rows at 2

@@ -10,7 +10,8 @@ from qformat.errors import UserError
 from train.config import QuantConfig
 from train.irm import IRMNorm
 from train.models import create_model, list_models, model_spec
-from train.quant import QuantConv2d, QuantLinear, calibrate, convert, prepare, quant_parameters, quant_report
+from train.qat import convert, prepare
+from train.quant import QuantConv2d, QuantLinear, calibrate, quant_parameters, quant_report
 
 
 def _tiny(name):

@@ -71,7 +71,8 @@ def test_resume_refuses_other_run(tmp_path):
 def test_param_groups_split_quantizers():
     from train.config import QuantConfig
     from train.models import create_model
-    from train.quant import prepare, quant_parameters
+    from train.qat import prepare
+    from train.quant import quant_parameters
     from train.trainer import param_groups
 
     m = prepare(create_model("vit_fmnist"), QuantConfig.for_method("qvit", 4))

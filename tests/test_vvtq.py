@@ -16,7 +16,8 @@ from train.cli import main as train_main
 from train.cli import parse_args
 from train.config import QuantConfig, VvtqConfig
 from train.models import create_model
-from train.quant import calibrate, prepare
+from train.qat import prepare
+from train.quant import calibrate
 from train.quantizers import ActQuantizer, WeightQuantizer
 from train.trainer import run
 from train.vvtq import OscillationTracker, obr_lambda, obr_layer, obr_loss, oscillation_step, quantized_layers, sdam

@@ -168,9 +168,8 @@ def build_model(meta: dict) -> nn.Module:
 
     model = create_model(meta["model"], num_classes=meta.get("num_classes"))
     if meta.get("quant"):
-        import train.mixedbits  # noqa: F401 (registers the learned-bit hooks a mixed config needs)
         from train.config import QuantConfig
-        from train.quant import prepare
+        from train.qat import prepare
 
         prepare(model, QuantConfig.from_dict(meta["quant"]))
     return model
@@ -205,7 +204,7 @@ def load_converted(path: str, device: str | torch.device = "cpu") -> tuple[nn.Mo
     model = build_model(meta)
     load_state(model, sd, path)
     if meta.get("quant"):
-        from train.quant import convert
+        from train.qat import convert
 
         model = convert(model)
     return model.to(device).eval(), meta

@@ -25,14 +25,13 @@ from qformat.errors import UserError, main_guard
 from train.config import (
     DATASETS,
     IRM_INITS,
-    METHODS,
-    MIXED_METHODS,
     WEIGHT_SCALES,
     check_overrides,
     mixed_settings,
     resolve_bits,
     variant_overrides,
 )
+from train.methods import METHODS, LsqQuant
 
 
 def _model_group(p: argparse.ArgumentParser) -> None:
@@ -41,10 +40,9 @@ def _model_group(p: argparse.ArgumentParser) -> None:
     g.set_defaults(bits=4)
     g.add_argument("--w-bits", type=bits_int, default=None, help="override weight bits")
     g.add_argument("--a-bits", type=bits_int, default=None, help="override activation bits")
-    g.add_argument("--method", default="qvit", choices=METHODS,
-                   help="fp | baseline (no IRM/DGD) | irm | dgd | qvit (IRM+DGD) | mp (learned head-wise bits "
-                        "under a BitOPs budget, differentiable Q-ViT) | qvit-mp (mp + IRM + DGD) | vvtq (KD only, OBR, "
-                        "module scales)")
+    g.add_argument("--method", default="qvit", choices=tuple(METHODS),
+                   help=" | ".join(f"{m.name} ({m.help})" if m.help else m.name for m in METHODS.values()) +
+                   " (train.methods)")
     g.add_argument("--granularity", default="deploy", choices=("deploy", "paper"),
                    help="activation-scale granularity (QuantConfig.granularity)")
     g.add_argument("--calib-batches", type=positive_int, default=4, help="batches for the quantizers' data-driven init")
@@ -67,7 +65,8 @@ def _mixed_group(p: argparse.ArgumentParser) -> None:
 
 
 def _vvtq_group(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("VVTQ (variation-aware QAT, train/vvtq.py); combine with any quantized --method")
+    g = p.add_argument_group("VVTQ (variation-aware QAT, train/vvtq.py); combine with any quantized --method, "
+                             "learned bits included")
     bool_flag = argparse.BooleanOptionalAction
     g.add_argument("--obr", action=bool_flag, default=None,
                    help="oscillation-aware bin regularisation, λ raised by a cosine (default: on for --method vvtq)")
@@ -168,12 +167,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m train") -> 
     args.quant_override = check_overrides(read_overrides(args.quant_override))
     vvtq_flags = [f for f in ("obr", "obr_lambda", "obr_start", "module_scales", "weight_scale", "multicrop_kd",
                               "osc_momentum", "osc_threshold") if getattr(args, f) is not None]
-    if vvtq_flags and args.method in MIXED_METHODS:
-        raise UserError("--{} is not combined with the learned-bit search (--method {}) yet: pick one".format(
-            vvtq_flags[0].replace("_", "-"), args.method))
-    if vvtq_flags and args.method == "fp":
-        raise UserError("--{} needs a quantized --method (vvtq, baseline, irm, dgd or qvit), not fp".format(
-            vvtq_flags[0].replace("_", "-")))
+    if vvtq_flags and not METHODS[args.method].has(LsqQuant):
+        raise UserError("--{} needs a quantized --method ({}), not {}".format(
+            vvtq_flags[0].replace("_", "-"), ", ".join(n for n, m in METHODS.items() if m.has(LsqQuant)),
+            args.method))
     variant_overrides(args)  # the IRM/DGD variant flags, checked against --method
     return args
 

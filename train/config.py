@@ -14,13 +14,8 @@ from typing import Any
 from qformat import MAX_BITS, MIN_BITS, FormatError, check_bits
 from qformat.errors import UserError
 
-METHODS = ("fp", "baseline", "irm", "dgd", "qvit", "mp", "qvit-mp", "vvtq")
-#: Methods that learn their bit-widths under a BitOPs budget (differentiable Q-ViT, Z. Li et al.):
-#: ``mp`` on the baseline quantizers, ``qvit-mp`` with IRM + DGD (train.mixedbits)
-MIXED_METHODS = ("mp", "qvit-mp")
-#: Methods with IRM in q_norm/k_norm, and with DGD in the loss
-IRM_METHODS = ("irm", "qvit", "qvit-mp")
-DGD_METHODS = ("dgd", "qvit", "qvit-mp")
+from .methods import Dgd, Irm, LearnedBits, get_method, methods_with
+
 DATASETS = ("fmnist", "imagefolder", "synthetic")
 GRANULARITIES = ("deploy", "paper")
 #: weight-scale granularity: one learned step per output row, or one per module (VVTQ's "module": the
@@ -152,11 +147,11 @@ def mixed_settings(args: Any) -> dict[str, Any] | None:
     None for a method that does not search; the search flags with such a method are refused."""
     given = [a for a in MIXED_FLAGS if getattr(args, a, None) is not None]
     method = getattr(args, "method", None)
-    if method not in MIXED_METHODS:
+    if method is None or not get_method(method).has(LearnedBits):
         if given:
             flag = "--no-switchable-scale" if given[0] == "switchable_scale" else "--" + given[0].replace("_", "-")
             raise UserError(f"{flag} belongs to the mixed-bit search: use it with --method "
-                            f"{' or '.join(MIXED_METHODS)}, not {method}")
+                            f"{' or '.join(methods_with(LearnedBits))}, not {method}")
         return None
     if getattr(args, "w_bits", None) is not None or getattr(args, "a_bits", None) is not None:
         raise UserError(f"--w-bits/--a-bits fix the bits; --method {method} learns them under --bitops-budget")
@@ -314,13 +309,12 @@ class QuantConfig(_Record):
 
     @classmethod
     def for_method(cls, method: str, bits: int, **overrides: Any) -> QuantConfig | None:
-        """Preset of the paper's ablation rows; ``fp`` returns None (no quantization)."""
-        if method not in METHODS:
-            raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-        if method == "fp":
+        """The quantizers of a registered method (train.methods) at ``bits``; None for a method that does not
+        quantize (``fp``)."""
+        p = get_method(method).presets(bits)
+        if p.quant is None:
             return None
-        irm = method in IRM_METHODS
-        return cls(**{"w_bits": bits, "a_bits": bits, "irm": irm, "module_scales": method == "vvtq", **overrides})
+        return cls(**{"w_bits": bits, "a_bits": bits, **p.quant, **overrides})
 
 
 @dataclass
@@ -358,17 +352,13 @@ class DistillConfig(_Record):
 
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> DistillConfig | None:
-        """``fp`` trains without a teacher (None). Every quantized row gets logit KD from the
-        same FP teacher, so the ablation isolates IRM and DGD; ``dgd``/``qvit`` add DGD;
-        ``vvtq`` distils with KD alone (VVTQ Sec. 3.3.1: no one-hot label term)."""
-        if method not in METHODS:
-            raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-        if method == "fp":
+        """The distillation of a registered method's parts (train.methods: Kd, Dgd); None without a teacher
+        (``fp``). Every quantized row gets logit KD from the same FP teacher, so the ablation isolates IRM
+        and DGD; ``vvtq`` distils with KD alone (VVTQ Sec. 3.3.1: no one-hot label term)."""
+        p = get_method(method).presets(1)
+        if p.distill is None:
             return None
-        preset = {"dgd": method in DGD_METHODS}
-        if method == "vvtq":
-            preset["ce_weight"] = 0.0
-        return cls(**{**preset, **overrides})
+        return cls(**{**p.distill, **overrides})
 
 
 @dataclass
@@ -400,12 +390,15 @@ class VvtqConfig(_Record):
 
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> VvtqConfig | None:
-        """``vvtq`` turns OBR on; any quantized method may take the switches; ``fp`` has none (None)."""
-        if method not in METHODS:
-            raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-        if method == "fp":
+        """The VVTQ record of a registered method's parts (train.methods: OscillationTracking, Obr, ...) plus
+        the switches given in ``overrides`` (None values are not given); None when neither asks for one,
+        or the method does not quantize (``fp``)."""
+        m = get_method(method)
+        p = m.presets(1)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if p.quant is None or (p.vvtq is None and not given):
             return None
-        return cls(**{"obr": method == "vvtq", **{k: v for k, v in overrides.items() if v is not None}})
+        return cls(**{**(p.vvtq or {}), **given})
 
 
 def variant_overrides(args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -425,10 +418,9 @@ def variant_overrides(args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if getattr(args, "dgd_on", None) is not None:
         d["dgd_on"] = tuple(t.strip() for t in str(args.dgd_on).split(",") if t.strip())
     method = getattr(args, "method", "qvit")
-    if q and method not in IRM_METHODS:
-        raise UserError(f"--irm-* flags change IRM: use them with --method {' or '.join(IRM_METHODS)}, not {method}")
-    if d and method not in DGD_METHODS:
-        raise UserError(f"--dgd-* flags change DGD: use them with --method {' or '.join(DGD_METHODS)}, not {method}")
+    for given, part, what in ((q, Irm, "--irm-* flags change IRM"), (d, Dgd, "--dgd-* flags change DGD")):
+        if given and not get_method(method).has(part):
+            raise UserError(f"{what}: use them with --method {' or '.join(methods_with(part))}, not {method}")
     QuantConfig(**q)  # validate now (no torch import needed)
     DistillConfig(**d)
     return q, d

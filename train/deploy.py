@@ -111,7 +111,7 @@ def from_model(model: nn.Module, meta: dict[str, Any]) -> Deployable:
     from train.quant import float_modules
 
     if meta.get("quant") and not getattr(model, "qvit_converted", False):
-        raise UserError("export needs a converted model (train.quant.convert) or a checkpoint from python -m train")
+        raise UserError("export needs a converted model (train.qat.convert) or a checkpoint from python -m train")
     return Deployable(model.eval(), list(getattr(model, "qvit_specs", [])), dict(meta), float_modules(model))
 
 
@@ -120,7 +120,8 @@ def _fresh(model_name: str, bits: int, overrides: dict | None, calib_n: int = 32
     from train.config import QuantConfig
     from train.data import FMNIST_CLASSES, eval_images
     from train.models import create_model, model_spec
-    from train.quant import calibrate, convert, prepare
+    from train.qat import convert, prepare
+    from train.quant import calibrate
 
     spec = model_spec(model_name)
     cfg = QuantConfig.for_method("qvit", bits, overrides=overrides or {})

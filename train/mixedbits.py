@@ -45,8 +45,8 @@ from qformat.errors import UserError
 
 from .config import MixedBitsConfig, QuantConfig
 from .families import family_of
-from .quant import MIXED_HOOKS, _QuantWeightMixin, is_prepared, quantizable_sites, quantizers
-from .quantizers import ActQuantizer, WeightQuantizer, _mse_search, lsq_fake_quant, round_ste
+from .quant import QuantWeightMixin, is_prepared, quantizable_sites, quantizers
+from .quantizers import ActQuantizer, WeightQuantizer, lsq_fake_quant, mse_search, round_ste
 
 #: Candidate widths: one switchable scale each.
 CANDIDATES = tuple(range(qformat.MIN_BITS, qformat.MAX_BITS + 1))
@@ -174,7 +174,7 @@ class LearnedWeightQuantizer(WeightQuantizer):
             if self.init_method == "lsq":
                 s = 2 * w2.abs().mean(dim=1, keepdim=True) / math.sqrt(qmax)
             else:
-                s, _ = _mse_search(w2, (1,), qmin, qmax, True, False, (0, 0))
+                s, _ = mse_search(w2, (1,), qmin, qmax, True, False, (0, 0))
             self.scale[i].copy_(s.reshape(-1, 1).clamp(min=1e-8))
         self.initialized.fill_(True)
 
@@ -276,7 +276,7 @@ class LearnedActQuantizer(ActQuantizer):
             if self.init_method == "lsq":
                 s, z = 2 * xv.abs().mean(dim=dims) / math.sqrt(qmax), torch.zeros(())
             else:
-                s, z = _mse_search(xv, dims, qmin, qmax, self.signed, self.signed,
+                s, z = mse_search(xv, dims, qmin, qmax, self.signed, self.signed,
                                    qformat.zero_point_range(b, self.signed), max_elems=INIT_ELEMS)
             self.scale[i].copy_(s.reshape(-1).clamp(min=1e-8))
             self.zero_point[i].copy_(z.reshape(-1).expand(self.scale.shape[1]))
@@ -310,7 +310,7 @@ def _layer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """(name, quantized layer, role) of every QuantLinear / QuantConv2d, role from the family adapter."""
 
     for site in quantizable_sites(model, family_of(model)):
-        if site.role != "attention" and isinstance(site.module, _QuantWeightMixin):
+        if site.role != "attention" and isinstance(site.module, QuantWeightMixin):
             yield site.name, site.module, site.role
 
 
@@ -570,18 +570,17 @@ def budget_penalty(bitops: torch.Tensor, budget: float, weight: float) -> torch.
 
 # ----------------------------------------------------------------------------- training
 
-class BitBudget(nn.Module):
-    """The trainer's objective plus the BitOPs penalty; freezes the bits after ``search_ratio`` of the steps.
+class BitBudget:
+    """The ``LearnedBits`` part's objective term: the BitOPs penalty; freezes the bits after ``search_ratio`` of
+    the steps (train.qat.Objective calls :meth:`set_progress` before every step and :meth:`add` after the
+    base objective).
 
-    ``inner(images, labels) -> (loss, logits, parts)`` (Supervised or Distiller); ``parts`` gains
-    the current BitOPs (G per image), its ratio to the budget, the MAC-weighted mean weight /
-    activation bits and the penalty.
+    ``parts`` gains the current BitOPs (G per image), its ratio to the budget, the MAC-weighted mean
+    weight / activation bits and the penalty.
     """
 
-    def __init__(self, inner: nn.Module, model: nn.Module, log: Callable[[str], None] = print) -> None:
-        super().__init__()
-        self.inner = inner
-        self.model = [model]  # a list keeps it out of this module's parameters (inner owns it)
+    def __init__(self, model: nn.Module, log: Callable[[str], None] = print) -> None:
+        self.model = model
         self.cfg: MixedBitsConfig = QuantConfig.from_dict(model.qvit_quant_config).mixed_bits
         self.counter = BitOpsCounter(model)
         self.budget = self.counter.uniform(self.cfg.budget)
@@ -595,7 +594,7 @@ class BitBudget(nn.Module):
     def set_progress(self, step: int, total: int) -> None:
         """Called by the trainer before every step (0-based)."""
         self.step, self.total = step, total
-        model = self.model[0]
+        model = self.model
         if step >= self.freeze_step(total) and not bits_frozen(model):
             freeze_bits(model)
             self.log(f"mixed bits: search over at step {step}/{total} (sigma {self.cfg.search_ratio:g}); "
@@ -604,7 +603,7 @@ class BitBudget(nn.Module):
     @property
     def allocation_final(self) -> bool:
         """Whether checkpoints from now on carry the final allocation (bits frozen, or the last step)."""
-        return bits_frozen(self.model[0]) or self.step + 1 >= self.total
+        return bits_frozen(self.model) or self.step + 1 >= self.total
 
     def stats(self) -> dict[str, torch.Tensor]:
         t = self.counter.totals()
@@ -618,13 +617,18 @@ class BitBudget(nn.Module):
         return (f"bits w/a {float(t['w_bits']):.2f}/{float(t['a_bits']):.2f}, BitOPs {float(t['bitops']) / 1e9:.4g}/"
                 f"{self.budget / 1e9:.4g} G ({float(t['bitops']) / self.budget:.2f}x budget)")
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        loss, logits, parts = self.inner(images, labels)
+    def add(self, loss: torch.Tensor, parts: dict) -> torch.Tensor:
+        """``loss`` + the penalty; the BitOPs figures into ``parts``."""
         t = self.stats()
         bitops = float(t["bitops"].detach())
         parts.update(bitops_g=bitops / 1e9, bitops_ratio=bitops / self.budget,
                      w_bits=float(t["w_bits"]), a_bits=float(t["a_bits"]), bitops_penalty=float(t["penalty"]))
-        return loss + t["penalty"], logits, parts
+        return loss + t["penalty"]
+
+    def finish(self, out_dir: str, row: dict) -> None:
+        """After the last epoch: the allocation report (JSON, markdown, PNG) in ``out_dir``."""
+        paths = write_report(self.model, out_dir, {"final_epoch": row})
+        self.log("mixed bits: {} -> {}".format(self.note(), ", ".join(paths)))
 
 
 # ----------------------------------------------------------------------------- the allocation and its report
@@ -765,5 +769,3 @@ def write_report(model: nn.Module, out_dir: str, extra: dict[str, Any] | None = 
     plot(alloc, paths[2])
     return paths
 
-
-MIXED_HOOKS.update(mac_profile=mac_profile, make_learnable=make_learnable, fix_bits=fix_bits)

@@ -1,12 +1,15 @@
-"""Model surgery, torchao style: ``prepare(model, QuantConfig)`` -> train -> ``convert(model)``.
+"""Model surgery of the LSQ+ quantizers: the :class:`train.methods.LsqQuant` part's prepare and convert.
 
-``prepare`` swaps module classes in place (parameters and state-dict keys are kept) and
-attaches quantizers, at the places the model's family adapter (:mod:`train.families`) names:
+Use :func:`train.qat.prepare` (``quantize_``) / :func:`train.qat.convert`: they run every part of a
+config (IRM, learned bits ... ) around this surgery, in order.  :func:`attach_quantizers` swaps
+module classes in place (parameters and state-dict keys are kept; float type -> quantized class from
+:data:`QUANT_MODULES`) and attaches quantizers, at the places the model's family adapter
+(:mod:`train.families`) names:
 
 * every block Linear (qkv, proj, fc1, fc2; Swin's patch-merging reduction): LSQ weight
   quantizer + LSQ+ quantizer on its input;
 * q, k, v before QK^T and A.V (signed, per head by default) and the softmax output
-  (unsigned); IRM in the ``q_norm``/``k_norm`` slots when enabled;
+  (unsigned); IRM (:func:`attach_irm`, the ``Irm`` part) in the ``q_norm``/``k_norm`` slots;
 * patch embedding and classifier head at ``embed_bits``/``head_bits`` (8 by default).
 
 Bits come from the config's defaults per tensor kind, then its per-module overrides by
@@ -14,7 +17,7 @@ wildcard pattern (``QuantConfig.overrides``), which may give a weight one width 
 rows (the rows of one head in qkv) and q/k/v/attention one width per head.
 LayerNorm, softmax, GELU, residual adds and Swin's relative position bias stay float.
 
-``convert`` freezes the result into integer weights + per-channel scales and activation
+:func:`freeze_quantizers` freezes the result into integer weights + per-channel scales and activation
 quantizers with integer zero-points whose forward is exactly ``s * clip(round(x / s), lo, hi)``
 -- the zero-point-0 Q/DQ the exported graph contains -- and attaches ``model.qvit_specs``: one
 :class:`qformat.SiteSpec` per quantized site, the record every later stage reads.
@@ -43,7 +46,7 @@ from .vvtq import module_scale_args
 
 # ------------------------------------------------------------------------ quantized layers
 
-class _QuantWeightMixin:
+class QuantWeightMixin:
     """Shared by QuantLinear/QuantConv2d: fake-quant while training, integers after convert.
 
     After :func:`convert` the float ``weight`` parameter is gone; the module holds
@@ -53,7 +56,8 @@ class _QuantWeightMixin:
 
     converted: bool = False
 
-    def _attach(self, plan: dict[str, Any], grouping: str, groups: int, cfg: QuantConfig) -> None:
+    def attach(self, plan: dict[str, Any], grouping: str, groups: int, cfg: QuantConfig) -> None:
+        """Create the weight and input quantizers of ``plan`` (bits, weight groups, module rows)."""
         out = self.weight.shape[0]
         self.w_quant = WeightQuantizer(plan["w_bits"], out, init=cfg.weight_init, group_axis=plan.get("group_axis"),
                                        group_size=plan.get("group_size"), in_features=self.weight.shape[-1],
@@ -84,7 +88,7 @@ class _QuantWeightMixin:
     def spec(self, name: str) -> qformat.SiteSpec:
         """This converted layer as the format's record (integer weights, both quantizers)."""
         if not self.converted:
-            raise UserError(f"{name} is not converted: call train.quant.convert(model) first")
+            raise UserError(f"{name} is not converted: call train.qat.convert(model) first")
         ws = self.w_quant.spec(self.weight_int.dim())
         bias = None if self.bias is None else self.bias.detach().float().cpu().numpy()
         op = "conv" if isinstance(self, nn.Conv2d) else "linear"
@@ -92,15 +96,25 @@ class _QuantWeightMixin:
                                 self._geometry(name) if op == "conv" else None)
 
 
-class QuantLinear(_QuantWeightMixin, nn.Linear):
+class QuantLinear(QuantWeightMixin, nn.Linear):
     """nn.Linear with a quantized weight and a quantized input."""
+
+    def setup(self, site: Site, plan: dict[str, Any], cfg: QuantConfig, fam: FamilyAdapter) -> None:
+        """Quantizers of a block Linear (qkv: a module is the q, k or v rows of one head), the head."""
+        if site.attn is not None:
+            plan["module_rows"] = fam.qkv_layout(site.attn)[2]
+        channel = site.role == "block" and cfg.linear_scale == "channel"
+        self.attach(plan, "channel" if channel else "tensor", self.in_features, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.a_quant(x), self.quant_weight(), self.bias)
 
 
-class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
+class QuantConv2d(QuantWeightMixin, nn.Conv2d):
     """Patch-embedding convolution with a quantized weight and input (8-bit by default)."""
+
+    def setup(self, site: Site, plan: dict[str, Any], cfg: QuantConfig, fam: FamilyAdapter) -> None:
+        self.attach(plan, "tensor", 1, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.a_quant(x), self.quant_weight(), self.bias)
@@ -231,12 +245,26 @@ def check_overrides(model: nn.Module, cfg: QuantConfig) -> None:
 
 # ------------------------------------------------------------------------ prepare / convert
 
-def _attach_attention(site: Site, cfg: QuantConfig, fam: FamilyAdapter) -> None:
-    attn = site.module
-    attn.__class__ = fam.quant_attention
-    heads = attn.num_heads
-    head_dim = attn.qkv.out_features // (3 * heads)
-    if cfg.irm:
+#: float module type -> its quantized class (like ModelOpt's QuantModuleRegistry): :func:`attach_quantizers`
+#: swaps a layer's class in place and calls the class's ``setup(site, plan, cfg, family)``
+QUANT_MODULES: dict[type, type] = {}
+
+
+def register_quant_module(float_type: type, quant_type: type) -> None:
+    """Quantize layers of exactly ``float_type`` as ``quant_type`` (a subclass with ``setup``)."""
+    QUANT_MODULES[float_type] = quant_type
+
+
+register_quant_module(nn.Linear, QuantLinear)
+register_quant_module(nn.Conv2d, QuantConv2d)
+
+
+def attach_irm(model: nn.Module, cfg: QuantConfig) -> None:
+    """IRM in the ``q_norm``/``k_norm`` slots of every attention block (the ``Irm`` part; a trained
+    timm ``qk_norm`` LayerNorm is inherited)."""
+    for _, attn in family_of(model).attention_modules(model):
+        heads = attn.num_heads
+        head_dim = attn.qkv.out_features // (3 * heads)
         for slot in ("q_norm", "k_norm"):
             irm = IRMNorm(head_dim, heads, per_head=cfg.irm_per_head, init=cfg.irm_init,
                           blend_steps=cfg.irm_blend_steps)
@@ -244,6 +272,12 @@ def _attach_attention(site: Site, cfg: QuantConfig, fam: FamilyAdapter) -> None:
             if isinstance(trained, nn.LayerNorm):  # FP model trained with IRM (timm qk_norm)
                 irm.inherit(trained)
             setattr(attn, slot, irm)
+
+
+def _attach_attention(site: Site, cfg: QuantConfig, fam: FamilyAdapter) -> None:
+    attn = site.module
+    attn.__class__ = fam.quant_attention
+    heads = attn.num_heads
     add_slots(attn)
     plan = attention_plan(site, cfg)
     kw = dict(grouping=cfg.attn_scale, groups=heads, init=cfg.act_init, kind="qkv",
@@ -256,53 +290,29 @@ def _attach_attention(site: Site, cfg: QuantConfig, fam: FamilyAdapter) -> None:
 
 def _attach_layer(site: Site, cfg: QuantConfig, fam: FamilyAdapter) -> None:
     plan = layer_plan(site, cfg)
-    if plan is None or type(site.module) not in (nn.Linear, nn.Conv2d):
+    qclass = QUANT_MODULES.get(type(site.module))
+    if plan is None or qclass is None:
         return
     m = site.module
     m.qvit_role = site.role  # what the variation measures (train/vvtq.py) look at: the "block" layers
-    if isinstance(m, nn.Conv2d):
-        m.__class__ = QuantConv2d
-        m._attach(plan, "tensor", 1, cfg)
-        return
-    m.__class__ = QuantLinear
-    if site.attn is not None:  # qkv: a module is the q, k or v rows of one head
-        plan["module_rows"] = fam.qkv_layout(site.attn)[2]
-    channel = site.role == "block" and cfg.linear_scale == "channel"
-    m._attach(plan, "channel" if channel else "tensor", m.in_features, cfg)
+    m.__class__ = qclass
+    m.setup(site, plan, cfg, fam)
 
 
 def is_prepared(model: nn.Module) -> bool:
     return getattr(model, "qvit_quant_config", None) is not None
 
 
-#: How prepare/convert handle a learned-bit search (``QuantConfig.mixed``): train.mixedbits registers its
-#: ``mac_profile``, ``make_learnable`` and ``fix_bits`` here when imported.  It builds on this module, so
-#: this module never imports it (no cycle); callers with a mixed config import train.mixedbits first.
-MIXED_HOOKS: dict = {}
-
-
-def _mixed_hook(name: str):
-    if name not in MIXED_HOOKS:
-        raise UserError("a learned-bit (mixed) quant config needs train.mixedbits: import it before prepare/convert")
-    return MIXED_HOOKS[name]
-
-
-def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
-    """Attach quantizers in place (Q-ViT's fully quantized layout) and return the model."""
-    if is_prepared(model):
-        raise UserError("model is already prepared for quantization")
-    check_overrides(model, cfg)
+def attach_quantizers(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """The LSQ+ quantizers of ``cfg`` in place (Q-ViT's fully quantized layout); records ``cfg`` on the
+    model.  Only the ``LsqQuant`` part: :func:`train.qat.prepare` runs it with the config's other parts."""
     fam = family_of(model)
-    if cfg.mixed is not None:  # learned bits: the BitOPs counter needs the float model's MACs
-        _mixed_hook("mac_profile")(model)
     for site in quantizable_sites(model, fam):
         if site.role == "attention":
             _attach_attention(site, cfg, fam)
         else:
             _attach_layer(site, cfg, fam)
     model.qvit_quant_config = cfg.to_dict()
-    if cfg.mixed is not None:
-        _mixed_hook("make_learnable")(model, cfg)
     return model
 
 
@@ -355,14 +365,11 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def convert(model: nn.Module) -> nn.Module:
-    """Freeze integer weights and integer zero-points; eval mode, no gradients."""
-    if not is_prepared(model):
-        raise UserError("convert() needs a prepared model: call prepare(model, QuantConfig) first")
-    if (getattr(model, "qvit_quant_config", None) or {}).get("mixed") is not None:
-        _mixed_hook("fix_bits")(model)  # learned bit-widths -> plain quantizers at those widths
+def freeze_quantizers(model: nn.Module) -> nn.Module:
+    """Freeze integer weights and integer zero-points; eval mode, no gradients; attach the site specs.
+    The ``LsqQuant`` part's convert: :func:`train.qat.convert` runs the other parts' first."""
     for m in model.modules():
-        if isinstance(m, _QuantWeightMixin) and not m.converted:
+        if isinstance(m, QuantWeightMixin) and not m.converted:
             m.freeze()
         if isinstance(m, ActQuantizer):
             m.zero_point.copy_(m.integer_zero_point())
@@ -380,13 +387,13 @@ def site_specs(model: nn.Module) -> list[qformat.SiteSpec]:
     the layers (with their input quantizers), then the standalone activation quantizers."""
     specs, owned = [], set()
     for name, m in model.named_modules():
-        if isinstance(m, _QuantWeightMixin):
+        if isinstance(m, QuantWeightMixin):
             specs.append(_named_spec(name, lambda m=m, name=name: m.spec(name)))
             owned.add(id(m.a_quant))
     for name, m in model.named_modules():
         if isinstance(m, ActQuantizer) and id(m) not in owned:
             if not bool(m.frozen):
-                raise UserError(f"{name} is not converted: call train.quant.convert(model) first")
+                raise UserError(f"{name} is not converted: call train.qat.convert(model) first")
             specs.append(_named_spec(name, lambda m=m, name=name: qformat.SiteSpec(name, "act", m.spec())))
     return specs
 

@@ -2,7 +2,7 @@
 
 The integer grids, zero-point limits and rounding come from :mod:`qformat`; this module
 only adds what training needs: learnable steps, STE, LSQ gradient scaling and the
-data-driven initialisation.  After :func:`train.quant.convert` a quantizer is *frozen*:
+data-driven initialisation.  After :func:`train.qat.convert` a quantizer is *frozen*:
 its zero-point is an integer buffer and its forward is exactly the exported Q/DQ.
 
 Scale shapes broadcast against the quantized tensor:
@@ -36,7 +36,7 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     return (x - x * g).detach() + x * g
 
 
-def _mse_search(x: torch.Tensor, reduce_dims: tuple[int, ...], qmin, qmax, signed: bool, asym: bool,
+def mse_search(x: torch.Tensor, reduce_dims: tuple[int, ...], qmin, qmax, signed: bool, asym: bool,
                 zp_range: tuple, steps: int = 40, max_elems: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid search over shrunk [min, max] clipping ranges, per group, minimising the MSE.
 
@@ -252,7 +252,7 @@ class WeightQuantizer(_GridMixin, nn.Module):
             qp = torch.as_tensor(_widest(qmax, 2, (1,), torch.amax), dtype=torch.float32)
             s = 2 * w2.abs().mean(dim=1, keepdim=True) / torch.sqrt(qp)
         else:
-            s, _ = _mse_search(w2, (1,), qmin, qmax, True, False, (0, 0))
+            s, _ = mse_search(w2, (1,), qmin, qmax, True, False, (0, 0))
         self.scale.copy_(s.reshape(-1, 1).clamp(min=1e-8))
         self.initialized.fill_(True)
 
@@ -375,7 +375,7 @@ class ActQuantizer(_GridMixin, nn.Module):
             s = 2 * x.detach().abs().mean(dim=dims) / (torch.sqrt(qp) if self.mixed else math.sqrt(qp))
             z = torch.zeros_like(s)
         else:
-            s, z = _mse_search(x, dims, qmin, qmax, self.signed, self.signed, (zlo, zhi))
+            s, z = mse_search(x, dims, qmin, qmax, self.signed, self.signed, (zlo, zhi))
         self.scale.copy_(s.reshape(self.scale.shape).clamp(min=1e-8))
         self.zero_point.copy_(z.reshape(self.scale.shape))
         self.initialized.fill_(True)

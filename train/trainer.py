@@ -138,7 +138,8 @@ def resolve_device(name: str, dinfo: dist.DistInfo) -> torch.device:
 
 def objective_hook(objective: nn.Module, name: str, *args):
     """Call an optional hook of a training objective (``begin_fit``, ``after_step``, ``epoch_metrics``,
-    ``resume_state``; see train/vvtq.py) when it has one; DDP-wrapped objectives are unwrapped."""
+    ``resume_state``, ``note``, ``finish``; see train.qat.Objective) when it has one; DDP-wrapped objectives
+    are unwrapped."""
     fn = getattr(getattr(objective, "module", objective), name, None)
     return fn(*args) if callable(fn) else None
 
@@ -297,10 +298,11 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
                    "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"], "val_img_s": ev["img_s"],
                    **extra}
             top5 = "n/a" if ev["top5"] is None else "{:.2f}".format(ev["top5"])
+            note = objective_hook(objective, "note")
             say("{} epoch {}/{}: train loss {:.4f} acc {:.2f} | val top-1 {:.2f} top-5 {} loss {:.4f} | "
                 "{:.0f} img/s{}".format(phase.name, epoch + 1, phase.epochs, tr["train_loss"], tr["train_acc"],
                                       ev["top1"], top5, ev["loss"], tr["train_img_s"],
-                                      (" | " + objective.note() if hasattr(objective, "note") else "") +
+                                      (" | " + note if note else "") +
                                       "".join(" | {} {:.4g}".format(k, v) for k, v in extra.items())), dinfo)
             if dinfo.is_main:
                 _save_epoch(phase, model, meta, row, best, is_best, o, logger.rows + [row], objective)
@@ -540,8 +542,6 @@ def _configs(args: argparse.Namespace):
     if overrides and args.method == "fp":
         raise UserError("--quant-override needs a quantized --method (not fp)")
     vq, vd, vcfg = _vvtq_configs(args)
-    if mixed:  # the bit search's objective does not pass VVTQ's hooks (nor its measures) through yet
-        vcfg = None
     q_over, d_over = variant_overrides(args)
     qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity,
                                   overrides=overrides, mixed=mixed, **vq, **q_over)
@@ -557,8 +557,8 @@ def _configs(args: argparse.Namespace):
 
 
 def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, vcfg=None):
-    """(model, objective, meta, resume state) of this run: FP weights, teacher copy, quantizers;
-    a quantized run's objective measures oscillation and SDAM and adds OBR (train/vvtq.py)."""
+    """(model, objective, meta, resume state) of this run: FP weights, teacher copy, quantizers; the
+    objective gains the terms and step hooks of the run's parts (train.qat.objective)."""
     seed_everything(args.seed)
     model = _new_model(args, loaders.num_classes)
     init_path = args.checkpoint or fp_path
@@ -580,8 +580,8 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, v
         if args.teacher and args.checkpoint:  # different weights for teacher and student init
             _load_fp_weights(teacher, args.teacher, "--teacher")
     if qcfg is not None:
-        import train.mixedbits  # noqa: F401 (registers the learned-bit hooks a mixed config needs)
-        from train.quant import calibrate, prepare
+        from train.qat import prepare
+        from train.quant import calibrate
 
         prepare(model, qcfg)
         if sd is None:
@@ -593,16 +593,11 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, v
         from train.distill import Distiller
 
         objective = Distiller(teacher, model, dcfg, label_smoothing=args.smoothing)
-    if qcfg is not None and qcfg.mixed is not None:  # loss += BitOPs penalty; bits frozen after sigma
-        from train.mixedbits import BitBudget
+    if qcfg is not None:  # the terms and step hooks of the run's parts (train.qat): BitOPs, OBR, oscillation
+        from train.qat import QATConfig
+        from train.qat import objective as with_parts
 
-        objective = BitBudget(objective, model, log=lambda msg: say(msg, dinfo))
-        say("mixed bits: budget {:g}-bit = {:.4g} GBitOPs per image; starting at {}".format(
-            qcfg.mixed["budget"], objective.budget / 1e9, objective.note()), dinfo)
-    if vcfg is not None:  # never together with the bit search (train.cli refuses the pair)
-        from train.vvtq import VariationAware
-
-        objective = VariationAware(objective, model, vcfg)
+        objective = with_parts(objective, model, QATConfig(qcfg, dcfg, vcfg), log=lambda msg: say(msg, dinfo))
     return model, objective, meta, state
 
 
@@ -639,11 +634,8 @@ def run(args: argparse.Namespace) -> dict:
             return {"epoch": state["epoch"], "finished": True}
         row = fit(args, Phase("qat" if qcfg is not None else "fp", args.out, args.epochs, args.lr), model, objective,
                   qat_loaders, meta, dinfo, device, state)
-        if dinfo.is_main and not row.get("stopped") and qcfg is not None and qcfg.mixed is not None:
-            from train.mixedbits import write_report
-
-            paths = write_report(model, args.out, {"final_epoch": row})
-            say("mixed bits: {} -> {}".format(objective.note(), ", ".join(paths)), dinfo)
+        if dinfo.is_main and not row.get("stopped"):
+            objective_hook(objective, "finish", args.out, row)  # e.g. the learned-bit report
         if dinfo.is_main and not row.get("stopped"):
             best = ckpt.read_meta(os.path.join(args.out, "best.json")) or {}
             say("done: best top-1 {:.2f} -> {}".format(best.get("metrics", {}).get("top1", float("nan")),

@@ -19,7 +19,8 @@ What it adds, in the paper's order (the multi-crop soft-label store is :mod:`tra
 * **Measures**: the oscillation rate (Eq. 10/11, :class:`OscillationTracker`) and SDAM
   (:func:`sdam`), in every quantized run's ``metrics.csv``, TensorBoard and epoch line.
 
-:class:`VariationAware` wraps a run's objective with all of it; the trainer calls its hooks.
+:class:`OscillationMeter` and :class:`ObrPenalty` are the objective terms of the ``OscillationTracking`` and
+``Obr`` parts (train/methods.py); train.qat composes them with the run's other parts.
 """
 
 from __future__ import annotations
@@ -158,54 +159,54 @@ def sdam(model: nn.Module) -> float:
     return float(means.std()) if means.numel() > 1 else 0.0
 
 
-# ----------------------------------------------------------------------------- the objective wrapper
+# ----------------------------------------------------------------------------- objective terms (train.qat)
 
-class VariationAware(nn.Module):
-    """A run's objective plus λ(step)·L_OBR, with the oscillation rate and SDAM measured along the way.
+class OscillationMeter:
+    """The ``OscillationTracking`` part's step hooks: the oscillation rate (after every optimizer step) and
+    SDAM, added to each epoch's row; the tracker's state is saved with the optimizer's (``--resume``)."""
 
-    Hooks the trainer calls (when an objective has them): :meth:`begin_fit` (global step, total steps,
-    resume state), :meth:`after_step` (after every optimizer step), :meth:`epoch_metrics` (added to
-    the epoch's row) and :meth:`resume_state` (saved with the optimizer state).
-    """
-
-    def __init__(self, objective: nn.Module, model: nn.Module, cfg: VvtqConfig) -> None:
-        super().__init__()
-        self.objective = objective
-        self.model = [model]  # a list: the objective already owns the model's parameters
-        self.cfg = cfg
+    def __init__(self, model: nn.Module, cfg: VvtqConfig) -> None:
+        self.model = model
         self.tracker = OscillationTracker(quantized_layers(model, "block"), cfg.osc_momentum, cfg.osc_threshold)
-        self.step, self.total = 0, 1
-
-    def lam(self) -> float:
-        return obr_lambda(self.step, self.total, self.cfg.obr_lambda, self.cfg.obr_start) if self.cfg.obr else 0.0
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, *extra: Any) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      dict]:
-        loss, logits, parts = self.objective(images, labels, *extra)
-        if self.cfg.obr:
-            lam = self.lam()
-            reg = lam * obr_loss(self.model[0]) if lam > 0 else loss.new_zeros(())
-            parts["obr"] = float(reg.detach())
-            loss = loss + reg
-        return loss, logits, parts
 
     def begin_fit(self, step: int, total: int, state: Optional[dict] = None) -> None:
-        self.step, self.total = step, max(1, total)
-        device = next(self.model[0].parameters()).device
+        device = next(self.model.parameters()).device
         if state:
             self.tracker.load_state_dict(state.get("oscillation", {}), device)
         if not self.tracker.state:
             self.tracker.update()  # the codes before the first step
 
     def after_step(self) -> None:
-        self.step += 1
         self.tracker.update()
 
     def epoch_metrics(self) -> dict[str, float]:
-        out = {"osc_rate": self.tracker.rate(), "sdam": sdam(self.model[0])}
-        if self.cfg.obr:
-            out["obr_lambda"] = self.lam()
-        return out
+        return {"osc_rate": self.tracker.rate(), "sdam": sdam(self.model)}
 
     def resume_state(self) -> dict:
         return {"oscillation": self.tracker.state_dict()}
+
+
+class ObrPenalty:
+    """The ``Obr`` part's objective term: ``loss + λ(step)·L_OBR``, λ from :func:`obr_lambda`."""
+
+    def __init__(self, model: nn.Module, cfg: VvtqConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self.step, self.total = 0, 1
+
+    def lam(self) -> float:
+        return obr_lambda(self.step, self.total, self.cfg.obr_lambda, self.cfg.obr_start)
+
+    def begin_fit(self, step: int, total: int, state: Optional[dict] = None) -> None:
+        self.step, self.total = step, max(1, total)
+
+    def after_step(self) -> None:
+        self.step += 1
+
+    def add(self, loss: torch.Tensor, parts: dict) -> torch.Tensor:
+        lam = self.lam()
+        reg = lam * obr_loss(self.model) if lam > 0 else loss.new_zeros(())
+        parts["obr"] = float(reg.detach())
+        return loss + reg
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {"obr_lambda": self.lam()}

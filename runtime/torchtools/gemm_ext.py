@@ -530,7 +530,7 @@ def swap_linears(module: Any, bits: int = 4, act_scale: Optional[float] = None, 
     """Replace Linears under ``module`` by :class:`LowBitLinearCUDA` (in place; returns ``module``).
 
     A converted model: every linear :class:`qformat.SiteSpec` (``specs``, default the model's
-    ``qvit_specs`` from ``train.quant.convert``) that has a packed form is swapped exactly from
+    ``qvit_specs`` from ``train.qat.convert``) that has a packed form is swapped exactly from
     :func:`qformat.lowbit_attrs` -- the exporter's node attributes; 8-bit and float layers stay as
     they are; mixed-width layers keep one repacked matrix per width (segments).
     A plain float model: every ``nn.Linear`` is quantized per channel with ``bits`` and needs
