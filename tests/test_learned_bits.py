@@ -24,7 +24,7 @@ from train.mixedbits import (
     write_report,
 )
 from train.models import create_model
-from train.qat import convert, prepare
+from train.qat import Objective, convert, prepare
 from train.quant import calibrate
 
 TINY = dict(depth=1, embed_dim=12, num_heads=3, mlp_ratio=2.0)  # head_dim 4, MLP 24, 49 patches + cls
@@ -177,7 +177,7 @@ def test_penalty_pushes_every_bit_width_down_only_while_over_budget():
     m = learned_model(budget=3, **TINY)
     x, y = test_images("vit_fmnist", 8), torch.arange(8) % 10
     calibrate(m, [x])
-    obj = BitBudget(_Zero(m), m, log=lambda s: None)
+    obj = Objective(_Zero(m), [BitBudget(m, log=lambda s: None)])
     loss, _, parts = obj(x, y)
     assert parts["bitops_ratio"] > 1  # starts at budget + 1 bits
     loss.backward()
@@ -212,7 +212,7 @@ def test_bits_freeze_after_sigma_of_the_steps(sigma, total, first_frozen):
     m = create_model("vit_fmnist", **TINY)
     prepare(m, QuantConfig(w_bits=4, a_bits=4, mixed=MixedBitsConfig(budget=4, search_ratio=sigma)))
     calibrate(m, [test_images("vit_fmnist", 4)])
-    obj = BitBudget(_Zero(m), m, log=lambda s: None)
+    obj = Objective(_Zero(m), [BitBudget(m, log=lambda s: None)])
     qkv = m.blocks[0].attn.qkv.w_quant.bit
     frozen_at = None
     for step in range(total):

@@ -46,7 +46,7 @@ def good_ckpt(tmp_path_factory):
     (["--quant-override", '{"blocks.*.attn.qkv": {"wbits": 3}}'], ["unknown key 'wbits'", "w_bits"]),
     (["--quant-override", '{"blocks.*.attn.qkv": {"w_bits": [2, 9]}}'], ["w_bits=9", "2..8"]),
     (["--quant-override", "{not json"], ["not valid JSON"]),
-    (["--method", "mp", "--obr"], ["--obr", "not combined with the learned-bit search"]),
+    (["--method", "fp", "--obr"], ["--obr", "needs a quantized --method", "mp"]),
     (["--quant-override", "/nonexistent/mixed.json"], ["no such file"]),
     (["--quant-override", '{"blocks.*.atn": {"w_bits": 3}}', *TINY], ["matches no quantized module", "blocks.0"]),
     (["--quant-override", '{"blocks.*.attn": {"q_bits": [4, 3]}}', *TINY], ["one width per head (3)"]),

@@ -259,6 +259,9 @@ class QuantConfig(_Record):
         if self.attn_scale != "head":
             raise UserError("the mixed-bit search learns head-wise bits: it needs per-head scales "
                             "(attn_granularity 'head')")
+        if self.weight_scale != "row":
+            raise UserError("the mixed-bit search learns one weight step per row and width: drop weight_scale "
+                            "'module' (--weight-scale module)")
 
     @property
     def mixed_bits(self) -> MixedBitsConfig | None:

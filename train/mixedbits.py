@@ -1,7 +1,7 @@
 """Learned head-wise bit-widths under a BitOPs budget: differentiable Q-ViT (Z. Li et al.).
 
-``prepare`` with ``QuantConfig.mixed`` swaps every quantizer for a learned-bit one
-(:func:`make_learnable`):
+The ``LearnedBits`` part (train.methods; its handler in train.qat): ``prepare`` with ``QuantConfig.mixed``
+swaps every quantizer for a learned-bit one (:func:`make_learnable`):
 
 * each quantizer keeps a float bit-width per group, ``b~``; it quantizes with
   ``b = round(clamp(b~, 2, 8))`` and a straight-through estimator (:func:`bit_ste`).  ``b~``
@@ -18,7 +18,7 @@
 
 :class:`BitOpsCounter` sums ``MACs x w_bits x a_bits`` over every quantized matmul (patch
 embedding, qkv, QK^T, A.V, proj, fc1, fc2, head), with MACs measured once per architecture
-(:func:`mac_profile`).  :class:`BitBudget` wraps the trainer's objective:
+(:func:`mac_profile`).  :class:`BitBudget` is the part's objective term:
 ``loss += eta * (max(BitOPs - c, 0) / c)^2`` with ``c`` the BitOPs of the uniform ``budget``-bit
 model, i.e. the squared *relative* overshoot, so ``eta`` does not depend on the model's size; it
 freezes the bits after ``search_ratio`` of the steps.  ``convert`` calls :func:`fix_bits`, which
@@ -133,11 +133,18 @@ def _as_bits(widths: list[int]) -> int | tuple[int, ...]:
 class LearnedWeightQuantizer(WeightQuantizer):
     """LSQ weight quantizer whose widths are learned: one per group of ``group_size`` rows
     (``group_axis=-2``: W_Q/W_K/W_V per head), of columns (``-1``: W_O per head) or per layer;
-    one scale per output row and candidate width (switchable) or per row (not)."""
+    one scale per output row and candidate width (switchable) or per row (not).
+
+    With VVTQ's module-dependent scales (``grad_norm="l1"``, modules of ``module_rows`` rows) each row's
+    scale gradient is scaled by ``1/sqrt(Qp * ||w_m||_1)`` at its current width; :meth:`grid`,
+    :meth:`row_scale` and ``integers`` give the current widths' grid, steps and codes (OBR, oscillation).
+    """
 
     def __init__(self, out_channels: int, in_features: int, init_bits: float, switchable: bool, groups: int = 1,
-                 group_axis: int | None = None, group_size: int | None = None, init: str = "mse") -> None:
+                 group_axis: int | None = None, group_size: int | None = None, init: str = "mse",
+                 module_rows: int | None = None, grad_norm: str = "lsq") -> None:
         nn.Module.__init__(self)
+        self._set_modules(int(out_channels), module_rows, grad_norm, "row")
         self.out_channels, self.in_features = int(out_channels), int(in_features)
         self.group_axis, self.group_size = (group_axis, int(group_size)) if groups > 1 else (None, None)
         self.switchable, self.init_method = bool(switchable), init
@@ -183,8 +190,22 @@ class LearnedWeightQuantizer(WeightQuantizer):
             self.initialize(w)
         b = self.bit()
         qmin, qmax = grid(self.unit_bits(b), True)
-        g = torch.rsqrt(w.numel() * qmax.detach())
+        if self.grad_norm == "l1":
+            with torch.no_grad():
+                l1 = w.detach().abs().reshape(self.n_modules, -1).sum(dim=1).clamp(min=1e-12)
+                g = torch.rsqrt(self._scale_like(w, l1.repeat_interleave(self.module_rows)) * qmax.detach())
+        else:
+            g = torch.rsqrt(w.numel() * qmax.detach())
         return lsq_fake_quant(w, self._scale_like(w, self.current_scale(b)), None, qmin, qmax, g)
+
+    def grid(self) -> tuple:
+        """(qmin, qmax, 0, 0) at the current widths, broadcast against the weight (no gradient to the bits)."""
+        qmin, qmax = grid(self.unit_bits(self.bit().detach()), True)
+        return qmin, qmax, 0, 0
+
+    def row_scale(self) -> torch.Tensor:
+        """The step of every row at its current width, ``[out, 1]``."""
+        return self.current_scale(self.bit().detach())
 
     @torch.no_grad()
     def fixed(self) -> WeightQuantizer:
@@ -210,9 +231,10 @@ class LearnedActQuantizer(ActQuantizer):
     """
 
     def __init__(self, signed: bool, grouping: str, groups: int, kind: str, init_bits: float, switchable: bool,
-                 bit_groups: int = 1, share: int = 1, init: str = "mse") -> None:
+                 bit_groups: int = 1, share: int = 1, init: str = "mse", grad_norm: str = "lsq") -> None:
         nn.Module.__init__(self)
         self.signed, self.grouping, self.kind, self.init_method = signed, grouping, kind, init
+        self.grad_norm = grad_norm
         self.groups = groups if grouping != "tensor" else 1
         self.share, self.switchable = int(share), bool(switchable)
         entries = self.groups // self.share
@@ -228,7 +250,8 @@ class LearnedActQuantizer(ActQuantizer):
     @classmethod
     def like(cls, q: ActQuantizer, init_bits: float, switchable: bool, bit_groups: int = 1) -> LearnedActQuantizer:
         """The learned version of a prepared quantizer (same signedness, grouping and kind)."""
-        return cls(q.signed, q.grouping, q.groups, q.kind, init_bits, switchable, bit_groups, init=q.init_method)
+        return cls(q.signed, q.grouping, q.groups, q.kind, init_bits, switchable, bit_groups, init=q.init_method,
+                   grad_norm=q.grad_norm)
 
     @property
     def bits(self) -> int | tuple[int, ...]:
@@ -252,7 +275,12 @@ class LearnedActQuantizer(ActQuantizer):
         zlo, zhi = _zp_limits(be, self.signed)
         per_group = x[0].numel() / self.groups if x.dim() > 1 else x.numel()
         lay = (lambda t: self._layout(t, x))  # noqa: E731
-        g = torch.rsqrt(per_group * lay(qmax).detach())
+        if self.grad_norm == "l1":  # VVTQ: 1/sqrt(Qp * ||x_g||_1) per sample
+            with torch.no_grad():
+                l1 = x.detach().abs().sum(dim=self._reduce_dims(x)) / (x.shape[0] if x.dim() > 1 else 1)
+                g = torch.rsqrt(l1.clamp(min=1e-12).reshape(lay(qmax).shape) * lay(qmax).detach())
+        else:
+            g = torch.rsqrt(per_group * lay(qmax).detach())
         zp = lay(_pick(self.zero_point, be, self.switchable)) if self.signed else None
         return lsq_fake_quant(x, lay(_pick(self.scale, be, self.switchable)), zp, lay(qmin), lay(qmax), g,
                               (lay(zlo), lay(zhi)))
@@ -314,6 +342,11 @@ def _layer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
             yield site.name, site.module, site.role
 
 
+def _modules_of(q: WeightQuantizer) -> dict[str, Any]:
+    """The VVTQ module layout and gradient norm of the fixed-bit quantizer a learned one replaces."""
+    return {"module_rows": q.module_rows, "grad_norm": q.grad_norm}
+
+
 def make_learnable(model: nn.Module, cfg: QuantConfig) -> None:
     """Swap the quantizers ``prepare`` attached for learned-bit ones (call before calibration)."""
     mcfg = cfg.mixed_bits
@@ -326,13 +359,13 @@ def make_learnable(model: nn.Module, cfg: QuantConfig) -> None:
             setattr(attn, slot, LearnedActQuantizer.like(getattr(attn, slot), start, sw, bit_groups=heads))
         qkv, proj = attn.qkv, attn.proj
         qkv.w_quant = LearnedWeightQuantizer(qkv.out_features, qkv.in_features, start, sw, three * heads, -2,
-                                             head_dim, cfg.weight_init)
+                                             head_dim, cfg.weight_init, **_modules_of(qkv.w_quant))
         qkv.a_quant = LearnedActQuantizer.like(qkv.a_quant, start, sw)
         proj.w_quant = LearnedWeightQuantizer(proj.out_features, proj.in_features, start, sw, heads, -1, head_dim,
-                                              cfg.weight_init)
+                                              cfg.weight_init, **_modules_of(proj.w_quant))
         share = head_dim if proj.a_quant.grouping == "tensor" else 1  # head output: one scale per head
         proj.a_quant = LearnedActQuantizer(True, "channel", proj.in_features, "act", start, sw, bit_groups=heads,
-                                           share=share, init=init)
+                                           share=share, init=init, grad_norm=proj.a_quant.grad_norm)
         done.update((id(qkv), id(proj)))
     fixed = {"embed": cfg.embed_bits, "head": cfg.head_bits}
     for _, m, role in _layer_modules(model):
@@ -340,7 +373,8 @@ def make_learnable(model: nn.Module, cfg: QuantConfig) -> None:
             continue
         b = fixed.get(role, start)
         w = m.weight
-        m.w_quant = LearnedWeightQuantizer(w.shape[0], w[0].numel(), b, sw, init=cfg.weight_init)
+        m.w_quant = LearnedWeightQuantizer(w.shape[0], w[0].numel(), b, sw, init=cfg.weight_init,
+                                           **_modules_of(m.w_quant))
         m.a_quant = LearnedActQuantizer.like(m.a_quant, b, sw)
 
 

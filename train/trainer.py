@@ -539,8 +539,8 @@ def _configs(args: argparse.Namespace):
     w_bits, a_bits = resolve_bits(nominal_bits(mixed["budget"]) if mixed else args.bits, args.w_bits, args.a_bits)
     _check_run_folder(args)
     overrides = getattr(args, "quant_override", None) or {}
-    if overrides and args.method == "fp":
-        raise UserError("--quant-override needs a quantized --method (not fp)")
+    if overrides and QuantConfig.for_method(args.method, w_bits) is None:
+        raise UserError("--quant-override needs a quantized --method (not {})".format(args.method))
     vq, vd, vcfg = _vvtq_configs(args)
     q_over, d_over = variant_overrides(args)
     qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity,
@@ -619,8 +619,8 @@ def run(args: argparse.Namespace) -> dict:
             loaders.num_classes, dinfo.world_size, args.out), dinfo)
         # 1. full-precision weights: given, from the hub, or trained here (Fashion-MNIST has none)
         fp_path = None
-        if args.method != "fp" or args.checkpoint:
-            fp_path = _fp_teacher(args, spec, loaders, dinfo, device) if args.method != "fp" else args.checkpoint
+        if qcfg is not None or args.checkpoint:  # a quantized run starts from FP weights (and distils from them)
+            fp_path = _fp_teacher(args, spec, loaders, dinfo, device) if qcfg is not None else args.checkpoint
         if fp_path == "stopped":
             return {"stopped": True}
         dist.barrier()  # rank 0 has written the teacher before anyone reads it
