@@ -29,6 +29,8 @@ import sys
 import tempfile
 from typing import Any
 
+from qformat.errors import UserError, main_guard
+
 RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden_runs.json")
 #: relative tolerance of the coarse fingerprint (float sums across CPUs and torch versions)
 RTOL = 1e-3
@@ -248,15 +250,15 @@ def record(path: str = RECORD, force: bool = False, source: str = "") -> str:
     key = platform_key()
     rec = load_record(path) if os.path.isfile(path) else {"runs": {}, "platforms": {}}
     if key in rec["platforms"] and not force:
-        raise SystemExit(f"error: {path} already holds the hashes of {key!r}; pass --force to replace them")
+        raise UserError(f"{path} already holds the hashes of {key!r}; pass --force to replace them")
     runs = golden_runs()
     for name, r in runs.items():
         old = rec["runs"].get(name)
         if old is not None and not force:
             problems = compare_free(old, r)
             if problems:
-                raise SystemExit(f"error: golden run {name} differs from the record ({problems[0]}); the numbers "
-                                 "moved: fix the code, or pass --force to re-record every platform-free part")
+                raise UserError(f"golden run {name} differs from the record ({problems[0]}); the numbers moved: "
+                                "fix the code, or pass --force to re-record every platform-free part")
         rec["runs"][name] = {"exact": r["exact"], "coarse": r["coarse"]}
     rec["platforms"][key] = {"source": source, "sha": {n: r["sha"] for n, r in runs.items()}}
     from qformat.io import atomic_write
@@ -286,6 +288,7 @@ def compare_exact(want: dict[str, str], got: dict[str, str]) -> list[str]:
     return [f"{k}: sha256 differs" for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.golden", description=__doc__.split("\n\n")[0])
     p.add_argument("--record", action="store_true", help="record this code's fingerprints into " + RECORD)

@@ -28,7 +28,7 @@ from train.methods import (
     parts_of,
     register_method,
 )
-from train.qat import HANDLERS, Objective, handler_for
+from train.qat import HANDLERS, Objective, QATConfig, handler_for
 from train.trainer import run
 
 
@@ -82,6 +82,7 @@ def test_a_methods_records_rebuild_its_parts(name):
     d = DistillConfig.for_method(name)
     v = VvtqConfig.for_method(name)
     assert parts_of(q, d, v) == tuple(type(p) for p in sorted(get_method(name).parts, key=_order))
+    assert QATConfig.for_method(name, 4).parts == parts_of(q, d, v)
 
 
 def _order(part):

@@ -49,6 +49,12 @@ class QATConfig:
         return parts_of(self.quant, self.distill, self.vvtq)
 
     @classmethod
+    def for_method(cls, method: str, bits: int, **quant: Any) -> QATConfig:
+        """The records of a registered method (train.methods) at ``bits``; ``quant``: QuantConfig overrides."""
+        return cls(QuantConfig.for_method(method, bits, **quant), DistillConfig.for_method(method),
+                   VvtqConfig.for_method(method))
+
+    @classmethod
     def from_meta(cls, meta: dict) -> QATConfig:
         """The records of a checkpoint's metadata (``quant``, ``distill``, ``vvtq``; absent = None)."""
         rec = [c.from_dict(meta[k]) if meta.get(k) else None
