@@ -39,8 +39,8 @@ def pick_format(fmt, bits, board):
     return "qdq"
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(prog="python3 -m jetson.bench_matrix", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None, prog="python3 -m jetson.bench_matrix"):
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True)
     p.add_argument("--bits", nargs="+", type=bits_int, required=True)
     p.add_argument("--format", default="auto", choices=("auto", "qdq", "lowbit", "fp32"))
@@ -114,8 +114,8 @@ def render(rows, board):
 
 
 @main_guard
-def main(argv=None):
-    run(parse_args(argv))
+def main(argv=None, prog="python3 -m jetson.bench_matrix"):
+    run(parse_args(argv, prog))
     return 0
 
 

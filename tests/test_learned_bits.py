@@ -389,7 +389,7 @@ def test_exported_files_are_named_by_the_budget():
 
 
 def test_ablation_table_and_refusals(expect_error):
-    from train import mp_ablation
+    from experiments import mp_ablation
 
     row = {"test_top1": 80.0, "ratio": 0.98, "bitops_g": 0.2}
     res = {"model": "vit_fmnist", "data": "fmnist", "bits": [4, 3], "fp_test": 90.0,
