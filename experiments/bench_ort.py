@@ -49,12 +49,12 @@ def parse_args(argv=None, prog="python3 -m experiments.bench_ort"):
 
 def export_all(dep, out_dir, opset, parity_n, log):
     """fp32 / qdq / lowbit graphs of one deployable for the ort target; returns their paths in that order."""
-    from export.exporter import export
+    from export.exporter import ExportOptions, ParityOptions, export
 
     paths = []
     for fmt in FORMATS:
-        res = export(dep, fmt, "ort", out_dir, opset=opset, parity_n=parity_n if fmt != "fp32" else min(parity_n, 2),
-                     log=log)
+        parity = ParityOptions(n=parity_n if fmt != "fp32" else min(parity_n, 2))
+        res = export(dep, out_dir, ExportOptions(fmt, "ort", opset=opset, parity=parity), log=log)
         paths.append(res.path)
     return paths
 

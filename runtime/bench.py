@@ -28,6 +28,7 @@ if not __package__:  # `python3 runtime/<script>.py`: one error line where qform
 
 import numpy as np  # noqa: E402
 
+from qformat import formats  # noqa: E402
 from qformat.argtypes import int_list, nonneg_int, positive_float, positive_int, seed_int  # noqa: E402
 from qformat.cli import add_runtime_args, parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
@@ -83,7 +84,8 @@ def parse_args(argv=None, prog="python3 runtime/bench.py"):
 
 #: ``bench --compare --backend trt``: (name, export format, build precision) of the engines that show whether
 #: quantization pays, baseline first.  FP16 from the float graph (dequantized weights), INT8 from the Q/DQ graph
-#: (its INT4 weights too, at opset 21), INT4 weight-only from the ``woq`` graph (TensorRT 10+).
+#: (its INT4 weights too, at opset 21), INT4 weight-only from the ``woq`` graph (TensorRT 10+); what each format
+#: quantizes is :data:`qformat.formats.FORMAT_FACTS` (a test holds these rows to it).
 TRT_VARIANTS = (("fp16", "fp32", "fp16"), ("int8", "qdq", "auto"), ("int4-woq", "woq", "auto"))
 
 
@@ -96,12 +98,11 @@ def trt_variants(path, log):
     """The exports of ``path``'s checkpoint, one per :data:`TRT_VARIANTS` row found beside it, as
     ``(path, precision)``; a missing one is a note naming the export that makes it."""
     meta = model_meta.load_onnx_meta(path)
-    suffix = ".{}.onnx".format(meta.get("format"))
-    if not path.endswith(suffix):
+    if formats.sibling_path(path, meta.get("format"), "fp32") is None:
         return [(path, None)]
-    base, out = path[:-len(suffix)], []
+    out = []
     for name, fmt, precision in TRT_VARIANTS:
-        sib = "{}.{}.onnx".format(base, fmt)
+        sib = formats.sibling_path(path, meta.get("format"), fmt)
         if not os.path.isfile(sib):
             log("note: no {} engine in the comparison: export {} (python3 -m export --checkpoint <ckpt> --format {} "
                 "--target {})".format(name, os.path.basename(sib), fmt, meta.get("target", "<target>")))

@@ -381,7 +381,7 @@ def test_mixed_run_trains_reports_and_freezes(tmp_path):
 
 
 def test_exported_files_are_named_by_the_budget():
-    from export.exporter import stem
+    from qformat.formats import artifact_stem as stem
 
     assert stem("deit_s", QuantConfig.for_method("mp", 3, mixed={"budget": 2.5}).bits_summary(), "qdq") == \
         "deit_s_mp2.5.qdq"
