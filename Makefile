@@ -108,7 +108,7 @@ gpu-check:
 
 lint:
 	ruff check .
-	vermin -t=3.6- --no-tips --violations qformat runtime/*.py jetson/*.py qvit
+	vermin -t=3.6- --no-tips --violations qformat runtime/*.py jetson/*.py qvit experiments/ort_compare.py
 
 clean:
 	rm -rf build .make .pytest_cache
