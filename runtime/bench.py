@@ -98,11 +98,12 @@ def trt_variants(path, log):
     """The exports of ``path``'s checkpoint, one per :data:`TRT_VARIANTS` row found beside it, as
     ``(path, precision)``; a missing one is a note naming the export that makes it."""
     meta = model_meta.load_onnx_meta(path)
-    if formats.sibling_path(path, meta.get("format"), "fp32") is None:
+    rows = [(name, fmt, formats.sibling_path(path, meta.get("format"), fmt), precision)
+            for name, fmt, precision in TRT_VARIANTS]
+    if rows[0][2] is None:  # not named as exports are: no siblings to find
         return [(path, None)]
     out = []
-    for name, fmt, precision in TRT_VARIANTS:
-        sib = formats.sibling_path(path, meta.get("format"), fmt)
+    for name, fmt, sib, precision in rows:
         if not os.path.isfile(sib):
             log("note: no {} engine in the comparison: export {} (python3 -m export --checkpoint <ckpt> --format {} "
                 "--target {})".format(name, os.path.basename(sib), fmt, meta.get("target", "<target>")))
