@@ -70,9 +70,9 @@ def main(argv=None):
     try:
         module = importlib.import_module(modules[argv[0]])
     except ImportError as e:  # e.g. `qvit train` in the device image, which has neither torch nor train/
-        sys.stderr.write("error: qvit {} cannot run here: no module {!r} ({}); install the package with its "
-                         "dependencies (pip install -e .) or run it where they are\n".format(
-                             argv[0], e.name, modules[argv[0]]))
+        sys.stderr.write("error: qvit {} cannot run here: {} ({}); install the package with its dependencies "
+                         "(pip install -e .) or run it where they are\n".format(
+                             argv[0], "no module {!r}".format(e.name) if e.name else e, modules[argv[0]]))
         return 2
     return _call(module.main, argv[1:], "qvit " + argv[0])
 
