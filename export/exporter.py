@@ -208,13 +208,14 @@ def _reference(dep: Any, g: Graphs, fmt: str, model: Any):
     return lambda xb: trace.float_reference(model, sites, xb)
 
 
-def check_parity(dep: Any, g: Graphs, fmt: str, n: int, atol: float | None, rtol: float | None, min_agree: float,
-                 calib_dir: str | None = None, log: Log = _stderr) -> Parity:
-    """The converted model (fp32/woq: without activation quantizers) vs ONNX Runtime on ``n`` real images;
+def check_parity(dep: Any, g: Graphs, fmt: str, opts: ParityOptions, log: Log = _stderr) -> Parity:
+    """The converted model (fp32/woq: without activation quantizers) vs ONNX Runtime on ``opts.n`` real images;
     for a strongly typed graph, the same model in FP16 with FP32 norms and softmax (export.typed)."""
-    x = load_images(n, dep, calib_dir)
+    x = load_images(opts.n, dep, opts.calib_dir)
     d_atol, d_rtol = PARITY_TOL[g.typing]
-    atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
+    atol = d_atol if opts.atol is None else opts.atol
+    rtol = d_rtol if opts.rtol is None else opts.rtol
+    min_agree = opts.min_agree
     t1 = time.time()
     kw = dict(taps=g.taps, sites=[s.spec for s in g.sites])
     if g.typing == "strong":
@@ -257,8 +258,7 @@ def export(dep: Any, out_dir: str, opts: ExportOptions, log: Log = _stderr) -> R
     name = formats.artifact_stem(dep.meta["model"], bits, fmt)
     log(f"export {name} for {target}")
     g = build_graph(dep, fmt, target, opts.opset, opts.function, log, opts.int4, opts.typing)
-    par = (check_parity(dep, g, fmt, po.n, po.atol, po.rtol, po.min_agree, po.calib_dir, log) if po.n > 0
-           else None)
+    par = check_parity(dep, g, fmt, po, log) if po.n > 0 else None
     path = os.path.join(out_dir, name + ".onnx")
     if par is not None and not par.passed:
         bad = os.path.join(out_dir, name + ".parity-failed.onnx")

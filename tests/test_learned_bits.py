@@ -316,10 +316,10 @@ def test_learned_allocation_exports_as_per_row_group_specs(mixed_deployable):
 def test_mixed_model_exports_with_parity(mixed_deployable, fmt, target):
     from onnx import numpy_helper
 
-    from export.exporter import build_graph, check_parity
+    from export.exporter import ParityOptions, build_graph, check_parity
 
     g = build_graph(mixed_deployable, fmt, target, log=lambda s: None)
-    par = check_parity(mixed_deployable, g, fmt, 32, 1e-4, 1e-4, 1.0, log=lambda s: None)
+    par = check_parity(mixed_deployable, g, fmt, ParityOptions(32, 1e-4, 1e-4, 1.0), log=lambda s: None)
     assert par.passed and par.mismatches == 0, par.line()
     nodes = g.ort.graph.node
     if fmt == "lowbit":
