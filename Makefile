@@ -14,22 +14,25 @@ STAGE   ?= stage1
 SEEDS   ?= 0,1,2
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 STAMP   := .make/installed
-# the scripts (runtime/bench.py, ...) import the repository's packages without sys.path edits
+# every target goes through the one door, `qvit <command>`, run from this tree (not an installed copy)
+QVIT    := $(PY) -m qvit
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help quickstart test install data train ablation mp-ablation vvtq-ablation study export engine bench bench-ort demo plugins bench-gemm gpu-check lint clean
+.PHONY: help quickstart test install data train ablation mp-ablation vvtq-ablation study deploy-figure export engine bench bench-ort demo plugins bench-gemm gpu-check lint clean
 
 help:
+	@echo "qvit --help                every stage, experiment and tool (python -m qvit here); each target below calls one"
 	@echo "make quickstart            install, train a 4-bit ViT on Fashion-MNIST (CPU, ~10 min), export fp32/qdq/lowbit with parity, bench"
 	@echo "make test                  install and run the test suite (what .ci/run calls)"
-	@echo "make train MODEL=.. BITS=..  quantization-aware training (python -m train --help)"
+	@echo "make train MODEL=.. BITS=..  quantization-aware training (qvit train --help)"
 	@echo "make ablation BUDGET=small FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"
 	@echo "make mp-ablation MP_BUDGET=cpu|gpu  learned head-wise bits vs uniform at 4- and 3-bit BitOPs budgets"
 	@echo "make vvtq-ablation [TEACHER=..]  LSQ+ KD / VVTQ / VVTQ w/o each part / Q-ViT / VVTQ+IRM+DGD at 4/3/2 bits"
-	@echo "make study STAGE=stage1 [SEEDS=0,1,2] [STEPS=..] [MINUTES=..]  the resumable IRM/DGD study (train/study.py)"
+	@echo "make study STAGE=stage1 [SEEDS=0,1,2] [STEPS=..] [MINUTES=..]  the resumable IRM/DGD study (qvit study)"
+	@echo "make deploy-figure [FIG_BITS=2,3]  accuracy vs size and ORT CPU speed of the study's models (qvit deploy-figure)"
 	@echo "make export MODEL=.. BITS=.. [CKPT=..] [FORMAT=qdq|lowbit] [TARGET=..]  (runs/MODEL_wBITS/best.safetensors if trained)"
 	@echo "make engine ONNX=..        TensorRT engine (needs TensorRT)"
-	@echo "make bench ONNX=..         img/s and latency (runtime/bench.py)"
+	@echo "make bench ONNX=..         img/s and latency (qvit bench)"
 	@echo "make demo SOURCE=..        camera / video / image-folder demo"
 	@echo "make plugins               build libqvit_plugins.so (CMake, CUDA, TensorRT headers)"
 	@echo "make bench-ort             ONNX Runtime CPU: DeiT-S + vit_fmnist in every format vs FP32 and ORT's quantizers"
@@ -50,59 +53,62 @@ $(STAMP): pyproject.toml
 
 # ---------------------------------------------------------------- the two front-door commands
 quickstart: install data
-	$(PY) -m train --model vit_fmnist --bits 4 --method qvit --fp-epochs $(or $(FP_EPOCHS),3) --epochs $(or $(EPOCHS),1) --out runs/quickstart $(if $(wildcard runs/quickstart),--resume)
-	for f in fp32 qdq lowbit; do $(PY) -m export --checkpoint runs/quickstart/last.safetensors --format $$f --target ort --out $(OUT) || exit $$?; done
-	$(PY) runtime/bench.py --backend ort --compare --batch 32 --iters 30 --onnx $(OUT)/vit_fmnist_w4a4.fp32.onnx $(OUT)/vit_fmnist_w4a4.qdq.onnx $(OUT)/vit_fmnist_w4a4.lowbit.onnx
+	$(QVIT) train --model vit_fmnist --bits 4 --method qvit --fp-epochs $(or $(FP_EPOCHS),3) --epochs $(or $(EPOCHS),1) --out runs/quickstart $(if $(wildcard runs/quickstart),--resume)
+	for f in fp32 qdq lowbit; do $(QVIT) export --checkpoint runs/quickstart/last.safetensors --format $$f --target ort --out $(OUT) || exit $$?; done
+	$(QVIT) bench --backend ort --compare --batch 32 --iters 30 --onnx $(OUT)/vit_fmnist_w4a4.fp32.onnx $(OUT)/vit_fmnist_w4a4.qdq.onnx $(OUT)/vit_fmnist_w4a4.lowbit.onnx
 
 test: install data
 	$(PY) -m pytest -q tests
 
 # ---------------------------------------------------------------- stages
 train: install data
-	$(PY) -m train --model $(MODEL) --bits $(BITS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out runs/$(MODEL)_w$(BITS) $(if $(wildcard runs/$(MODEL)_w$(BITS)),--resume)
+	$(QVIT) train --model $(MODEL) --bits $(BITS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out runs/$(MODEL)_w$(BITS) $(if $(wildcard runs/$(MODEL)_w$(BITS)),--resume)
 
 ablation: install data
-	$(PY) -m train.ablation --budget $(BUDGET) --out runs/ablation_$(BUDGET)
+	$(QVIT) ablation --budget $(BUDGET) --out runs/ablation_$(BUDGET)
 
 mp-ablation: install data
-	$(PY) -m train.mp_ablation --budget $(or $(MP_BUDGET),cpu) --bits 4,3 --out runs/mp_ablation_$(or $(MP_BUDGET),cpu)
+	$(QVIT) mp-ablation --budget $(or $(MP_BUDGET),cpu) --bits 4,3 --out runs/mp_ablation_$(or $(MP_BUDGET),cpu)
 # VVTQ's ablation needs an FP teacher: TEACHER=runs/ablation_small/fp/last.safetensors (make ablation writes it)
 TEACHER ?= runs/ablation_$(BUDGET)/fp/last.safetensors
 vvtq-ablation: install data
-	$(PY) -m train.vvtq_ablation --teacher $(TEACHER) --out runs/vvtq_ablation
+	$(QVIT) vvtq-ablation --teacher $(TEACHER) --out runs/vvtq_ablation
 # Resumable: rerun the same command to continue; finished runs are JSON under docs/study/runs.
 study: install data
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m train.study --stage $(STAGE) --seeds $(SEEDS) $(if $(STEPS),--budget $(STEPS)) $(if $(MINUTES),--time-limit $(MINUTES))
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(QVIT) study --stage $(STAGE) --seeds $(SEEDS) $(if $(STEPS),--budget $(STEPS)) $(if $(MINUTES),--time-limit $(MINUTES))
+
+deploy-figure: install data
+	$(QVIT) deploy-figure $(if $(FIG_BITS),--bits $(FIG_BITS))
 
 export: install
-	@$(PY) -m export $(if $(CKPT),--checkpoint $(CKPT),--model $(MODEL) --bits $(BITS)) --format $(FORMAT) --target $(TARGET) --out $(OUT)
+	@$(QVIT) export $(if $(CKPT),--checkpoint $(CKPT),--model $(MODEL) --bits $(BITS)) --format $(FORMAT) --target $(TARGET) --out $(OUT)
 
 engine:
-	$(PY) -m runtime.build --onnx $(ONNX) $(if $(PLUGINS),--plugins $(PLUGINS))
+	$(QVIT) build --onnx $(ONNX) $(if $(PLUGINS),--plugins $(PLUGINS))
 
 bench:
-	$(PY) runtime/bench.py --onnx $(ONNX) --backend $(or $(BACKEND),ort)
+	$(QVIT) bench --onnx $(ONNX) --backend $(or $(BACKEND),ort)
 
 demo:
-	$(PY) runtime/demo.py --onnx $(ONNX) --source $(or $(SOURCE),0)
+	$(QVIT) demo --onnx $(ONNX) --source $(or $(SOURCE),0)
 
 plugins:
 	cmake -S runtime/cuda -B build/plugins -DCMAKE_BUILD_TYPE=Release $(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT))
 	cmake --build build/plugins -j
 
 bench-ort: install data
-	$(PY) -m runtime.torchtools.bench_ort --out $(OUT)/bench_ort
+	$(QVIT) bench-ort --out $(OUT)/bench_ort
 
 bench-gemm:
-	$(PY) -m runtime.torchtools.bench_gemm
+	$(QVIT) bench-gemm
 
 # No install step: the GPU machine has no package registry (results under $$OUT or runs/gpu-check/).
 gpu-check:
-	$(PY) -m runtime.torchtools.gpu_check
+	$(QVIT) gpu-check
 
 lint:
 	ruff check .
-	vermin -t=3.6- --no-tips --violations qformat runtime/*.py jetson/*.py qvit
+	vermin -t=3.6- --no-tips --violations qformat runtime/*.py jetson/*.py qvit experiments/ort_compare.py
 
 clean:
 	rm -rf build .make .pytest_cache

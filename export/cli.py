@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m export") -> int:
         sys.stderr.flush()
     from train.deploy import load_deployable
 
-    from .exporter import ParityError, export
+    from .exporter import ExportOptions, ParityError, ParityOptions, export
 
     dep = load_deployable(args.checkpoint, args.model, args.bits, overrides)
+    parity = ParityOptions(args.parity_n, args.atol, args.rtol, args.min_agree, args.calib_dir)
+    opts = ExportOptions(args.format, args.target, args.opset, args.typing, args.function, args.int4, parity)
     try:
-        res = export(dep, args.format, args.target, args.out, opset=args.opset, parity_n=args.parity_n,
-                     atol=args.atol, rtol=args.rtol, min_agree=args.min_agree, calib_dir=args.calib_dir,
-                     function=args.function, int4=args.int4, typing=args.typing)
+        res = export(dep, args.out, opts)
     except ParityError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import qformat
+from qformat import formats
 from qformat.errors import UserError
 
 from .graph import Builder
@@ -41,6 +42,7 @@ def register_emitter(fmt: str, variant: str | None = None):
 
     def deco(cls: type) -> type:
         cls.fmt = fmt
+        cls.quantizes_activations = formats.quantizes_activations(fmt)  # the contract's fact, not a copy
         _EMITTERS[(fmt, variant)] = cls
         return cls
     return deco
@@ -80,7 +82,8 @@ class Emitter:
     #: whether per-group activation scales may move behind the MatMul they feed (quantized formats)
     hoists_group_scales = True
     #: whether the graph quantizes activations (parity against the converted model); False: against the model
-    #: with its activation quantizers removed (dequantized weights, float activations)
+    #: with its activation quantizers removed (dequantized weights, float activations).  Set by
+    #: :func:`register_emitter` from :data:`qformat.formats.FORMAT_FACTS`, which the runtime reads too.
     quantizes_activations = True
 
     @classmethod

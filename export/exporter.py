@@ -20,7 +20,7 @@ import onnx
 import torch
 
 import qformat
-from qformat import targets
+from qformat import formats, targets
 from qformat.errors import UserError
 from qformat.io import atomic_write, code_revision, sha256_bytes, sidecar_path, write_json
 from qformat.spec import allocation
@@ -61,16 +61,34 @@ class Result:
     graphs: Graphs
 
 
-def stem(model_name: str, bits: dict, fmt: str) -> str:
-    """``deit_s_w4a4.qdq``; a learned allocation is named by its budget: ``deit_s_mp3.qdq``."""
-    if bits.get("budget") is not None:
-        return f"{model_name}_mp{float(bits['budget']):g}.{fmt}"
-    return f"{model_name}_w{bits['weight']}a{bits['act']}.{fmt}"
+@dataclass
+class ParityOptions:
+    """How an export is checked against PyTorch before it is written (``n`` = 0: not checked)."""
+
+    n: int = 32  # images
+    atol: float | None = None  # None: PARITY_TOL of the graph's typing
+    rtol: float | None = None  # relative to the largest |logit|
+    min_agree: float = 0.99  # minimum top-1 agreement (tie-aligned)
+    calib_dir: str | None = None  # an image folder instead of the Fashion-MNIST test set
+
+
+@dataclass
+class ExportOptions:
+    """What :func:`export` writes: the format and target, and how (the ``python -m export`` flags)."""
+
+    fmt: str = "qdq"
+    target: str = "ort"
+    opset: int | None = None  # None: the target's default
+    typing: str | None = None  # weak / strong / None: the target's default
+    function: bool | None = None  # lowbit: embed QvitLowBitLinear's function body (None: for non-TensorRT targets)
+    int4: bool = True  # 4-bit weights as ONNX INT4 where the target and opset have it
+    parity: ParityOptions = field(default_factory=ParityOptions)
 
 
 def _check_fits(dep: Any, tgt: targets.Target, fmt: str) -> None:
-    """Refuse quantizer settings the target cannot represent (before any tracing)."""
-    if fmt == "fp32" or tgt.uint8:
+    """Refuse quantizer settings the target cannot represent (before any tracing).  Only a graph that
+    quantizes activations has an activation quantizer to fit: ``woq`` and ``fp32`` keep them float."""
+    if not emitter_class(fmt, tgt.emitter).quantizes_activations or tgt.uint8:
         return
     for s in dep.specs:
         hi = int(np.max(s.input.bounds()[1]))
@@ -190,13 +208,14 @@ def _reference(dep: Any, g: Graphs, fmt: str, model: Any):
     return lambda xb: trace.float_reference(model, sites, xb)
 
 
-def check_parity(dep: Any, g: Graphs, fmt: str, n: int, atol: float | None, rtol: float | None, min_agree: float,
-                 calib_dir: str | None = None, log: Log = _stderr) -> Parity:
-    """The converted model (fp32/woq: without activation quantizers) vs ONNX Runtime on ``n`` real images;
+def check_parity(dep: Any, g: Graphs, fmt: str, opts: ParityOptions, log: Log = _stderr) -> Parity:
+    """The converted model (fp32/woq: without activation quantizers) vs ONNX Runtime on ``opts.n`` real images;
     for a strongly typed graph, the same model in FP16 with FP32 norms and softmax (export.typed)."""
-    x = load_images(n, dep, calib_dir)
+    x = load_images(opts.n, dep, opts.calib_dir)
     d_atol, d_rtol = PARITY_TOL[g.typing]
-    atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
+    atol = d_atol if opts.atol is None else opts.atol
+    rtol = d_rtol if opts.rtol is None else opts.rtol
+    min_agree = opts.min_agree
     t1 = time.time()
     kw = dict(taps=g.taps, sites=[s.spec for s in g.sites])
     if g.typing == "strong":
@@ -231,17 +250,15 @@ def _sidecar(dep: Any, g: Graphs, fmt: str, target: str, bits: dict, par: Parity
     }
 
 
-def export(dep: Any, fmt: str, target: str, out_dir: str, opset: int | None = None, parity_n: int = 32,
-           atol: float | None = None, rtol: float | None = None, min_agree: float = 0.99,
-           calib_dir: str | None = None, function: bool | None = None, log: Log = _stderr, int4: bool = True,
-           typing: str | None = None) -> Result:
+def export(dep: Any, out_dir: str, opts: ExportOptions, log: Log = _stderr) -> Result:
     """Export, prove parity in ONNX Runtime, then write the graph and its sidecar atomically."""
     t0 = time.time()
+    fmt, target, po = opts.fmt, opts.target, opts.parity
     bits = dep.bits()
-    name = stem(dep.meta["model"], bits, fmt)
+    name = formats.artifact_stem(dep.meta["model"], bits, fmt)
     log(f"export {name} for {target}")
-    g = build_graph(dep, fmt, target, opset, function, log, int4, typing)
-    par = check_parity(dep, g, fmt, parity_n, atol, rtol, min_agree, calib_dir, log) if parity_n > 0 else None
+    g = build_graph(dep, fmt, target, opts.opset, opts.function, log, opts.int4, opts.typing)
+    par = check_parity(dep, g, fmt, po, log) if po.n > 0 else None
     path = os.path.join(out_dir, name + ".onnx")
     if par is not None and not par.passed:
         bad = os.path.join(out_dir, name + ".parity-failed.onnx")
@@ -251,7 +268,8 @@ def export(dep: Any, fmt: str, target: str, out_dir: str, opset: int | None = No
                if par.codes and par.ties > par.max_ties * par.codes else
                f"logits differ by {par.aligned_max_abs if par.aligned else par.max_abs:.3g} (atol {par.atol:g} + "
                f"rtol {par.rtol:g} x max|logit|), top-1 agreement "
-               f"{100 * (par.aligned_top1_agree if par.aligned else par.top1_agree):.1f}% (min {100 * min_agree:g}%)")
+               f"{100 * (par.aligned_top1_agree if par.aligned else par.top1_agree):.1f}% "
+               f"(min {100 * po.min_agree:g}%)")
         raise ParityError(f"parity check failed for {name}: {why}; graph kept at {bad} for inspection, "
                           f"not written as {path}")
     blob = g.deploy.SerializeToString()

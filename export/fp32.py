@@ -16,7 +16,6 @@ from .emitters import Emitter, register_emitter
 @register_emitter("fp32")
 class Fp32Emitter(Emitter):
     hoists_group_scales = False
-    quantizes_activations = False
 
     def act(self, name: str, spec: qformat.TensorSpec, x: str, out: str | None, hoisted: bool = False) -> str:
         return self.b.node("Identity", [x], f"{name}/Identity", out)

@@ -21,7 +21,6 @@ from .qdq import QdqEmitter
 @register_emitter("woq")
 class WoqEmitter(QdqEmitter):
     hoists_group_scales = False
-    quantizes_activations = False
 
     @classmethod
     def check_target(cls, target) -> None:

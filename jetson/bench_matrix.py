@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from qformat import PACKED_BITS, targets
+from qformat import PACKED_BITS, formats, targets
 from qformat.argtypes import ArgumentParser, bits_int, int_list, nonneg_int, positive_int
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, write_json
@@ -26,7 +26,7 @@ from runtime.device import jetson_model
 
 
 def onnx_path(artifacts, model, bits, fmt):
-    return os.path.join(artifacts, "{}_w{}a{}.{}.onnx".format(model, bits, bits, fmt))
+    return formats.artifact_path(artifacts, model, bits, fmt)
 
 
 def pick_format(fmt, bits, board):
@@ -39,11 +39,12 @@ def pick_format(fmt, bits, board):
     return "qdq"
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(prog="python3 -m jetson.bench_matrix", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None, prog="python3 -m jetson.bench_matrix"):
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True)
     p.add_argument("--bits", nargs="+", type=bits_int, required=True)
-    p.add_argument("--format", default="auto", choices=("auto", "qdq", "lowbit", "fp32"))
+    p.add_argument("--format", default="auto", choices=("auto",) + tuple(formats.FORMAT_FACTS),
+                   help="auto: lowbit where the board has no fast INT8 and the bits pack, else qdq")
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--backend", default="trt", choices=("trt", "ort"))
     p.add_argument("--plugins", action="append", default=[])
@@ -66,7 +67,7 @@ def run(args, log=print):
     for i, (model, bits) in enumerate(pairs):
         fmt = pick_format(args.format, bits, board)
         path = onnx_path(args.artifacts, model, bits, fmt)
-        log("[{}/{}] {} w{}a{} {}".format(i + 1, len(pairs), model, bits, bits, fmt))
+        log("[{}/{}] {}".format(i + 1, len(pairs), formats.artifact_label(model, bits, fmt)))
         row = {"model": model, "bits": bits, "format": fmt, "status": "ok"}
         try:
             if not os.path.isfile(path):
@@ -114,8 +115,8 @@ def render(rows, board):
 
 
 @main_guard
-def main(argv=None):
-    run(parse_args(argv))
+def main(argv=None, prog="python3 -m jetson.bench_matrix"):
+    run(parse_args(argv, prog))
     return 0
 
 

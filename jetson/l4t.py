@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from qformat import targets
+from qformat.argtypes import ArgumentParser
 
 RELEASE_FILE = "/etc/nv_tegra_release"
 
@@ -76,13 +77,15 @@ def detect(release_file=RELEASE_FILE, run=subprocess.check_output):
     return info
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv=None, prog="python3 -m jetson.l4t"):
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print the detected release as one JSON object")
+    args = p.parse_args(argv)
     info = detect()
     if info is None:
         sys.stderr.write("error: not a Jetson (no {} and no nvidia-l4t-core package)\n".format(RELEASE_FILE))
         return 2
-    if "--json" in argv:
+    if args.json:
         print(json.dumps(info, sort_keys=True))
     else:
         if info["target"] is None:

@@ -21,7 +21,7 @@ done
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 STORE=/tmp/qvit-edge.jetson_clocks.conf
 
-python3 -m jetson.l4t || exit 2
+python3 -m qvit l4t || exit 2
 
 if [ "$RESTORE" -eq 1 ]; then
   [ -f "$STORE" ] || { echo "error: nothing to restore ($STORE missing)" >&2; exit 2; }

@@ -1,30 +1,60 @@
-"""``qvit <stage> [flags]``: one command for every stage of the pipeline.
+"""``qvit <command> [flags]``: one door to every stage, experiment and tool of the pipeline.
 
-Each stage keeps its own entry point (``python -m train``, ``python -m export``,
-``python3 -m runtime.build``, ``runtime/bench.py``, ``runtime/demo.py``); ``qvit`` dispatches
-to the same ``main`` and imports only the stage it runs, so ``qvit bench`` on a Jetson
-never imports torch.  Python 3.6-compatible.
+Each command is the ``main(argv, prog)`` of one module; ``qvit`` imports only the module it runs,
+so ``qvit bench`` on a Jetson never imports torch.  ``python -m <module>`` still runs the same
+``main``.  Python 3.6-compatible.
 """
 
 import importlib
+import inspect
 import sys
 
-#: stage -> (module with main(argv, prog), one-line description)
+#: the pipeline's stages: command -> (module with main(argv, prog), one-line description)
 STAGES = (
     ("train", "train.cli", "quantization-aware training (Q-ViT: LSQ/LSQ+, IRM, DGD, KD); torchrun for DDP"),
     ("softlabels", "train.softlabels", "multi-crop soft-label store of an FP teacher (VVTQ --multicrop-kd)"),
-    ("study", "train.study", "the seeded, resumable IRM/DGD study (validation split, mean ± std over seeds)"),
-    ("export", "export.cli", "checkpoint -> ONNX (qdq | lowbit | fp32) + sidecar, with the parity check"),
+    ("export", "export.cli", "checkpoint -> ONNX (qdq | lowbit | fp32 | woq) + sidecar, with the parity check"),
     ("build", "runtime.build", "ONNX -> TensorRT engine (cached), with the equivalent trtexec line"),
     ("bench", "runtime.bench", "img/s and latency on TensorRT, ONNX Runtime or torch"),
     ("demo", "runtime.demo", "camera / video / image-folder classification demo"),
 )
+#: experiments (package ``experiments``): drivers that run the stages and write tables and figures
+EXPERIMENTS = (
+    ("study", "train.study", "the seeded, resumable IRM/DGD study (validation split, mean +- std over seeds)"),
+    ("ablation", "experiments.ablation", "Q-ViT ablation: FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"),
+    ("mp-ablation", "experiments.mp_ablation", "learned head-wise bits vs uniform at BitOPs budgets"),
+    ("vvtq-ablation", "experiments.vvtq_ablation", "VVTQ's ablation (each part removed) next to Q-ViT"),
+    ("deploy-figure", "experiments.deploy_figure", "accuracy vs size and ORT CPU img/s of the study's models"),
+    ("bench-ort", "experiments.bench_ort", "export every format for ONNX Runtime, then compare with ORT's quantizers"),
+    ("ort-compare", "experiments.ort_compare", "ORT CPU speed of given graphs vs FP32 and ORT's own quantizers"),
+)
+#: device and development tools
+TOOLS = (
+    ("matrix", "jetson.bench_matrix", "on a Jetson: build and bench a (model x bits) matrix into one table"),
+    ("power", "runtime.power", "mean board power over a window (tegrastats)"),
+    ("l4t", "jetson.l4t", "which L4T / JetPack / TensorRT this Jetson runs (--json)"),
+    ("roofline", "runtime.roofline", "PROJECTION: roofline img/s bounds of DeiT on TX2 and Orin"),
+    ("bench-gemm", "runtime.torchtools.bench_gemm", "packed low-bit GEMM kernels vs cuBLAS (CUDA GPU)"),
+    ("gpu-check", "runtime.torchtools.gpu_check", "one command on a GPU: build, exactness tests, sanitizer, bench"),
+)
+SECTIONS = (("stages", STAGES), ("experiments", EXPERIMENTS), ("tools", TOOLS))
+COMMANDS = STAGES + EXPERIMENTS + TOOLS
 
 
 def usage():
-    lines = ["usage: qvit <stage> [flags]    (qvit <stage> --help for the stage's flags)", "", "stages:"]
-    lines += ["  {:<10} {}".format(name, text) for name, _, text in STAGES]
+    lines = ["usage: qvit <command> [flags]    (qvit <command> --help for its flags)"]
+    for title, rows in SECTIONS:
+        lines += ["", title + ":"] + ["  {:<14} {}".format(name, text) for name, _, text in rows]
     return "\n".join(lines) + "\n"
+
+
+def _call(main, argv, prog):
+    """``main(argv, prog=prog)``; a tool whose main takes no ``prog`` gets ``argv`` alone."""
+    try:
+        takes_prog = "prog" in inspect.signature(main).parameters
+    except (TypeError, ValueError):
+        takes_prog = False
+    return main(argv, prog=prog) if takes_prog else main(argv)
 
 
 def main(argv=None):
@@ -32,13 +62,19 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(usage())
         return 0
-    stages = dict((name, module) for name, module, _ in STAGES)
-    if argv[0] not in stages:
-        sys.stderr.write("error: unknown stage {!r}: use one of {} (qvit --help)\n".format(
-            argv[0], ", ".join(stages)))
+    modules = dict((name, module) for name, module, _ in COMMANDS)
+    if argv[0] not in modules:
+        sys.stderr.write("error: unknown command {!r}: use one of {} (qvit --help)\n".format(
+            argv[0], ", ".join(modules)))
         return 2
-    module = importlib.import_module(stages[argv[0]])
-    return module.main(argv[1:], prog="qvit " + argv[0])
+    try:
+        module = importlib.import_module(modules[argv[0]])
+    except ImportError as e:  # e.g. `qvit train` in the device image, which has neither torch nor train/
+        sys.stderr.write("error: qvit {} cannot run here: {} ({}); install the package with its dependencies "
+                         "(pip install -e .) or run it where they are\n".format(
+                             argv[0], "no module {!r}".format(e.name) if e.name else e, modules[argv[0]]))
+        return 2
+    return _call(module.main, argv[1:], "qvit " + argv[0])
 
 
 if __name__ == "__main__":

@@ -23,15 +23,12 @@ import socket
 import sys
 import time
 
-try:
-    import qformat  # noqa: F401
-except ImportError:  # `python3 runtime/<script>.py` where the package is neither installed nor on PYTHONPATH
-    sys.stderr.write("error: cannot import qformat: pip install -e . in the repository, or export "
-                     "PYTHONPATH=<repository root>\n")
-    sys.exit(2)
+if not __package__:  # `python3 runtime/<script>.py`: one error line where qformat cannot be imported
+    import script_guard  # noqa: F401
 
 import numpy as np  # noqa: E402
 
+from qformat import formats  # noqa: E402
 from qformat.argtypes import int_list, nonneg_int, positive_float, positive_int, seed_int  # noqa: E402
 from qformat.cli import add_runtime_args, parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
@@ -87,7 +84,8 @@ def parse_args(argv=None, prog="python3 runtime/bench.py"):
 
 #: ``bench --compare --backend trt``: (name, export format, build precision) of the engines that show whether
 #: quantization pays, baseline first.  FP16 from the float graph (dequantized weights), INT8 from the Q/DQ graph
-#: (its INT4 weights too, at opset 21), INT4 weight-only from the ``woq`` graph (TensorRT 10+).
+#: (its INT4 weights too, at opset 21), INT4 weight-only from the ``woq`` graph (TensorRT 10+); what each format
+#: quantizes is :data:`qformat.formats.FORMAT_FACTS` (a test holds these rows to it).
 TRT_VARIANTS = (("fp16", "fp32", "fp16"), ("int8", "qdq", "auto"), ("int4-woq", "woq", "auto"))
 
 
@@ -100,12 +98,12 @@ def trt_variants(path, log):
     """The exports of ``path``'s checkpoint, one per :data:`TRT_VARIANTS` row found beside it, as
     ``(path, precision)``; a missing one is a note naming the export that makes it."""
     meta = model_meta.load_onnx_meta(path)
-    suffix = ".{}.onnx".format(meta.get("format"))
-    if not path.endswith(suffix):
+    rows = [(name, fmt, formats.sibling_path(path, meta.get("format"), fmt), precision)
+            for name, fmt, precision in TRT_VARIANTS]
+    if rows[0][2] is None:  # not named as exports are: no siblings to find
         return [(path, None)]
-    base, out = path[:-len(suffix)], []
-    for name, fmt, precision in TRT_VARIANTS:
-        sib = "{}.{}.onnx".format(base, fmt)
+    out = []
+    for name, fmt, sib, precision in rows:
         if not os.path.isfile(sib):
             log("note: no {} engine in the comparison: export {} (python3 -m export --checkpoint <ckpt> --format {} "
                 "--target {})".format(name, os.path.basename(sib), fmt, meta.get("target", "<target>")))

@@ -18,14 +18,10 @@ import shlex
 import sys
 import time
 
-try:
-    import qformat  # noqa: F401
-except ImportError:  # `python3 runtime/<script>.py` where the package is neither installed nor on PYTHONPATH
-    sys.stderr.write("error: cannot import qformat: pip install -e . in the repository, or export "
-                     "PYTHONPATH=<repository root>\n")
-    sys.exit(2)
+if not __package__:  # `python3 runtime/<script>.py`: one error line where qformat cannot be imported
+    import script_guard  # noqa: F401
 
-from qformat import LOWBIT_OP, targets  # noqa: E402
+from qformat import LOWBIT_OP, formats, targets  # noqa: E402
 from qformat.argtypes import check_le, nonneg_int, positive_int  # noqa: E402
 from qformat.cli import parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
@@ -40,18 +36,37 @@ TX2_INT8_MSG = ("this GPU has no fast INT8 (platform_has_fast_int8 is false, e.g
                 "for an FP16 engine with low-bit weight plugins, or pass --allow-slow-int8 to build it anyway")
 
 
-def plan_precision(requested, has_qdq, is_lowbit, fast_int8, fast_fp16, int4_weights=False, int4_supported=False,
-                   allow_slow_int8=False, strongly_typed=False, graph_fp16=False, weight_only=False):
+class GraphKind:
+    """What a graph asks of the builder: Q/DQ nodes, low-bit plugin nodes, INT4 weights, FP16 tensors (exported
+    strongly typed), and whether its format is weight-only (:func:`qformat.formats.weight_only`)."""
+
+    def __init__(self, has_qdq, is_lowbit=False, int4_weights=False, fp16=False, weight_only=False):
+        self.has_qdq, self.is_lowbit, self.int4_weights = bool(has_qdq), bool(is_lowbit), bool(int4_weights)
+        self.fp16, self.weight_only = bool(fp16), bool(weight_only)
+
+
+class DevicePrecisions:
+    """What this GPU and TensorRT build fast: INT8 (not TX2), FP16, and INT4 weights (TensorRT 10+)."""
+
+    def __init__(self, fast_int8=True, fast_fp16=True, int4=True):
+        self.fast_int8, self.fast_fp16, self.int4 = bool(fast_int8), bool(fast_fp16), bool(int4)
+
+
+def plan_precision(requested, graph, device=None, allow_slow_int8=False, strongly_typed=False):
     """Decide builder flags: ``{"fp16", "int8", "int4", "typed", "label", "notes"}``; raise on impossible asks.
-    ``weight_only``: a ``woq`` graph (integer weights through DQ, float activations): labelled ``fp16+int4w``
-    (``+int8w`` for INT8 containers) -- INT8 stays enabled on weak typing, which builds any DQ only with it."""
-    if int4_weights and not int4_supported:
+    ``graph``: a :class:`GraphKind`; ``device``: :class:`DevicePrecisions` (None: fast INT8, FP16 and INT4).
+    A weight-only graph (integer weights through DQ, float activations) is labelled ``fp16+int4w`` (``+int8w`` for
+    INT8 containers) -- INT8 stays enabled on weak typing, which builds any DQ only with it."""
+    device = device or DevicePrecisions()
+    has_qdq, is_lowbit, int4_weights = graph.has_qdq, graph.is_lowbit, graph.int4_weights
+    weight_only, fast_int8, fast_fp16 = graph.weight_only, device.fast_int8, device.fast_fp16
+    if int4_weights and not device.int4:
         raise UserError("this ONNX stores INT4 weights, which need TensorRT {}+: re-export for this device's "
                         "target (one without INT4: {}) or use a newer TensorRT".format(
                             targets.feature_release("int4"),
                             ", ".join(t.name for t in targets.TARGETS if t.tensorrt and not t.int4)))
     if strongly_typed:
-        return _typed_plan(requested, has_qdq and not weight_only, int4_weights, graph_fp16, weight_only)
+        return _typed_plan(requested, has_qdq and not weight_only, int4_weights, graph.fp16, weight_only)
     notes = []
     if requested in ("fp32", "fp16") and has_qdq and not weight_only:
         raise UserError("the graph has Q/DQ nodes, which TensorRT only builds with INT8 enabled: use --int8 "
@@ -73,7 +88,7 @@ def plan_precision(requested, has_qdq, is_lowbit, fast_int8, fast_fp16, int4_wei
         fp16 = fast_fp16 or requested == "best"
     if is_lowbit and not fast_int8:
         notes.append("FP16 engine + low-bit weight plugins ({}): this GPU has no fast INT8".format(LOWBIT_OP))
-    int4 = bool(int4_weights and int4_supported)
+    int4 = bool(int4_weights and device.int4)
     label = "int8" if int8 and not weight_only else ("fp16" if fp16 else "fp32")
     if weight_only:
         label += "+int4w" if int4 else "+int8w"
@@ -103,12 +118,30 @@ def _shape_str(name, dims):
     return "{}:{}".format(name, "x".join(str(int(d)) for d in dims))
 
 
-def trtexec_command(onnx, engine, plan, input_name=None, dims=None, batch=1, max_batch=1, workspace=1024,
-                    timing_cache=None, plugins=(), dla_core=None, gpu_fallback=True, memory_pool_api=True,
-                    strongly_typed=False):
-    """The ``trtexec`` line that builds the same engine (for cross-checking), shell-quoted."""
+class EngineOptions:
+    """The build flags besides precision that shape an engine: the batch profile, workspace (MiB), timing cache,
+    plugin libraries, DLA core (with GPU fallback), and whether this TensorRT sets the workspace as a memory pool."""
+
+    def __init__(self, batch=1, max_batch=1, workspace=1024, timing_cache=None, plugins=(), dla_core=None,
+                 gpu_fallback=True, memory_pool_api=True):
+        self.batch, self.max_batch, self.workspace = batch, max_batch, workspace
+        self.timing_cache, self.plugins, self.dla_core = timing_cache, tuple(plugins), dla_core
+        self.gpu_fallback, self.memory_pool_api = gpu_fallback, memory_pool_api
+
+    @classmethod
+    def from_args(cls, args, timing_cache=None, memory_pool_api=True):
+        return cls(args.batch, args.max_batch, args.workspace, timing_cache, args.plugins, args.dla_core,
+                   args.gpu_fallback, memory_pool_api)
+
+
+def trtexec_command(onnx, engine, plan, opts=None, input_name=None, dims=None):
+    """The ``trtexec`` line that builds the same engine (for cross-checking), shell-quoted.  ``opts``: the
+    :class:`EngineOptions` (None: the defaults); ``dims``: the input's dims (``-1`` batch: a shape profile)."""
+    o = opts or EngineOptions()
+    batch, max_batch, workspace, timing_cache = o.batch, o.max_batch, o.workspace, o.timing_cache
+    plugins, dla_core, gpu_fallback, memory_pool_api = o.plugins, o.dla_core, o.gpu_fallback, o.memory_pool_api
     cmd = ["trtexec", "--onnx=" + onnx, "--saveEngine=" + engine]
-    if strongly_typed or plan.get("typed"):
+    if plan.get("typed"):
         cmd.append("--stronglyTyped")  # and no --fp16/--int8/--int4: the plan has none
     if plan.get("fp16"):
         cmd.append("--fp16")
@@ -194,19 +227,17 @@ def _parse_onnx(trt, network, logger, path, strip_local_fn):
     return parser
 
 
-class _Graph:
+class _Graph(GraphKind):
     """What the builder reads from the ONNX file and its sidecar before any TensorRT call."""
 
     def __init__(self, args):
         self.meta = model_meta.load_onnx_meta(args.onnx)
-        self.info = onnx_info.inspect(args.onnx)
-        self.has_qdq = bool(self.info["ops"] & set(onnx_info.QDQ_OPS))
-        self.is_lowbit = self.meta.get("format") == "lowbit" or LOWBIT_OP in self.info["ops"]
-        self.int4_weights = bool(self.info.get("int4_weights"))
+        self.info = info = onnx_info.inspect(args.onnx)
         #: exported strongly typed (FP16 tensors, FP32 LayerNorm/Softmax through Casts): build it typed
         self.typed = self.meta.get("typing") == "strong"
-        self.fp16 = self.typed or bool(self.info.get("fp16"))
-        self.weight_only = self.meta.get("format") == "woq"
+        GraphKind.__init__(self, info["ops"] & set(onnx_info.QDQ_OPS),
+                           self.meta.get("format") == "lowbit" or LOWBIT_OP in info["ops"], info.get("int4_weights"),
+                           self.typed or info.get("fp16"), formats.weight_only(self.meta.get("format")))
         self.dims = dims = model_meta.onnx_input_dims(self.meta, self.info, args.onnx)
         if not args.print_only:
             if args.engine:
@@ -222,14 +253,12 @@ class _Graph:
         return bool(self.typed or args.strongly_typed or (caps is not None and not caps.weak_typing))
 
     def plan(self, args, fast_int8=True, fast_fp16=True, int4_supported=True, caps=None):
-        return plan_precision(args.precision, self.has_qdq, self.is_lowbit, fast_int8, fast_fp16, self.int4_weights,
-                              int4_supported, args.allow_slow_int8, self.typed_build(args, caps), self.fp16,
-                              self.weight_only)
+        return plan_precision(args.precision, self, DevicePrecisions(fast_int8, fast_fp16, int4_supported),
+                              args.allow_slow_int8, self.typed_build(args, caps))
 
     def trtexec(self, args, engine, plan, timing_cache, memory_pool_api=True):
-        return trtexec_command(args.onnx, engine, plan, self.meta["input_name"], self.dims, args.batch, args.max_batch,
-                               args.workspace, timing_cache, args.plugins, args.dla_core, args.gpu_fallback,
-                               memory_pool_api, plan["typed"])
+        return trtexec_command(args.onnx, engine, plan, EngineOptions.from_args(args, timing_cache, memory_pool_api),
+                               self.meta["input_name"], self.dims)
 
 
 def _print_plan(args, g, log):

@@ -17,12 +17,8 @@ import sys
 import tempfile
 import time
 
-try:
-    import qformat  # noqa: F401
-except ImportError:  # `python3 runtime/<script>.py` where the package is neither installed nor on PYTHONPATH
-    sys.stderr.write("error: cannot import qformat: pip install -e . in the repository, or export "
-                     "PYTHONPATH=<repository root>\n")
-    sys.exit(2)
+if not __package__:  # `python3 runtime/<script>.py`: one error line where qformat cannot be imported
+    import script_guard  # noqa: F401
 
 import numpy as np  # noqa: E402
 

@@ -9,6 +9,7 @@ import os
 
 from qformat import SIDECAR_KEYS, FormatError, check_format_version
 from qformat.errors import UserError
+from qformat.formats import artifact_label
 from qformat.io import read_json, sha256_file, sidecar_path
 
 #: Sidecar keys copied into an engine's sidecar (everything bench/demo read).
@@ -94,11 +95,7 @@ def preprocess_subset(meta):
 
 
 def label(meta, path=None):
-    """``deit_s w4a4 qdq`` -- how results and logs name a model."""
-    bits = meta.get("bits") or {}
-    if isinstance(bits, dict) and "weight" in bits:
-        tag = "w{}a{}".format(bits.get("weight"), bits.get("act", bits.get("weight")))
-    else:
-        tag = ""
-    parts = [str(meta.get("model") or (os.path.basename(path) if path else "model")), tag, str(meta.get("format", ""))]
-    return " ".join(p for p in parts if p)
+    """``deit_s w4a4 qdq`` (a learned allocation: ``deit_s mp3 qdq``) -- how results and logs name a model."""
+    bits = meta.get("bits")
+    return artifact_label(meta.get("model") or (os.path.basename(path) if path else "model"),
+                          bits if isinstance(bits, dict) else None, meta.get("format", ""))

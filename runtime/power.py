@@ -129,8 +129,8 @@ def nvpmodel_mode():
 
 
 @main_guard
-def main(argv=None):
-    p = ArgumentParser(prog="python3 -m jetson.tegrastats", description="mean board power over a window")
+def main(argv=None, prog="python3 -m jetson.tegrastats"):
+    p = ArgumentParser(prog=prog, description="mean board power over a window")
     p.add_argument("--seconds", type=positive_float, default=10.0)
     p.add_argument("--interval", type=positive_int, default=100, help="tegrastats interval in ms")
     args = p.parse_args(argv)

@@ -14,12 +14,8 @@ and kernel efficiency are ignored, so measured numbers will be well below the bo
 
 import sys
 
-try:
-    import qformat  # noqa: F401
-except ImportError:  # `python3 runtime/<script>.py` where the package is neither installed nor on PYTHONPATH
-    sys.stderr.write("error: cannot import qformat: pip install -e . in the repository, or export "
-                     "PYTHONPATH=<repository root>\n")
-    sys.exit(2)
+if not __package__:  # `python3 runtime/<script>.py`: one error line where qformat cannot be imported
+    import script_guard  # noqa: F401
 
 from qformat.argtypes import ArgumentParser  # noqa: E402
 from qformat.errors import main_guard  # noqa: E402
@@ -152,8 +148,8 @@ def plot(rows, path):
 
 
 @main_guard
-def main(argv=None):
-    p = ArgumentParser(prog="python3 runtime/roofline.py", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog="python3 runtime/roofline.py"):
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--png", default=None, help="also write the plot (e.g. docs/roofline.png)")
     p.add_argument("--markdown", action="store_true", help="print the README table")
     args = p.parse_args(argv)

@@ -83,4 +83,4 @@ def test_hadolint(path):
 def test_readme_has_the_docker_lines():
     text = open(os.path.join(ROOT, "runtime", "README.md")).read()
     assert "docker build -f docker/Dockerfile.jetson" in text and "docker build -f docker/Dockerfile.x86" in text
-    assert "docker run --runtime nvidia" in text and "runtime/bench.py" in text
+    assert "docker run --runtime nvidia" in text and "qvit bench" in text

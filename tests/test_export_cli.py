@@ -145,3 +145,18 @@ def test_calib_dir_skips_undecodable_images(tmp_path, capsys, converted):
         f.write_bytes(b"")
     with pytest.raises(UserError, match="no readable image"):
         load_images(10, meta, str(tmp_path))
+
+
+def test_weight_only_8bit_model_exports_for_trt10(tmp_path, capsys):
+    """An 8-bit model's softmax codes need UINT8, which TensorRT lacks: refused for the formats that quantize
+    activations, but a weight-only (woq) graph has no activation quantizer and exports (issue 19's bug)."""
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "vit_fmnist", "--bits", "8", "--format", "qdq", "--target", "trt10", "--out", str(tmp_path),
+              "--parity-n", "0"])
+    assert e.value.code == 2 and "no UINT8" in _error(capsys)
+    assert main(["--model", "vit_fmnist", "--bits", "8", "--format", "woq", "--target", "trt10", "--out",
+                 str(tmp_path), "--parity-n", "4"]) == 0
+    side = json.loads((tmp_path / "vit_fmnist_w8a8.woq.json").read_text())
+    assert side["format"] == "woq" and side["target"] == "trt10" and side["parity"]["passed"]
+    m = onnx.load(str(tmp_path / "vit_fmnist_w8a8.woq.onnx"))
+    assert "QuantizeLinear" not in {n.op_type for n in m.graph.node}

@@ -12,10 +12,10 @@ import pytest
 from conftest import converted_model
 
 import qformat
+from experiments.ort_compare import fusion_report, open_session
 from export.emitters import emitter_class
 from export.exporter import build_graph
 from qformat import targets
-from runtime.ort_compare import fusion_report, open_session
 
 
 def _spec(lo_hi, axis=None, bits=4):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import converted_model
 
-from export.exporter import build_graph, check_parity
+from export.exporter import ParityOptions, build_graph, check_parity
 from export.parity import run_parity
 
 MODELS = ("vit_fmnist", "swin_fmnist")
@@ -56,7 +56,7 @@ def test_fp32_graph_matches_dequantized_float_model(name):
     dep = converted_model(name, 4)
     g = build_graph(dep, "fp32", "ort", 17, log=lambda s: None)
     assert g.taps == {}
-    par = check_parity(dep, g, "fp32", N_IMAGES, 1e-4, 1e-4, 1.0, log=lambda s: None)
+    par = check_parity(dep, g, "fp32", ParityOptions(N_IMAGES, 1e-4, 1e-4, 1.0), log=lambda s: None)
     assert par.passed and not par.aligned, par.line()
 
 

@@ -10,7 +10,7 @@ from conftest import converted_model as model
 from onnx import TensorProto
 
 from export import typed
-from export.exporter import build_graph, check_parity
+from export.exporter import ParityOptions, build_graph, check_parity
 from qformat import targets
 from qformat.errors import UserError
 
@@ -90,6 +90,6 @@ def test_typing_per_target():
 def test_typed_parity_against_the_fp16_model():
     """The typed graph matches the FP16 PyTorch model within the typed tolerance; vs FP32 is reported."""
     dep = model("vit_fmnist", 4)
-    par = check_parity(dep, graphs("qdq"), "qdq", 8, None, None, 0.75, log=lambda s: None)
+    par = check_parity(dep, graphs("qdq"), "qdq", ParityOptions(8, min_agree=0.75), log=lambda s: None)
     assert par.passed and par.mismatches == 0 and par.ties <= par.max_ties * par.codes
     assert (par.atol, par.rtol) == (1e-3, 5e-3) and par.vs_fp32 and "max_abs" in par.vs_fp32

@@ -67,7 +67,7 @@ CLIS = {
                                       "{out}/shots"], "{out}", {
         "--topk": POS, "--max-frames": NONNEG, "--width": POS, "--height": POS, "--fps": POS, "--retries": NONNEG,
         "--threads": NONNEG}),
-    "ablation": ("train.ablation", "main", ["--budget", "tiny", "--out", "{out}/abl"], "{out}", {
+    "ablation": ("experiments.ablation", "main", ["--budget", "tiny", "--out", "{out}/abl"], "{out}", {
         "--seed": SEED, "--fp-lr": POSF, "--bits": BIT_LISTS}),
     "study": ("train.study", "main", ["--data", "synthetic", "--results", "{out}/res", "--work", "{out}/work"],
               "{out}", {

@@ -107,6 +107,22 @@ def test_bench_matrix_ort_dry_run(tmp_path):
     assert bench_matrix.pick_format("auto", 4, "Jetson AGX Orin") == "qdq"
 
 
+def test_bench_matrix_takes_every_format_and_names_files_as_export_does(tmp_path):
+    """--format accepts every format (woq included) and reads the file the exporter names."""
+    import qformat
+    from qformat.formats import artifact_stem
+
+    art = tmp_path / "artifacts"
+    make_toy_model(art, artifact_stem("toy", 4, "woq"), fmt="fp32")  # a float toy graph under the woq name
+    for fmt in qformat.FORMATS:
+        assert bench_matrix.parse_args(["--models", "toy", "--bits", "4", "--format", fmt]).format == fmt
+    assert bench_matrix.onnx_path(str(art), "toy", 4, "woq") == str(art / "toy_w4a4.woq.onnx")
+    rows = bench_matrix.run(bench_matrix.parse_args(
+        ["--models", "toy", "--bits", "4", "--format", "woq", "--backend", "ort", "--artifacts", str(art),
+         "--iters", "2", "--warmup", "1", "--out", str(tmp_path / "m")]), log=lambda *a: None)
+    assert [(r["format"], r["status"]) for r in rows] == [("woq", "ok")]
+
+
 def test_setup_script_refuses_non_jetson():
     if l4t.detect() is not None:
         pytest.skip("this is a Jetson")

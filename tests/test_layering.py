@@ -1,8 +1,11 @@
 """The layering the architecture promises, checked on the source and in a process without torch.
 
-train -> (checkpoint + specs) -> export -> ONNX + sidecar -> runtime; qformat under all of them.
+train -> (checkpoint + specs) -> export -> ONNX + sidecar -> runtime; qformat under all of them;
+experiments on top (they use the stages, no stage uses them); qvit, the door, dispatches to all.
 ``export`` reaches ``train`` through train.deploy only and never imports ``runtime``; the
 runtime's device core imports only qformat, numpy and its runtime libraries; no import cycles.
+A command line run in a subprocess (an argv literal ``[..., "-m", "export", ...]``) counts as an import
+of that module, so a driver cannot hide a dependency behind ``subprocess``.
 """
 
 import ast
@@ -14,7 +17,9 @@ import sys
 from conftest import make_toy_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("qformat", "train", "export", "runtime", "jetson", "qvit")
+PACKAGES = ("qformat", "train", "export", "runtime", "jetson", "experiments", "qvit")
+#: the pipeline's stages (everything but the experiments on top and the door)
+STAGES = ("qformat", "train", "export", "runtime", "jetson")
 #: what the runtime's device core may import besides the standard library, qformat and itself
 DEVICE_LIBS = {"numpy", "onnxruntime", "tensorrt", "pycuda", "cuda", "cv2", "onnx", "matplotlib"}
 #: the one door to the torch side: --backend torch loads it, inside a function
@@ -33,14 +38,23 @@ def _modules():
 MODULES = _modules()
 
 
+def _runs(node):
+    """Modules an argv literal runs: ``[sys.executable, "-m", "export", ...]`` or ``("-m", "train", ...)``."""
+    items = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+    return {m for flag, m in zip(items, items[1:]) if flag == "-m" and isinstance(m, str)}
+
+
 def _imports(name):
-    """Every module ``name`` imports, at any depth of its code (function-level imports included)."""
+    """Every module ``name`` imports, at any depth of its code (function-level imports included), and every
+    module it runs as ``python -m`` from an argv literal."""
     path = MODULES[name]
     pkg = name if path.endswith("__init__.py") else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            found.update(_runs(node))
+        elif isinstance(node, ast.Import):  # a sibling file by its bare name: a script run as a file
+            found.update(f"{pkg}.{a.name}" if f"{pkg}.{a.name}" in MODULES else a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -71,6 +85,32 @@ def test_export_reaches_train_through_one_function_and_never_runtime():
         assert not [d for d in deps if d.startswith("runtime")], mod
         assert {d for d in deps if d.startswith("train")} <= {"train.deploy"}, (mod, deps)
     assert any("train.deploy" in _internal(m) for m in MODULES if m.startswith("export"))
+
+
+def test_no_stage_imports_or_runs_an_experiment():
+    assert any(m.startswith("experiments.") for m in MODULES)
+    for mod in (m for m in MODULES if m.split(".")[0] in STAGES):
+        assert not [d for d in _internal(mod) if d.split(".")[0] == "experiments"], mod
+
+
+def test_experiments_use_the_stages():
+    """Experiments sit on top: they import (or run) stages; the door is only for people, never for them."""
+    used = set()
+    for mod in (m for m in MODULES if m.startswith("experiments.")):
+        deps = {d.split(".")[0] for d in _internal(mod)}
+        assert "qvit" not in deps, mod
+        used |= deps
+    assert {"train", "export", "runtime"} <= used
+
+
+def test_subprocess_argv_literals_count_as_imports():
+    tree = ast.parse('subprocess.call([sys.executable, "-m", "export", "--out", d]); run(("-m", "runtime.bench"))')
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.List, ast.Tuple)):
+            found |= _runs(node)
+    assert found == {"export", "runtime.bench"}
+    assert {"export", "runtime.bench"} <= _internal("experiments.deploy_figure")
 
 
 def test_device_core_imports_only_qformat_numpy_and_runtime_libraries():

@@ -317,10 +317,10 @@ def test_learned_allocation_exports_as_per_row_group_specs(mixed_deployable):
 def test_mixed_model_exports_with_parity(mixed_deployable, fmt, target):
     from onnx import numpy_helper
 
-    from export.exporter import build_graph, check_parity
+    from export.exporter import ParityOptions, build_graph, check_parity
 
     g = build_graph(mixed_deployable, fmt, target, log=lambda s: None)
-    par = check_parity(mixed_deployable, g, fmt, 32, 1e-4, 1e-4, 1.0, log=lambda s: None)
+    par = check_parity(mixed_deployable, g, fmt, ParityOptions(32, 1e-4, 1e-4, 1.0), log=lambda s: None)
     assert par.passed and par.mismatches == 0, par.line()
     nodes = g.ort.graph.node
     if fmt == "lowbit":
@@ -382,7 +382,7 @@ def test_mixed_run_trains_reports_and_freezes(tmp_path):
 
 
 def test_exported_files_are_named_by_the_budget():
-    from export.exporter import stem
+    from qformat.formats import artifact_stem as stem
 
     assert stem("deit_s", QuantConfig.for_method("mp", 3, mixed={"budget": 2.5}).bits_summary(), "qdq") == \
         "deit_s_mp2.5.qdq"
@@ -390,7 +390,7 @@ def test_exported_files_are_named_by_the_budget():
 
 
 def test_ablation_table_and_refusals(expect_error):
-    from train import mp_ablation
+    from experiments import mp_ablation
 
     row = {"test_top1": 80.0, "ratio": 0.98, "bitops_g": 0.2}
     res = {"model": "vit_fmnist", "data": "fmnist", "bits": [4, 3], "fp_test": 90.0,

@@ -169,7 +169,7 @@ def test_uint8_codes_never_feed_an_integer_matmul():
     (qformat.targets.int_matmul_exact); the parity at 8 bits stays exact."""
     from onnx import numpy_helper
 
-    from export.exporter import build_graph, check_parity
+    from export.exporter import ParityOptions, build_graph, check_parity
     from qformat import targets
 
     dep = converted_model("vit_fmnist", 8)
@@ -189,6 +189,6 @@ def test_uint8_codes_never_feed_an_integer_matmul():
             assert targets.int_matmul_exact(255, w_max, targets.INT16_MAX), n.name
         checked += 1
     assert checked > 0  # the test saw integer MatMuls
-    par = check_parity(dep, g, "qdq", 16, 1e-5, 1e-5, 1.0, log=lambda s: None)
+    par = check_parity(dep, g, "qdq", ParityOptions(16, 1e-5, 1e-5, 1.0), log=lambda s: None)
     assert par.passed and par.mismatches == 0, par.line()
     assert math.isfinite(par.max_abs) and np.isfinite(test_images("vit_fmnist", 2).numpy()).all()

@@ -1,4 +1,4 @@
-"""The ONNX Runtime speed comparison (runtime.ort_compare): its table, ratios and verdicts on tiny graphs.
+"""The ONNX Runtime speed comparison (experiments.ort_compare): its table, ratios and verdicts on tiny graphs.
 
 Nothing here asserts a speed: the figures live in the benchmark's printed table (make bench-ort).
 """
@@ -6,7 +6,7 @@ Nothing here asserts a speed: the figures live in the benchmark's printed table 
 import pytest
 from conftest import make_toy_model
 
-from runtime import ort_compare
+from experiments import ort_compare
 
 
 @pytest.fixture(scope="module")

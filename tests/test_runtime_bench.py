@@ -192,3 +192,34 @@ def test_trt_compare_names_missing_and_foreign_exports(tmp_path, capsys):
     assert got == [(qdq, "auto")]
     assert any("not an export of the same checkpoint" in n for n in notes)
     assert any("no int4-woq engine" in n and "--format woq" in n for n in notes)
+
+
+def test_learned_bit_export_is_labelled_by_its_budget(tmp_path, capsys):
+    """A learned allocation's bits are nominal (weight/act = budget widths): the table names it ``mp3``."""
+    from qformat.formats import artifact_stem
+    from qformat.io import read_json, write_json
+
+    bits = {"weight": 3, "act": 3, "qkv": 3, "attn": 3, "embed": 8, "head": 8, "budget": 3}
+    mp = make_toy_model(tmp_path, artifact_stem("toy", bits, "qdq"))
+    assert os.path.basename(mp) == "toy_mp3.qdq.onnx"
+    side = mp[:-len(".onnx")] + ".json"
+    write_json(side, dict(read_json(side), model="toy", bits=bits))
+    uniform = make_toy_model(tmp_path, "toy_w3a3.qdq", seed=1)
+    out_json = tmp_path / "c.json"
+    out = _run(["--compare", "--onnx", uniform, mp, "--iters", "3", "--warmup", "1", "--json", str(out_json)], capsys)
+    labels = [r["label"] for r in json.loads(out_json.read_text())["compare"]["ratios"]]
+    assert labels == ["toy w3a3 qdq ort", "toy mp3 qdq ort"]
+    assert "toy mp3 qdq ort" in out and out.count("w3a3") == out.count("toy w3a3")
+
+
+def test_trt_variants_follow_the_format_facts():
+    """The --compare --backend trt sweep: a float baseline, then one engine per quantized format TensorRT builds
+    without plugins -- what each format quantizes comes from qformat.formats, not from this table."""
+    from qformat import formats
+
+    (base, base_fmt, base_prec), *rest = bench.TRT_VARIANTS
+    assert not formats.facts(base_fmt).weights and not formats.facts(base_fmt).activations and base_prec == "fp16"
+    plugin_free = {f for f, facts in formats.FORMAT_FACTS.items() if facts.weights and f != "lowbit"}
+    assert {fmt for _, fmt, _ in rest} == plugin_free
+    for name, fmt, _ in rest:
+        assert ("woq" in name) == formats.weight_only(fmt), name

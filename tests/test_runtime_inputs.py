@@ -57,10 +57,10 @@ def test_input_shape_disagreeing_with_sidecar_names_both_shapes(tmp_path, capsys
 
 def test_sidecar_from_another_export_is_refused(tmp_path, converted):
     """The exporter records the graph's sha256; a kill between graph and sidecar, or a copied sidecar, is caught."""
-    from export.exporter import export
+    from export.exporter import ExportOptions, ParityOptions, export
 
     dep = converted("vit_fmnist", 4, calib_n=4)
-    res = export(dep, "fp32", "ort", str(tmp_path), parity_n=0, log=lambda s: None)
+    res = export(dep, str(tmp_path), ExportOptions("fp32", "ort", parity=ParityOptions(n=0)), log=lambda s: None)
     side = json.loads(open(res.sidecar).read())
     assert len(side["onnx_sha256"]) == 64
     backends.open_backend("ort", res.path).close()  # the pair matches

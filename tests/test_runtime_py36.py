@@ -1,7 +1,7 @@
 """The device side stays Python 3.6-compatible (JetPack 4.6's TensorRT bindings are for 3.6).
 
 The device side is every module a Jetson runs: ``qformat/``, the runtime's device core
-(``runtime/*.py``), ``jetson/`` and the ``qvit`` command.
+(``runtime/*.py``), ``jetson/``, the ``qvit`` command, and the ORT comparison (``experiments/ort_compare.py``).
 """
 
 import glob
@@ -12,8 +12,9 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVICE_FILES = sorted(os.path.relpath(p, ROOT) for d in ("qformat", "runtime", "jetson", "qvit")
-                      for p in glob.glob(os.path.join(ROOT, d, "*.py")))
+DEVICE_FILES = sorted([os.path.relpath(p, ROOT) for d in ("qformat", "runtime", "jetson", "qvit")
+                       for p in glob.glob(os.path.join(ROOT, d, "*.py"))]
+                      + ["experiments/ort_compare.py"])  # an experiment that also runs on a device's CPU
 
 
 @pytest.mark.skipif(shutil.which("vermin") is None, reason="vermin not installed")

@@ -17,7 +17,7 @@ import trt_names
 from qformat import LOWBIT_OP
 from qformat.errors import UserError
 from runtime import trt_compat
-from runtime.build import plan_precision
+from runtime.build import DevicePrecisions, GraphKind, plan_precision
 from runtime.trt_compat import TrtCaps, parse_version
 
 VERSIONS = ("8.2.1", "8.5.2", "8.6.1", "10.3.0", "11.1.0")
@@ -410,31 +410,41 @@ def test_dla_needs_a_dla():
 # ------------------------------------------------------------------ precision planning
 
 
+QDQ, LOWBIT, TX2, ORIN = GraphKind(True), GraphKind(False, is_lowbit=True), DevicePrecisions(False), DevicePrecisions()
+
+
 def test_qdq_on_tx2_refuses_slow_int8():
     with pytest.raises(UserError, match="no fast INT8.*lowbit"):
-        plan_precision("auto", has_qdq=True, is_lowbit=False, fast_int8=False, fast_fp16=True)
-    plan = plan_precision("auto", True, False, False, True, allow_slow_int8=True)
+        plan_precision("auto", QDQ, TX2)
+    plan = plan_precision("auto", QDQ, TX2, allow_slow_int8=True)
     assert plan["int8"] and any("slow" in n for n in plan["notes"])
 
 
 def test_lowbit_on_tx2_is_fp16_with_plugins():
-    plan = plan_precision("auto", has_qdq=False, is_lowbit=True, fast_int8=False, fast_fp16=True)
+    plan = plan_precision("auto", LOWBIT, TX2)
     assert (plan["fp16"], plan["int8"], plan["label"]) == (True, False, "fp16")
     assert any("FP16 engine + low-bit weight plugins" in n for n in plan["notes"])
     # asking for INT8 on TX2 without Q/DQ falls back to FP16 and says so
-    plan = plan_precision("int8", False, True, False, True)
+    plan = plan_precision("int8", LOWBIT, TX2)
     assert not plan["int8"] and any("FP16 instead of INT8" in n for n in plan["notes"])
 
 
 def test_qdq_on_orin_is_int8_fp16_and_int4_gated():
-    plan = plan_precision("auto", True, False, True, True)
+    plan = plan_precision("auto", QDQ, ORIN)
     assert (plan["int8"], plan["fp16"], plan["label"]) == (True, True, "int8")
+    int4 = GraphKind(True, int4_weights=True)
     with pytest.raises(UserError, match="INT4 weights"):
-        plan_precision("auto", True, False, True, True, int4_weights=True, int4_supported=False)
-    assert plan_precision("auto", True, False, True, True, True, True)["label"] == "int8+int4"
+        plan_precision("auto", int4, DevicePrecisions(int4=False))
+    assert plan_precision("auto", int4, ORIN)["label"] == "int8+int4"
     with pytest.raises(UserError, match="--int8"):
-        plan_precision("fp16", True, False, True, True)
-    assert plan_precision("auto", False, False, True, True, strongly_typed=True)["label"] == "fp32-typed"
+        plan_precision("fp16", QDQ, ORIN)
+    assert plan_precision("auto", GraphKind(False), ORIN, strongly_typed=True)["label"] == "fp32-typed"
+
+
+def test_weight_only_graph_is_labelled_by_its_weights():
+    woq = GraphKind(True, int4_weights=True, weight_only=True)
+    assert plan_precision("auto", woq, ORIN)["label"] == "fp16+int4w"
+    assert plan_precision("fp16", woq, ORIN)["label"] == "fp16+int4w"  # Q/DQ of weights alone: FP16 is fine
 
 
 def test_pin_fp32_layers_matches_exporter_names_and_sets_constraint_flag():

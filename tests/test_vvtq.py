@@ -307,8 +307,8 @@ def test_vvtq_config_ranges():
 
 
 def test_vvtq_ablation_rows_and_refusals(expect_error, tmp_path):
-    from train.vvtq_ablation import ROWS, markdown
-    from train.vvtq_ablation import main as ablation_main
+    from experiments.vvtq_ablation import ROWS, markdown
+    from experiments.vvtq_ablation import main as ablation_main
 
     assert [k for k in ROWS] == ["lsqkd", "vvtq", "vvtq-mckd", "vvtq-ms", "vvtq-obr", "qvit", "vvtq+qvit"]
     for key, (_, flags) in ROWS.items():  # every row is a valid command line of python -m train

@@ -25,6 +25,7 @@ import sys
 import time
 
 from qformat import io as qio
+from qformat.argtypes import ArgumentParser
 from qformat.errors import UserError, main_guard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -190,7 +191,9 @@ def write_summary(check, info):
 
 
 @main_guard
-def main(argv=None):
+def main(argv=None, prog="python -m runtime.torchtools.gpu_check"):
+    ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0] + " Results go to $OUT (or runs/gpu-check/)."
+                   ).parse_args(argv)
     out_dir = os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu-check")
     os.makedirs(out_dir, exist_ok=True)
     has_gpu, notes = preflight()

@@ -3,29 +3,29 @@
 For every model: ``export --target ort`` as fp32, qdq and lowbit (fresh calibrated model with random
 weights unless ``--checkpoint``; parity checked on ``--parity-n`` images), ORT's own
 ``quantize_static`` / ``quantize_dynamic`` of the FP32 graph as reference rows, then
-:func:`runtime.ort_compare.compare_files`: img/s ratios to FP32 at each batch, measured
+:func:`experiments.ort_compare.compare_files`: img/s ratios to FP32 at each batch, measured
 interleaved in one run, with file sizes, session-creation times and the nodes ORT left in float.
 Writes ``<out>/bench_ort.md`` (the table the README carries) and ``<out>/bench_ort.json``.
 
-Needs torch (it exports); the timing half runs without it: ``python3 -m runtime.ort_compare``.
+Needs torch (it exports); the timing half runs without it: ``python3 -m experiments.ort_compare``.
 """
 
 import os
 import sys
 import time
 
+from experiments import ort_compare
 from qformat.argtypes import bits_int, int_list, nonneg_int, positive_int
 from qformat.cli import parser
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, write_json
 from qformat.paths import check_out_dir
-from runtime import ort_compare
 
 DEFAULT_MODELS = ("vit_fmnist", "deit_s")  # the small one first: its table is ready early
 FORMATS = ("fp32", "qdq", "lowbit")
 
 
-def parse_args(argv=None, prog="python3 -m runtime.torchtools.bench_ort"):
+def parse_args(argv=None, prog="python3 -m experiments.bench_ort"):
     p = parser(prog, __doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="registry names (deit_s vit_fmnist)")
     p.add_argument("--bits", type=bits_int, default=4, help="weight and activation bits of the fresh models (4)")
@@ -49,12 +49,12 @@ def parse_args(argv=None, prog="python3 -m runtime.torchtools.bench_ort"):
 
 def export_all(dep, out_dir, opset, parity_n, log):
     """fp32 / qdq / lowbit graphs of one deployable for the ort target; returns their paths in that order."""
-    from export.exporter import export
+    from export.exporter import ExportOptions, ParityOptions, export
 
     paths = []
     for fmt in FORMATS:
-        res = export(dep, fmt, "ort", out_dir, opset=opset, parity_n=parity_n if fmt != "fp32" else min(parity_n, 2),
-                     log=log)
+        parity = ParityOptions(n=parity_n if fmt != "fp32" else min(parity_n, 2))
+        res = export(dep, out_dir, ExportOptions(fmt, "ort", opset=opset, parity=parity), log=log)
         paths.append(res.path)
     return paths
 
@@ -104,7 +104,7 @@ def _log(msg):
 
 
 @main_guard
-def main(argv=None, prog="python3 -m runtime.torchtools.bench_ort"):
+def main(argv=None, prog="python3 -m experiments.bench_ort"):
     run(parse_args(argv, prog), _log)
     return 0
 

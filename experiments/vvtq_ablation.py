@@ -1,4 +1,4 @@
-"""``python -m train.vvtq_ablation``: VVTQ's ablation (Huang et al., Table 4) next to Q-ViT, small scale.
+"""``python -m experiments.vvtq_ablation``: VVTQ's ablation (Huang et al., Table 4) next to Q-ViT, small scale.
 
 Rows: LSQ+ with KD, VVTQ, VVTQ without each of its three parts, Q-ViT (IRM+DGD), and VVTQ + IRM + DGD,
 at every ``--bits``; same FP teacher, same FP start, same seed and steps for every row.  Runs validate
@@ -16,11 +16,11 @@ import os
 import sys
 import time
 
+from experiments.ablation import last_top1, train_run
 from qformat.argtypes import nonneg_int, positive_int, seed_int
 from qformat.cli import parser
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, write_json
-from train.ablation import _last_top1, _train
 
 #: key -> (label, flags); ``{store}`` is the soft-label store.  VVTQ = KD alone (no label term),
 #: multi-crop KD from the store, module-dependent scale gradients, OBR.
@@ -82,8 +82,8 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser():
-    p = parser("python -m train.vvtq_ablation", __doc__.split("\n\n")[0], defaults_help=True)
+def build_parser(prog: str = "python -m experiments.vvtq_ablation"):
+    p = parser(prog, __doc__.split("\n\n")[0], defaults_help=True)
     p.add_argument("--teacher", required=True, help="FP checkpoint: teacher of every row and start of every run")
     p.add_argument("--bits", default="4,3,2", help="comma-separated bit-widths")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows: " + ", ".join(ROWS))
@@ -111,8 +111,8 @@ def _store(args) -> str:
 
 
 @main_guard
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m experiments.vvtq_ablation") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         bits = [int(b) for b in args.bits.split(",") if b]
     except ValueError:
@@ -136,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     for b in bits:
         for k in keys:
             run_dir = os.path.join(args.out, f"{k}_w{b}a{b}")
-            if _last_top1(run_dir) is None:
+            if last_top1(run_dir) is None:
                 print(f"[vvtq-ablation] {ROWS[k][0]} W{b}A{b} -> {run_dir}", flush=True)
                 flags = [f.replace("{store}", store or "") for f in ROWS[k][1]]
-                _train(common + flags + ["--bits", str(b), "--out", run_dir]
+                train_run(common + flags + ["--bits", str(b), "--out", run_dir]
                        + (["--resume"] if os.path.isdir(run_dir) else []))
             last = _last_row(run_dir)
             res["rows"].setdefault(k, {})[str(b)] = {

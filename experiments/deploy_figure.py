@@ -1,13 +1,13 @@
-"""``python -m train.deploy_figure``: the figure a deployer reads first — accuracy vs model size (bytes)
+"""``python -m experiments.deploy_figure``: the figure a deployer reads first — accuracy vs model size (bytes)
 and vs ONNX Runtime CPU img/s, for FP32 and every bit-width and format, from the study's own models.
 
 Every point is a trained model of the study (``train.study``): at each bit-width one QAT run
 (``--config`` at ``--seed``, ``--steps``), exported with ``python -m export`` (parity-checked against
 PyTorch, so the graph has the trained model's accuracy) as ``qdq`` and ``lowbit``; FP32 is the FP
 architecture (see ``models``) at the FP teacher's accuracy. All graphs are timed in **one**
-``runtime/bench.py --compare`` run, so the img/s are comparable ratios on one machine. Accuracy is the
+``runtime.bench --compare`` run, so the img/s are comparable ratios on one machine. Accuracy is the
 run's validation top-1 (the held-out split the study chooses by: this figure reads no test set). Export and bench run as
-subprocesses, so ``train`` imports neither ``export`` nor ``runtime``.
+subprocesses (each with its own log; the layering test sees their ``-m`` module names).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def export_all(points: list[dict], out: str, parity_n: int) -> None:
 
 def bench_all(points: list[dict], out: str, batch: int, threads: int, duration: float) -> dict:
     path = os.path.join(out, "bench.json")
-    _sh(["runtime/bench.py", "--onnx"] + [p["onnx"] for p in points] +
+    _sh(["-m", "runtime.bench", "--onnx"] + [p["onnx"] for p in points] +
         ["--backend", "ort", "--compare", "--batch", str(batch), "--threads", str(threads),
          "--duration", str(duration), "--json", path], os.path.join(out, "bench.log"))
     res = read_json(path, "bench result")
@@ -117,8 +117,8 @@ def plot(points: list[dict], title: str, path: str) -> None:
     save_png(fig, path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m train.deploy_figure", description=__doc__.split("\n\n")[0],
+def build_parser(prog: str = "python -m experiments.deploy_figure") -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--results", default="docs/study", help="the study's results (writes deploy.{json,md,png})")
     p.add_argument("--work", default="runs/study", help="the study's run folders (ONNX go to WORK/deploy)")
@@ -142,8 +142,8 @@ def _config(name: str) -> dict:
 
 
 @main_guard
-def main(argv: Optional[list] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[list] = None, prog: str = "python -m experiments.deploy_figure") -> int:
+    args = build_parser(prog).parse_args(argv)
     cfg = _config(args.config)
     bits = st._ints(args.bits, "--bits", 2, 8)
     check_out_dir(args.results, "--results")

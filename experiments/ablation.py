@@ -1,4 +1,4 @@
-"""``python -m train.ablation``: Q-ViT's Table 1 at small scale -- FP, baseline, +IRM, +DGD,
+"""``python -m experiments.ablation``: Q-ViT's Table 1 at small scale -- FP, baseline, +IRM, +DGD,
 +IRM+DGD at 4/3/2 bits, same seed, same data, same budget, one shared FP teacher.
 
 Every quantized row starts from the same FP weights and distils logits from the same FP
@@ -32,14 +32,14 @@ BUDGETS = {
 }
 
 
-def _train(argv: list[str]) -> None:
+def train_run(argv: list[str]) -> None:
     from train.cli import parse_args
     from train.trainer import run
 
     run(parse_args(argv))
 
 
-def _last_top1(run_dir: str) -> float | None:
+def last_top1(run_dir: str) -> float | None:
     path = os.path.join(run_dir, "last.json")
     if not os.path.isfile(path):
         return None
@@ -82,8 +82,8 @@ def plot(results: dict, path: str) -> None:
     save_png(fig, path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m train.ablation", description=__doc__.split("\n\n")[0],
+def build_parser(prog: str = "python -m experiments.ablation") -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget", default="small", choices=sorted(BUDGETS))
     p.add_argument("--model", default="vit_fmnist")
@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @main_guard
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m experiments.ablation") -> int:
+    args = build_parser(prog).parse_args(argv)
     budget = BUDGETS[args.budget]
     try:
         bits = [check_bits(int(b), "--bits") for b in args.bits.split(",") if b.strip()]
@@ -127,26 +127,26 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     fp_dir = args.fp_dir or os.path.join(args.out, "fp")
-    fp = _last_top1(fp_dir)
+    fp = last_top1(fp_dir)
     if fp is None:
         print(f"[ablation] FP teacher: {budget['fp_epochs']} epochs -> {fp_dir}", flush=True)
-        _train(common + ["--method", "fp", "--epochs", str(budget["fp_epochs"]), "--lr", str(args.fp_lr),
+        train_run(common + ["--method", "fp", "--epochs", str(budget["fp_epochs"]), "--lr", str(args.fp_lr),
                          "--warmup-epochs", "0.25", "--out", fp_dir]
                + (["--resume"] if os.path.isdir(fp_dir) else []))
-        fp = _last_top1(fp_dir)
+        fp = last_top1(fp_dir)
     teacher = os.path.join(fp_dir, "last.safetensors")
     results = {"model": args.model, "data": args.data, "budget": args.budget, "seed": args.seed, "bits": bits,
                "fp": fp, "rows": {}, "budget_detail": budget, "teacher": teacher}
     for b in bits:
         for m in methods:
             run_dir = os.path.join(args.out, f"{m}_w{b}a{b}")
-            acc = _last_top1(run_dir)
+            acc = last_top1(run_dir)
             if acc is None:
                 print(f"[ablation] {m} W{b}A{b}: {budget['epochs']} epochs -> {run_dir}", flush=True)
-                _train(common + cap + ["--method", m, "--bits", str(b), "--epochs", str(budget["epochs"]),
+                train_run(common + cap + ["--method", m, "--bits", str(b), "--epochs", str(budget["epochs"]),
                                  "--checkpoint", teacher, "--teacher", teacher, "--out", run_dir]
                        + (["--resume"] if os.path.isdir(run_dir) else []))
-                acc = _last_top1(run_dir)
+                acc = last_top1(run_dir)
             results["rows"].setdefault(m, {})[str(b)] = acc
             write_json(os.path.join(args.out, "results.json"), results)  # partial results survive
     results["wall_s"] = round(time.time() - t0, 1)

@@ -1,4 +1,4 @@
-"""``python -m train.mp_ablation``: differentiable Q-ViT's ablation at small scale.
+"""``python -m experiments.mp_ablation``: differentiable Q-ViT's ablation at small scale.
 
 Rows (one FP teacher, the same FP start, steps and KD for every row): uniform LSQ+ (baseline),
 Q-ViT (IRM + DGD) uniform, the mixed-bit search with one scale per quantizer, the search with
@@ -17,10 +17,10 @@ import os
 import sys
 import time
 
+from experiments.ablation import last_top1, train_run
 from qformat.argtypes import ArgumentParser, int_list, nonneg_int, positive_float, seed_int
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, read_json, write_json
-from train.ablation import _last_top1, _train
 
 #: key -> (label, --method, extra flags)
 ROWS = {
@@ -94,8 +94,8 @@ def plot(results: dict, path: str) -> None:
     save_png(fig, path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m train.mp_ablation", description=__doc__.split("\n\n")[0],
+def build_parser(prog: str = "python -m experiments.mp_ablation") -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS))
     p.add_argument("--model", default="vit_fmnist")
@@ -120,10 +120,10 @@ def _common(args: argparse.Namespace, budget: dict) -> list[str]:
 
 def _teacher(args: argparse.Namespace, budget: dict, common: list[str]) -> str:
     fp_dir = args.fp_dir or os.path.join(args.out, "fp")
-    if _last_top1(fp_dir) is None:
+    if last_top1(fp_dir) is None:
         print(f"[mp-ablation] FP teacher: {budget['fp_epochs']} epochs -> {fp_dir}", flush=True)
         cap = ["--max-train-batches", str(budget["fp_steps"])] if budget["fp_steps"] else []
-        _train(common + cap + ["--method", "fp", "--epochs", str(budget["fp_epochs"]), "--out", fp_dir]
+        train_run(common + cap + ["--method", "fp", "--epochs", str(budget["fp_epochs"]), "--out", fp_dir]
                + (["--resume"] if os.path.isdir(fp_dir) else []))
     return fp_dir
 
@@ -136,10 +136,10 @@ def _row(args, budget: dict, common: list[str], teacher: str, key: str, bits: in
     _, method, extra = ROWS[key]
     if method in ("mp", "qvit-mp") and args.bit_lr is not None:
         extra = extra + ["--bit-lr", str(args.bit_lr)]
-    if _last_top1(run_dir) is None:
+    if last_top1(run_dir) is None:
         print(f"[mp-ablation] {key} at {bits} bits -> {run_dir}", flush=True)
         cap = ["--max-train-batches", str(budget["steps"])] if budget["steps"] else []
-        _train(common + cap + extra + ["--method", method, "--bits", str(bits), "--epochs", "1" if cap else "10",
+        train_run(common + cap + extra + ["--method", method, "--bits", str(bits), "--epochs", "1" if cap else "10",
                                        "--checkpoint", teacher, "--teacher", teacher, "--out", run_dir]
                + (["--resume"] if os.path.isdir(run_dir) else []))
     res = _row_result(run_dir, args.data, args.data_dir)
@@ -148,8 +148,8 @@ def _row(args, budget: dict, common: list[str], teacher: str, key: str, bits: in
 
 
 @main_guard
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m experiments.mp_ablation") -> int:
+    args = build_parser(prog).parse_args(argv)
     budget = BUDGETS[args.budget]
     bits = int_list(args.bits, lo=2, what="--bits")
     rows = [r for r in args.rows.split(",") if r]
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = os.path.join(fp_dir, "last.safetensors")
     results = {"model": args.model, "data": args.data, "budget": args.budget, "budget_detail": budget,
                "seed": args.seed, "bits": sorted(bits, reverse=True), "teacher": teacher, "bit_lr": args.bit_lr,
-               "fp_val": _last_top1(fp_dir), "fp_test": _row_result(fp_dir, args.data, args.data_dir)["test_top1"],
+               "fp_val": last_top1(fp_dir), "fp_test": _row_result(fp_dir, args.data, args.data_dir)["test_top1"],
                "rows": {}}
     for b in results["bits"]:
         for key in rows:

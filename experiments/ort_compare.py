@@ -1,6 +1,6 @@
 """ONNX Runtime CPU speed of exported graphs against FP32 and ORT's own quantizers -- ratios from one run.
 
-    python3 -m runtime.ort_compare --fp32 a/deit_s_w4a4.fp32.onnx \
+    python3 -m experiments.ort_compare --fp32 a/deit_s_w4a4.fp32.onnx \
         --onnx a/deit_s_w4a4.qdq.onnx a/deit_s_w4a4.lowbit.onnx
 
 From the FP32 graph it makes the two reference rows ORT's own tools give (``quantize_static``:
@@ -305,7 +305,7 @@ def machine_line(m):
     return s + ("; load average {:.1f} at the end".format(m["load"]) if m.get("load") is not None else "")
 
 
-def parse_args(argv=None, prog="python3 -m runtime.ort_compare"):
+def parse_args(argv=None, prog="python3 -m experiments.ort_compare"):
     p = parser(prog, __doc__.split("\n\n")[0])
     p.add_argument("--fp32", required=True, help="the FP32 graph (export --format fp32): the 1.00 row and the "
                                                   "input of ORT's quantizers")
@@ -341,7 +341,7 @@ def _log(msg):
 
 
 @main_guard
-def main(argv=None, prog="python3 -m runtime.ort_compare"):
+def main(argv=None, prog="python3 -m experiments.ort_compare"):
     args = parse_args(argv, prog)
     res = compare_files(args.fp32, args.onnx, args.batches, args.rounds, args.iters, args.warmup, args.threads,
                         args.references, args.work_dir, log=_log)
