@@ -18,6 +18,7 @@ STAGES = (
     ("build", "runtime.build", "ONNX -> TensorRT engine (cached), with the equivalent trtexec line"),
     ("bench", "runtime.bench", "img/s and latency on TensorRT, ONNX Runtime or torch"),
     ("demo", "runtime.demo", "camera / video / image-folder classification demo"),
+    ("doctor", "jetson.doctor", "what this machine / Jetson can run, and the command that fixes each problem"),
 )
 
 

@@ -28,7 +28,8 @@ def test_qvit_is_a_project_script():
 def test_help_lists_every_stage(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert [name for name, _, _ in STAGES] == ["train", "softlabels", "study", "export", "build", "bench", "demo"]
+    assert [name for name, _, _ in STAGES] == ["train", "softlabels", "study", "export", "build", "bench", "demo",
+                                               "doctor"]
     assert all(f"  {name} " in out for name, _, _ in STAGES)
 
 
