@@ -1,8 +1,8 @@
 """Your own timm weights in (``--init-from``, ``--pretrained`` from the local cache) and the preprocessing of the
-weights' pretrained_cfg end to end.  Every checkpoint here is made by timm.create_model(pretrained=False): no network."""
+weights' pretrained_cfg end to end.  Every checkpoint here is made by timm.create_model(pretrained=False): no
+network."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -134,6 +134,7 @@ def test_ten_classes_of_your_own_get_past_the_first_step(tmp_path, capsys):
     assert len(head) == 1 and "1000 classes, this run has 10" in head[0]
     meta = json.load(open(str(out / "best.json")))
     assert meta["num_classes"] == 10 and meta["class_names"][0] == "class0"
+    assert meta["init_from"] == str(tmp_path / "mine.pth")
 
 
 @pytest.mark.slow
@@ -170,7 +171,8 @@ def test_pretrained_reads_the_local_cache_offline(tmp_path, monkeypatch):
     src = timm_vit(1000).state_dict()
     _timm_hub_cache(tmp_path, hub_id, src)
     assert init_weights.pretrained(timm_name).path.startswith(str(tmp_path))
-    model = create_model("vit_fmnist", pretrained=True)
+    model = create_model("vit_fmnist")
+    assert init_weights.load_into(model, init_weights.pretrained(timm_name), say=False) == ["head.weight", "head.bias"]
     assert torch.equal(model.blocks[3].mlp.fc2.weight, src["blocks.3.mlp.fc2.weight"])
 
 

@@ -91,17 +91,11 @@ def model_spec(name: str) -> ModelSpec:
     return _SPECS[name]
 
 
-def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kw: Any) -> nn.Module:
-    """Build a registered model: random init, or with ``pretrained`` timm's weights for it from the local cache
-    (train.init_weights: fetched only when absent and the hub is reachable; a classifier of another size starts
-    fresh)."""
+def create_model(name: str, num_classes: int | None = None, **kw: Any) -> nn.Module:
+    """Build a registered model, randomly initialised (weights: train.init_weights, or a checkpoint)."""
     spec = model_spec(name)
     kwargs = {**spec.kwargs, **kw, "num_classes": num_classes if num_classes is not None else spec.num_classes}
     model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     model.qvit_name = name  # type: ignore[attr-defined]
     model.qvit_family = spec.family  # type: ignore[attr-defined]
-    if pretrained:
-        from train import init_weights
-
-        init_weights.load_into(model, init_weights.pretrained(spec.timm_name))
     return model

@@ -415,6 +415,7 @@ def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, ep
         "model": args.model, "num_classes": loaders.num_classes, "input_size": list(spec.input_size),
         "mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
         "crop_pct": spec.crop_pct, "class_names": loaders.class_names,
+        "init_from": args.init_source.path if getattr(args, "init_source", None) else None,
         "method": method, "bits": qcfg.bits_summary() if qcfg is not None else None,
         "quant": qcfg.to_dict() if qcfg is not None else None, "distill": dcfg.to_dict() if dcfg is not None else None,
         "data": args.data, "holdout": args.holdout, "seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
