@@ -158,12 +158,15 @@ def state(host=None):
             "max_temp_c": max(temps.values()) if temps else None}
 
 
-def problems(st):
-    """``[(what is wrong, the command that fixes it)]`` of a :func:`state`."""
+def problems(st, unknown=True):
+    """``[(what is wrong, the command that fixes it)]`` of a :func:`state`; ``unknown``: also what could not be
+    read (inside a container, or without root)."""
     out = []
     mode = st.get("nvpmodel")
     if mode is None:
-        out.append(("power mode unknown (nvpmodel -q gave nothing)", "sudo nvpmodel -q"))
+        if unknown:
+            out.append(("power mode unknown: nvpmodel is not available here (a container?)",
+                        "sudo nvpmodel -q   # on the Jetson itself"))
     elif mode.get("top") and mode.get("id") != mode["top"][0]:
         out.append(("power mode {} ({}) is not the top mode {}".format(mode.get("name"), mode.get("id"),
                                                                         mode["top"][1]),
@@ -173,7 +176,9 @@ def problems(st):
                     "sudo nvpmodel -m 0   # MAXN on most boards; nvpmodel -p --verbose lists them"))
     clocks = st.get("clocks")
     if clocks is None:
-        out.append(("clock state unknown (jetson_clocks --show needs root)", "sudo jetson_clocks --show"))
+        if unknown:
+            out.append(("clock state unknown: jetson_clocks --show needs root on the Jetson itself",
+                        "sudo jetson_clocks --show"))
     elif not clocks["locked"]:
         out.append(("clocks are not locked: CPU/GPU frequencies scale with load", "sudo jetson_clocks"))
     elif clocks["gpu_throttled"]:
@@ -187,10 +192,11 @@ def problems(st):
 
 
 def bench_warning(st):
-    """One line when a benchmark was taken unlocked, below the top power mode or throttled, else None."""
+    """One line when a benchmark was taken unlocked, below the top power mode or throttled, else None (also
+    when the state could not be read: it is recorded as null)."""
     if not st:
         return None
-    found = problems(st)
+    found = problems(st, unknown=False)
     if not found:
         return None
     return "warning: this result may not be repeatable: {} (fix: {}; `qvit doctor` shows the board)".format(

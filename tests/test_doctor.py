@@ -142,3 +142,13 @@ def test_qvit_doctor_runs_here():
                         os.path.join(FIXTURES, "thor-jp70")], cwd=ROOT, stdout=subprocess.PIPE,
                        text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0 and json.loads(r.stdout)["target"] == "thor-jp7"
+
+
+def test_unreadable_state_is_a_doctor_problem_but_no_bench_warning(tmp_path):
+    """In a container: no nvpmodel, no jetson_clocks -- doctor says so, bench records nulls without warning."""
+    (tmp_path / "commands").mkdir()
+    st = board.state(board.Host(str(tmp_path), recorded=True))
+    assert st == {"nvpmodel": None, "clocks": None, "temps_c": {}, "max_temp_c": None}
+    assert [fix for _, fix in board.problems(st)] == ["sudo nvpmodel -q   # on the Jetson itself",
+                                                       "sudo jetson_clocks --show"]
+    assert board.bench_warning(st) is None
