@@ -236,7 +236,8 @@ def _sidecar(dep: Any, g: Graphs, fmt: str, target: str, bits: dict, par: Parity
     return {
         "format_version": qformat.FORMAT_VERSION, "model": meta["model"], "format": fmt, "target": target,
         "opset": opset_used, "bits": bits, "input_size": list(meta["input_size"]), "mean": list(meta["mean"]),
-        "std": list(meta["std"]), "class_names": list(meta.get("class_names") or []),
+        "std": list(meta["std"]), "interpolation": meta.get("interpolation", "bilinear"),
+        "crop_pct": float(meta.get("crop_pct", 1.0)), "class_names": list(meta.get("class_names") or []),
         "input_name": trace.INPUT_NAME, "output_name": trace.OUTPUT_NAME, "metrics": dict(meta.get("metrics") or {}),
         "exporter_revision": code_revision(), "quant": meta.get("quant") or {},
         "sites": allocation(dep.specs), "fp32_layers": g.fp32_layers, "lowbit_nodes": g.lowbit_nodes,

@@ -57,4 +57,5 @@ if [ "$DEPS" -eq 1 ]; then
     PATH=/usr/local/cuda/bin:$PATH python3 -m pip install --user "$PIN"
   fi
 fi
+python3 -m jetson.doctor   # what is still wrong, each with its fix
 echo "ready: python3 -m jetson.bench_matrix --models deit_t deit_s --bits 8 4 (see runtime/README.md)"

@@ -125,6 +125,11 @@ TARGETS = (
     Target("orin-jp6", "TensorRT 10.3 (JetPack 6.1/6.2)", (13, 21), 17, int4=True, uint8=False, layernorm_op=True,
            trt=((10, 3), (10, 3)), boards=("orin",), l4t="36.4", python="3.10",
            docker_base="nvcr.io/nvidia/l4t-jetpack:r36.4.0", jetpack="6.1/6.2", cuda="12.6"),
+    # Jetson Thor (Blackwell, sm_110), JetPack 7.0 = L4T r38.2, CUDA 13.0, Ubuntu 24.04.  JetPack 7 runs NVIDIA's
+    # SBSA (arm64 server) containers; the NGC TensorRT 25.08 image carries TensorRT 10.13 and CUDA 13.0.
+    Target("thor-jp7", "TensorRT 10.13 (JetPack 7.0, Thor)", (13, 21), 17, int4=True, uint8=False, layernorm_op=True,
+           trt=((10, 13), (10, 13)), boards=("thor",), l4t="38.2", python="3.12",
+           docker_base="nvcr.io/nvidia/tensorrt:25.08-py3", jetpack="7.0", cuda="13.0"),
     # JetPack 7.2.2+ on AGX Orin and Thor (TensorRT 11.4.1's support matrix).  Its L4T release and container
     # tag are not recorded here (unverified), so jetson.l4t does not map a board to it; the builder knows it
     # by its TensorRT version.

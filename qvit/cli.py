@@ -30,6 +30,7 @@ EXPERIMENTS = (
 )
 #: device and development tools
 TOOLS = (
+    ("doctor", "jetson.doctor", "what this machine / Jetson can run, and the command that fixes each problem"),
     ("matrix", "jetson.bench_matrix", "on a Jetson: build and bench a (model x bits) matrix into one table"),
     ("power", "runtime.power", "mean board power over a window (tegrastats)"),
     ("l4t", "jetson.l4t", "which L4T / JetPack / TensorRT this Jetson runs (--json)"),

@@ -34,7 +34,7 @@ from qformat.cli import add_runtime_args, parser  # noqa: E402
 from qformat.errors import UserError, main_guard  # noqa: E402
 from qformat.io import write_json  # noqa: E402
 from qformat.paths import check_out_file  # noqa: E402
-from runtime import model_meta  # noqa: E402
+from runtime import board, model_meta  # noqa: E402
 from runtime.backends import BACKENDS, BatchUnsupported, open_backend  # noqa: E402
 from runtime.device import gpu_info, jetson_model  # noqa: E402
 from runtime.power import PowerLogger, nvpmodel_mode  # noqa: E402
@@ -221,6 +221,10 @@ def host_info(power_enabled):
             info["nvpmodel"] = nvpmodel_mode()
         except Exception:  # noqa: BLE001
             pass
+    try:  # power mode, locked clocks, temperatures after the runs (what `qvit doctor` shows)
+        info["board_state"] = board.state() if info["jetson"] else None
+    except Exception:  # noqa: BLE001
+        info["board_state"] = None
     return info
 
 
@@ -312,6 +316,9 @@ def run(args, log=print):
         for row in result["compare"]["ratios"]:
             log("{:<48} {:>6} {:>10.1f} {:>7.2f}x".format(row["label"], row["batch"], row["img_per_s"],
                                                            row["speedup"]))
+    warning = board.bench_warning(result["host"].get("board_state"))
+    if warning:
+        log(warning)
     path = args.json_path
     write_json(path, result)
     result["json_path"] = path

@@ -15,6 +15,8 @@ from qformat.io import read_json, sha256_file, sidecar_path
 #: Sidecar keys copied into an engine's sidecar (everything bench/demo read).
 PREPROCESS_KEYS = ("model", "format", "target", "bits", "input_size", "mean", "std", "class_names",
                    "input_name", "output_name")
+#: Preprocessing keys of the model's pretrained_cfg (sidecars before issue #23 lack them: bilinear, no crop).
+OPTIONAL_PREPROCESS_KEYS = ("interpolation", "crop_pct")
 
 
 def validate(meta, where):
@@ -91,7 +93,7 @@ def onnx_input_dims(meta, info, onnx_path):
 
 def preprocess_subset(meta):
     """The part of a model sidecar copied into an engine sidecar."""
-    return dict((k, meta[k]) for k in PREPROCESS_KEYS if k in meta)
+    return dict((k, meta[k]) for k in PREPROCESS_KEYS + OPTIONAL_PREPROCESS_KEYS if k in meta)
 
 
 def label(meta, path=None):

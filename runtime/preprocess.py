@@ -1,8 +1,10 @@
 """Camera/photo frame -> network input, exactly the training transform read from the sidecar.
 
 Training sees pixels resized to ``input_size``, grayscale when ``C == 1``, scaled to
-[0, 1] and normalised with the sidecar's ``mean``/``std``; doing anything else on the
-device silently costs accuracy, so this is the only place that converts frames.
+[0, 1] and normalised with the sidecar's ``mean``/``std``; a model with a timm ``pretrained_cfg``
+(sidecar ``crop_pct`` < 1, ``interpolation``) is evaluated as timm does: the short side resized to
+size / crop_pct, then the centre crop.  Doing anything else on the device silently costs accuracy,
+so this is the only place that converts frames.
 OpenCV is imported lazily (bench needs none of it).  Python 3.6-compatible.
 """
 
@@ -74,25 +76,41 @@ def to_input(frame_bgr, meta):
         img = np.clip(img, 0, 255).astype(np.uint8)
     if img.shape[2] == 4:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    cubic = meta.get("interpolation") == "bicubic"
     if c == 1:
         # same ITU-R 601 weights as PIL's convert("L") used by torchvision's Grayscale
         gray = img[:, :, 0] if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-        chw = _resize(cv2, gray, w, h)[None, :, :]
+        chw = _resize(cv2, _crop(cv2, gray, w, h, meta, cubic), w, h, cubic)[None, :, :]
     else:
         rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        chw = _resize(cv2, rgb, w, h).transpose(2, 0, 1)
+        chw = _resize(cv2, _crop(cv2, rgb, w, h, meta, cubic), w, h, cubic).transpose(2, 0, 1)
     x = chw.astype(np.float32) / np.float32(255.0)
     mean = np.asarray(meta["mean"], dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(meta["std"], dtype=np.float32).reshape(-1, 1, 1)
     return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
 
 
-def _resize(cv2, img, w, h):
+def _resize(cv2, img, w, h, cubic=False):
     if img.shape[1] == w and img.shape[0] == h:
         return img
-    # INTER_AREA when shrinking ~ torchvision's antialiased bilinear; bilinear when enlarging
+    # INTER_AREA when shrinking ~ torchvision's antialiased resize; bilinear / bicubic when enlarging
     shrink = img.shape[1] > w or img.shape[0] > h
-    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    up = cv2.INTER_CUBIC if cubic else cv2.INTER_LINEAR
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else up)
+
+
+def _crop(cv2, img, w, h, meta, cubic):
+    """timm's evaluation crop: short side to ``size / crop_pct``, then the centre ``w x h`` (``crop_pct`` 1:
+    none, the frame is resized to ``w x h`` as a whole, as before)."""
+    pct = float(meta.get("crop_pct", 1.0))
+    if pct >= 1.0:
+        return img
+    short = int(np.floor(min(h, w) / pct))  # torchvision Resize(int): the long side is truncated
+    ih, iw = img.shape[:2]
+    rh, rw = (short, int(short * iw / ih)) if ih <= iw else (int(short * ih / iw), short)
+    img = _resize(cv2, img, rw, rh, cubic)
+    top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))
+    return img[top:top + h, left:left + w]
 
 
 def batch_of(frames, meta):

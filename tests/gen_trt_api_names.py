@@ -22,7 +22,7 @@ from collections import defaultdict
 
 from gentable import write_or_check
 
-RELEASES = ("8.2", "8.5", "8.6", "10.3", "11.1")
+RELEASES = ("8.2", "8.5", "8.6", "10.3", "10.13", "11.1")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trt_api_names.txt")
 #: Python-side classes and enums whose members the table lists (plus every module-level name).
 KEEP = ("Builder", "IBuilderConfig", "INetworkDefinition", "ILayer", "ITensor", "IOptimizationProfile",

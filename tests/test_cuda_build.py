@@ -14,6 +14,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import trt_names
 
 import qformat
 from runtime.torchtools import gemm_ext
@@ -246,6 +247,8 @@ def test_cpp_repack_rejects_bad_args(host_lib):
     (6304, "f16", "auto", (7, 5), "a8_mma"),     # Turing
     (6304, "f16", "auto", (8, 7), "mma_sync"),   # Orin: mma.sync m16n8k32
     (6304, "f16", "auto", (9, 0), "mma_sync"),   # Hopper
+    (6304, "f16", "auto", (11, 0), "mma_sync"),  # Jetson Thor (Blackwell, sm_110 on CUDA 13)
+    (1, "f16", "auto", (11, 0), "gemv_dp4a"),
     (17, "f16", "auto", (8, 0), "mma_sync"),
     (197, "f16", "a8", (6, 2), "a8_int"),        # forced A8 on TX2: generic int32, not dp4a
     (197, "f16", "a8", (7, 0), "a8_dp4a"),
@@ -345,6 +348,31 @@ def test_plugin_compiles_against_real_tensorrt_headers():
                   "-isystem", cuda_inc, os.path.join(CUDA_DIR, src)])
 
 
+#: a clone of NVIDIA/TensorRT (release/X.Y branches hold include/NvInfer*.h); the releases are the API table's
+TRT_REPO = os.environ.get("QVIT_TRT_REPO", "/work/.mirror/NVIDIA+TensorRT/repo")
+
+
+@needs_gxx
+@pytest.mark.parametrize("release", trt_names.RELEASES)
+def test_plugin_compiles_against_each_release_headers(tmp_path, release):
+    """Both front-ends, -Werror, against the headers of every release in tests/trt_api_names.txt (8.2 .. 11.x,
+    Thor's 10.13 included), taken from the release/X.Y branch of an NVIDIA/TensorRT clone (QVIT_TRT_REPO)."""
+    cuda_inc = _cuda_include()
+    if cuda_inc is None or not os.path.isdir(TRT_REPO):
+        pytest.skip("needs the CUDA headers and a clone of NVIDIA/TensorRT (set QVIT_TRT_REPO)")
+    ref = "release/" + release
+    if subprocess.run(["git", "-C", TRT_REPO, "rev-parse", "--verify", "-q", ref], capture_output=True).returncode:
+        pytest.skip("{} has no branch {} (fetch it)".format(TRT_REPO, ref))
+    archive = subprocess.run(["git", "-C", TRT_REPO, "archive", ref, "include"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
+    inc = str(tmp_path / "include")
+    version = open(os.path.join(inc, "NvInferVersion.h")).read()
+    assert re.search(r"(TRT|NV_TENSORRT)_MINOR\w*\s+{}\b".format(release.split(".")[1]), version), release
+    for src in ("qvit_lowbit_plugin.cpp", "qvit_lowbit_plugin_v3.cpp"):
+        _run([GXX, "-std=c++14", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", "-isystem", inc, "-I", CUDA_DIR,
+              "-isystem", cuda_inc, os.path.join(CUDA_DIR, src)])
+
+
 def test_shim_is_labelled_and_unused_by_real_build():
     with open(os.path.join(SHIM_DIR, "NvInfer.h")) as f:
         assert "COMPILE-CHECK SHIM" in f.read(400)
@@ -354,7 +382,7 @@ def test_shim_is_labelled_and_unused_by_real_build():
 
 # ----------------------------------------------------------------------------- nvcc
 
-NVCC_ARCHS = ("75", "87", "90")
+NVCC_ARCHS = ("75", "87", "90", "110")  # 110: Jetson Thor (CUDA 13 spelling; sm_101 before)
 
 
 @pytest.fixture(scope="session", params=NVCC_ARCHS)
@@ -438,10 +466,11 @@ def test_cmake_configures_kernels_only(tmp_path):
                 "-DQVIT_CUDA_ARCHS=87"])
     assert "archs 87" in out
     out = _run(["cmake", "-S", CUDA_DIR, "-B", str(tmp_path / "d"), "-DQVIT_KERNELS_ONLY=ON"])
-    if "CUDA 13" in out:  # the default set has an H100/H200 image and PTX of the newest arch (JIT on later GPUs)
-        assert "archs 75;80;86;87;89;90" in out
+    if "CUDA 13" in out:  # images for H100/H200, Orin and Thor, PTX of the newest arch (JIT on later GPUs)
+        assert "archs 75;80;86;87;89;90;100;110;120" in out
         flags = (tmp_path / "d" / "CMakeFiles" / "qvit_lowbit_kernels.dir" / "flags.make").read_text()
-        assert "arch=compute_90,code=[sm_90,compute_90]" in flags and "code=sm_87" in flags
+        assert "arch=compute_120,code=[sm_120,compute_120]" in flags and "code=sm_87" in flags
+        assert "arch=compute_110,code=sm_110" in flags and "code=sm_90" in flags
     p = subprocess.run(["cmake", "-S", CUDA_DIR, "-B", str(tmp_path / "t"), "-DTENSORRT_ROOT=" + str(tmp_path)],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not _real_trt_includes():

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCKERFILES = [os.path.join(ROOT, "docker", f) for f in ("Dockerfile.jetson", "Dockerfile.x86")]
+DOCKERFILES = [os.path.join(ROOT, "docker", f)
+               for f in ("Dockerfile.jetson", "Dockerfile.jetson-jp7", "Dockerfile.x86")]
 
 
 def instructions(path):
@@ -84,3 +85,14 @@ def test_readme_has_the_docker_lines():
     text = open(os.path.join(ROOT, "runtime", "README.md")).read()
     assert "docker build -f docker/Dockerfile.jetson" in text and "docker build -f docker/Dockerfile.x86" in text
     assert "docker run --runtime nvidia" in text and "qvit bench" in text
+
+
+def test_jetson_images_use_the_target_rows_bases():
+    """Each Jetson Dockerfile's default base is the docker_base of a Jetson row of qformat/targets.py."""
+    from qformat import targets
+
+    bases = {t.docker_base for t in targets.TARGETS if t.docker_base}
+    for name, row in (("Dockerfile.jetson", "orin-jp6"), ("Dockerfile.jetson-jp7", "thor-jp7")):
+        args = dict(rest.partition("=")[::2] for key, rest in instructions(os.path.join(ROOT, "docker", name))
+                    if key == "ARG" and "=" in rest)
+        assert args["BASE_IMAGE"] == targets.get_target(row).docker_base and args["BASE_IMAGE"] in bases

@@ -1,4 +1,4 @@
-"""Version gates of runtime/trt_compat.py against fake ``tensorrt`` modules (8.2, 8.5, 8.6, 10.3, 11.1).
+"""Version gates of runtime/trt_compat.py against fake ``tensorrt`` modules (8.2, 8.5, 8.6, 10.3, 10.13, 11.1).
 
 The fakes expose exactly the Python names NVIDIA's bindings of each release have
 (tests/trt_api_names.txt, generated from the release branches' binding sources): no
@@ -20,7 +20,7 @@ from runtime import trt_compat
 from runtime.build import DevicePrecisions, GraphKind, plan_precision
 from runtime.trt_compat import TrtCaps, parse_version
 
-VERSIONS = ("8.2.1", "8.5.2", "8.6.1", "10.3.0", "11.1.0")
+VERSIONS = ("8.2.1", "8.5.2", "8.6.1", "10.3.0", "10.13.0", "11.1.0")
 
 
 def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 32), registered=(),
@@ -296,6 +296,7 @@ def make_fake_trt(version, fast_int8=True, dla_cores=0, input_shape=(-1, 3, 32, 
     ("8.5.2", True, True, True, False, False, True),
     ("8.6.1", True, True, True, False, False, True),
     ("10.3.0", True, True, False, True, True, True),
+    ("10.13.0", True, True, False, True, True, True),  # Jetson Thor, JetPack 7.0
     ("11.1.0", True, True, False, True, True, False),
 ])
 def test_caps_from_version(version, pool, io, flag, int4, typed, weak):

@@ -119,3 +119,15 @@ def test_runtime_readme_lists_the_target_table():
     text = open(os.path.join(ROOT, "runtime", "README.md")).read()
     block = text.split("<!-- targets:begin -->\n", 1)[1].split("<!-- targets:end -->", 1)[0]
     assert block == targets.markdown(), "regenerate: python -m export --list-targets"
+
+
+def test_thor_row():
+    """Jetson Thor, JetPack 7.0 (issue #23): TensorRT 10.13, CUDA 13, both typings, INT4 weight-only, IPluginV3."""
+    thor = targets.get_target("thor-jp7")
+    assert (thor.jetpack, thor.cuda, thor.trt_range(), thor.plugin_front_end, thor.typings, thor.fast_int8) == (
+        "7.0", "13.0", "10.13", "V3", ("weak", "strong"), True)
+    assert targets.use_int4(thor, 21) and not targets.use_int4(thor, 17)
+    assert targets.for_l4t("38.2.0") is thor and targets.for_board("NVIDIA Jetson AGX Thor Developer Kit") is thor
+    assert targets.for_board("NVIDIA Jetson AGX Orin Developer Kit").name == "orin-jp5"  # first Orin row, as before
+    assert thor in targets.for_trt_version((10, 13, 3)) and targets.get_target("orin-jp7") not in \
+        targets.for_trt_version((10, 13, 3))

@@ -103,7 +103,12 @@ def _weights_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("weights")
     g.add_argument("--checkpoint", default=None, help="local FP weights: timm state dict (.pth) or our .safetensors")
     g.add_argument("--teacher", default=None, help="FP teacher checkpoint (default: --checkpoint, or trained here)")
-    g.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
+    g.add_argument("--init-from", default=None, metavar="PATH",
+                   help="start from your own timm weights: .safetensors, .pth/.bin state dict, or a timm / Hugging "
+                        "Face model folder (keys remapped by timm; a classifier of another size starts fresh; the "
+                        "preprocessing follows its pretrained_cfg)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="timm's weights for --model from the local cache (offline when there; else fetched once)")
     g.add_argument("--fp-epochs", type=nonneg_int, default=None,
                    help="epochs of FP teacher training when no weights are given (default: --epochs)")
     g.add_argument("--fp-lr", type=positive_float, default=2e-3, help="peak lr of the FP teacher phase")
@@ -160,6 +165,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m train") -> 
     args = build_parser(prog).parse_args(argv)
     if args.fp_epochs is None:
         args.fp_epochs = args.epochs
+    given = [f for f, v in (("--init-from", args.init_from), ("--checkpoint", args.checkpoint),
+                            ("--pretrained", args.pretrained)) if v]
+    if len(given) > 1:
+        raise UserError("{} and {} both give the starting weights: pick one".format(given[0], given[1]))
     if args.resume and args.force:
         raise UserError("--resume continues the run in --out, --force replaces it: give one of them")
     resolve_bits(args.bits, args.w_bits, args.a_bits)  # before torch is imported: a typo costs no start-up time

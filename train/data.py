@@ -248,7 +248,9 @@ def warn_unreadable(bad: list, where: str, total: int) -> None:
         len(bad), total, where, names, more))
 
 
-def _image_folder(root: str, split: str, input_size: Sequence[int], mean, std, train: bool):
+def _image_folder(root: str, split: str, input_size: Sequence[int], mean, std, train: bool,
+                  resize: Optional[dict] = None):
+    """``resize``: the model's ``interpolation`` / ``crop_pct`` (train.models.ModelSpec; timm's defaults without)."""
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
@@ -256,7 +258,7 @@ def _image_folder(root: str, split: str, input_size: Sequence[int], mean, std, t
     if not os.path.isdir(d):
         raise UserError("image folder {} not found: --data-dir must hold train/ and val/ with one "
                         "sub-folder per class (ImageNet layout)".format(d))
-    tf = create_transform(tuple(input_size), is_training=train, mean=tuple(mean), std=tuple(std))
+    tf = create_transform(tuple(input_size), is_training=train, mean=tuple(mean), std=tuple(std), **(resize or {}))
 
     try:
         folder = ImageFolder(d, transform=tf, loader=functools.partial(load_image, mode=image_mode(input_size)))
@@ -348,7 +350,8 @@ class Loaders:
 
 
 def build_datasets(data: str, input_size: Sequence[int], mean, std, data_dir: Optional[str] = None,
-                   seed: int = 0, synthetic_size: tuple[int, int] = (512, 256), holdout: int = 0):
+                   seed: int = 0, synthetic_size: tuple[int, int] = (512, 256), holdout: int = 0,
+                   resize: Optional[dict] = None):
     """(train set, val set, class names) for ``data`` in fmnist | imagefolder | synthetic.
     ``holdout`` > 0: validate on that many images carved from the training split (stratified,
     fixed by :data:`HOLDOUT_SEED`) and train on the rest; the test split is not read."""
@@ -361,8 +364,8 @@ def build_datasets(data: str, input_size: Sequence[int], mean, std, data_dir: Op
     if data == "imagefolder":
         if not data_dir:
             raise UserError("--data imagefolder needs --data-dir DIR holding train/ and val/")
-        tr = _image_folder(data_dir, "train", input_size, mean, std, train=True)
-        va = _image_folder(data_dir, "val", input_size, mean, std, train=False)
+        tr = _image_folder(data_dir, "train", input_size, mean, std, train=True, resize=resize)
+        va = _image_folder(data_dir, "val", input_size, mean, std, train=False, resize=resize)
         if tr.classes != va.classes:
             raise UserError("{}: train/ and val/ have different class folders".format(data_dir))
         check_classes(tr.classes, os.path.join(data_dir, "train"))
@@ -386,11 +389,12 @@ def check_classes(classes: Sequence[str], where: str) -> None:
 
 def build_loaders(data: str, input_size: Sequence[int], mean, std, batch_size: int, data_dir: Optional[str] = None,
                   workers: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False, holdout: int = 0) -> Loaders:
+                  pin_memory: bool = False, holdout: int = 0, resize: Optional[dict] = None) -> Loaders:
     """Train/val loaders. Train order comes from a DistributedSampler (also with one process),
     so shuffling is a function of (seed, epoch) and resume replays it exactly. Validation is
     sharded without padding, so DDP evaluation counts each image once."""
-    tr, va, classes = build_datasets(data, input_size, mean, std, data_dir=data_dir, seed=seed, holdout=holdout)
+    tr, va, classes = build_datasets(data, input_size, mean, std, data_dir=data_dir, seed=seed, holdout=holdout,
+                                     resize=resize)
     if workers is None:  # in-memory sets are cheaper in-process than through worker pipes
         workers = min(8, os.cpu_count() or 1) if data == "imagefolder" else 0
     sampler = DistributedSampler(tr, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)

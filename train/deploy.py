@@ -134,5 +134,6 @@ def _fresh(model_name: str, bits: int, overrides: dict | None, calib_n: int = 32
     classes = list(FMNIST_CLASSES) if spec.num_classes == len(FMNIST_CLASSES) else \
         [f"class_{i}" for i in range(spec.num_classes)]
     meta = {"model": model_name, "quant": cfg.to_dict(), "input_size": list(spec.input_size), "mean": list(spec.mean),
-            "std": list(spec.std), "class_names": classes, "metrics": {}, "num_classes": spec.num_classes}
+            "std": list(spec.std), "interpolation": spec.interpolation, "crop_pct": spec.crop_pct,
+            "class_names": classes, "metrics": {}, "num_classes": spec.num_classes}
     return from_model(model, meta)

@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter
 from timm.models.vision_transformer import Attention, VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
 from torch import nn
 
 from qformat.errors import UserError
@@ -100,11 +102,19 @@ class FamilyAdapter:
     def expose_qk(self, model: nn.Module) -> None:
         """Give a float model q_norm/k_norm slots that DGD can hook (timm ViT has them)."""
 
+    #: timm's key remapping for checkpoints of this family (other layouts, resized position / patch embeddings)
+    checkpoint_filter = None
+
+    def filter_checkpoint(self, sd: dict, model: nn.Module) -> dict:
+        """A foreign (timm / original-repo) state dict in this model's layout, through timm's own filter."""
+        return self.checkpoint_filter(sd, model) if self.checkpoint_filter is not None else sd
+
 
 @register_family("vit")
 class VitFamily(FamilyAdapter):
     description = "timm VisionTransformer (DeiT-T/S/B, distilled)"
     model_types = (VisionTransformer,)
+    checkpoint_filter = staticmethod(vit_checkpoint_filter)
 
     def check(self, model: nn.Module) -> None:
         super().check(model)
@@ -130,6 +140,7 @@ class SwinFamily(FamilyAdapter):
     model_types = (SwinTransformer,)
     attention_type = WindowAttention
     quant_attention = QuantWindowAttention
+    checkpoint_filter = staticmethod(swin_checkpoint_filter)
 
     def block_roots(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [("layers", model.layers)]

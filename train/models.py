@@ -1,8 +1,9 @@
 """Model registry: the named ViTs qvit-edge can quantize, timm-style.
 
-ImageNet models map to timm architectures (weights from ``--checkpoint`` or, for users
-with internet, ``--pretrained``); the ``*_fmnist`` models are small DeiT/Swin configs for
-28x28 Fashion-MNIST that train on a CPU and are what tests and the quick start use.
+ImageNet models map to timm architectures (weights from ``--init-from`` / ``--checkpoint``, or
+``--pretrained`` from the local timm cache), with the preprocessing of their timm ``pretrained_cfg``;
+the ``*_fmnist`` models are small DeiT/Swin configs for 28x28 Fashion-MNIST that train on a CPU and
+are what tests and the quick start use.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from torch import nn
 
 from qformat.errors import UserError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)
 
@@ -33,6 +32,8 @@ class ModelSpec:
     num_classes: int
     kwargs: dict[str, Any] = field(default_factory=dict)
     family: str = "vit"  # the model-family adapter prepare() uses (train.families)
+    interpolation: str = "bilinear"  # resize filter of the preprocessing (timm's pretrained_cfg names)
+    crop_pct: float = 1.0  # evaluation: resize the short side to size / crop_pct, then centre-crop to size
 
 
 _SPECS: dict[str, ModelSpec] = {}
@@ -47,11 +48,19 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def _imagenet(name: str, timm_name: str, family: str = "vit") -> ModelSpec:
+    """An ImageNet model whose preprocessing is its timm pretrained_cfg's (mean, std, interpolation, crop)."""
+    cfg = timm.models.get_pretrained_cfg(timm_name).to_dict()
+    return register(ModelSpec(name, timm_name, tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]),
+                              cfg["num_classes"], family=family, interpolation=cfg["interpolation"],
+                              crop_pct=float(cfg["crop_pct"])))
+
+
 for _name, _timm in (("deit_t", "deit_tiny_patch16_224"), ("deit_s", "deit_small_patch16_224"),
                      ("deit_b", "deit_base_patch16_224"), ("deit_s_distilled", "deit_small_distilled_patch16_224")):
-    register(ModelSpec(_name, _timm, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 1000))
+    _imagenet(_name, _timm)
 for _name, _timm in (("swin_t", "swin_tiny_patch4_window7_224"), ("swin_s", "swin_small_patch4_window7_224")):
-    register(ModelSpec(_name, _timm, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 1000, family="swin"))
+    _imagenet(_name, _timm, family="swin")
 
 register(ModelSpec(
     "vit_fmnist", "vit_tiny_patch16_224", (1, 28, 28), FMNIST_MEAN, FMNIST_STD, 10,
@@ -82,17 +91,11 @@ def model_spec(name: str) -> ModelSpec:
     return _SPECS[name]
 
 
-def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kw: Any) -> nn.Module:
-    """Build a registered model (random init unless ``pretrained``: timm hub, needs internet)."""
+def create_model(name: str, num_classes: int | None = None, **kw: Any) -> nn.Module:
+    """Build a registered model, randomly initialised (weights: train.init_weights, or a checkpoint)."""
     spec = model_spec(name)
     kwargs = {**spec.kwargs, **kw, "num_classes": num_classes if num_classes is not None else spec.num_classes}
-    try:
-        model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
-    except Exception as e:  # hub/network failures surface as a one-line fix
-        if pretrained:
-            raise UserError(f"could not fetch pretrained weights for {name} ({e.__class__.__name__}); "
-                            "use --checkpoint with a local timm state dict instead") from None
-        raise
+    model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     model.qvit_name = name  # type: ignore[attr-defined]
     model.qvit_family = spec.family  # type: ignore[attr-defined]
     return model

@@ -1,7 +1,7 @@
 """The training loop: FP teacher (when no weights are given) then quantization-aware training.
 
 One function per step of the recipe, in the order :func:`run` calls them:
-FP weights (``--checkpoint`` / ``--teacher`` / ``--pretrained`` / train them here) ->
+FP weights (``--init-from`` / ``--checkpoint`` / ``--teacher`` / ``--pretrained`` / train them here) ->
 ``prepare`` + ``calibrate`` -> :func:`fit` (AdamW, per-step warm-up + cosine, separate
 quantizer lr/weight decay, clipping, AMP on GPU) with KD/DGD from the frozen FP teacher.
 Each phase writes ``last.*``/``best.*`` checkpoints and ``last.state.pt`` atomically, so
@@ -415,7 +415,9 @@ def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, ep
                vcfg=None) -> dict:
     return {
         "model": args.model, "num_classes": loaders.num_classes, "input_size": list(spec.input_size),
-        "mean": list(spec.mean), "std": list(spec.std), "class_names": loaders.class_names,
+        "mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
+        "crop_pct": spec.crop_pct, "class_names": loaders.class_names,
+        "init_from": args.init_source.path if getattr(args, "init_source", None) else None,
         "method": method, "bits": qcfg.bits_summary() if qcfg is not None else None,
         "quant": qcfg.to_dict() if qcfg is not None else None, "distill": dcfg.to_dict() if dcfg is not None else None,
         "data": args.data, "holdout": args.holdout, "seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
@@ -424,38 +426,32 @@ def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, ep
     }
 
 
-def _load_fp_weights(model: nn.Module, path: str, what: str) -> None:
-    """Local FP weights (our checkpoint or a timm state dict) into ``model``; a classifier of another
-    size (e.g. ImageNet head, 10-class data) is left at its fresh initialisation."""
-    sd, meta = ckpt.load_checkpoint(path, require_meta=False)
-    if meta.get("quant"):
-        raise UserError("{} {} is a quantized checkpoint; pass full-precision weights (use --resume to continue QAT)"
-                        .format(what, path))
-    own = model.state_dict()
-    dropped = [k for k in sd if k in own and k.startswith("head") and own[k].shape != sd[k].shape]
-    for k in dropped:
-        del sd[k]
-        sd[k] = own[k]
-    if dropped:
-        sys.stderr.write("note: {} classifier has another size; it starts fresh ({})\n".format(
-            path, ", ".join(dropped)))
-    ckpt.load_state(model, sd, path)
+def _load_fp_weights(model: nn.Module, path: str, what: str, say: bool = True) -> None:
+    """Local FP weights (our checkpoint, or a timm state dict remapped by timm's filter) into ``model``;
+    a classifier of another size (e.g. ImageNet head, 10-class data) starts fresh, said in one line."""
+    from train.init_weights import InitSource, load_into
+
+    load_into(model, InitSource(path, None, "{} {}".format(what, path)), say=say)
 
 
 def _new_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     from train.models import create_model
 
-    return create_model(args.model, num_classes=num_classes, pretrained=args.pretrained)
+    return create_model(args.model, num_classes=num_classes)  # --pretrained arrives as args.init_source
 
 
 def _fp_teacher(args, spec, loaders: Loaders, dinfo, device) -> Optional[str]:
-    """Path of FP weights to start from: ``--teacher``/``--checkpoint``, or train them into ``out/teacher``.
-    Returns None for ``--pretrained`` (the hub weights come with the model) or when there is nothing."""
+    """Path of FP weights to start from: ``--teacher``/``--checkpoint``, ``--init-from``/``--pretrained`` weights
+    whose classifier fits, or trained into ``out/teacher`` (from those weights when their classifier was reset).
+    Returns None when there is nothing."""
+    init = args.init_source
     if args.teacher:
         return args.teacher
     if args.checkpoint:
         return args.checkpoint
-    if args.pretrained or not args.fp_epochs:
+    if init is not None and not args.init_head_fresh:
+        return init.path
+    if not args.fp_epochs:
         return None
     out = os.path.join(args.out, "teacher")
     meta = _base_meta(args, spec, loaders, "fp", args.fp_epochs, None, None)
@@ -465,7 +461,12 @@ def _fp_teacher(args, spec, loaders: Loaders, dinfo, device) -> Optional[str]:
         say("fp-teacher: reusing {} (top-1 {:.2f})".format(best_path, state.get("best_top1", float("nan"))), dinfo)
         return best_path
     seed_everything(args.seed)
-    model = _new_model(args, loaders.num_classes).to(device)
+    model = _new_model(args, loaders.num_classes)
+    if init is not None:  # fine-tune the new classifier (and the rest) from the given weights
+        from train.init_weights import load_into
+
+        load_into(model, init, say=False)
+    model.to(device)
     if sd is not None:
         ckpt.load_state(model, sd, os.path.join(out, "last.state.pt"))
     phase = Phase("fp-teacher", out, args.fp_epochs, args.fp_lr)
@@ -528,6 +529,32 @@ def _open_run_folder(args: argparse.Namespace) -> None:
             sys.stderr.write("note: removed {}, left by an interrupted save\n".format(os.path.join(d, name)))
 
 
+def _init_source(args: argparse.Namespace, spec):
+    """Resolve ``--init-from`` / ``--pretrained`` (``args.init_source``) and return ``spec`` with the weights'
+    preprocessing (their pretrained_cfg) where it fits the model's input."""
+    from train import init_weights
+
+    args.init_source, args.init_head_fresh = None, False
+    if getattr(args, "init_from", None):
+        args.init_source = init_weights.resolve(args.init_from)
+    elif args.pretrained:
+        args.init_source = init_weights.pretrained(spec.timm_name)
+    return init_weights.with_preprocessing(spec, args.init_source.cfg if args.init_source else None)
+
+
+def _check_init(args: argparse.Namespace, num_classes: int, dcfg, dinfo) -> None:
+    """Load the given weights into this run's model once: a head reset is said in one line (rank 0), any other
+    difference is one error line -- before the run folder is touched and before the first step."""
+    if args.init_source is None:
+        return
+    from train.init_weights import load_into
+
+    args.init_head_fresh = bool(load_into(_new_model(args, num_classes), args.init_source, say=dinfo.is_main))
+    if args.init_head_fresh and dcfg is not None and not (args.teacher or args.checkpoint or args.fp_epochs):
+        raise UserError("{}: its classifier starts fresh, so the FP teacher must be fine-tuned first: give "
+                        "--fp-epochs N (N > 0) or --teacher CKPT".format(args.init_source.what))
+
+
 def _configs(args: argparse.Namespace):
     """(model spec, QuantConfig | None, DistillConfig | None, VvtqConfig | None) of a command line, refused
     before any work."""
@@ -535,6 +562,7 @@ def _configs(args: argparse.Namespace):
     from train.models import create_model, model_spec
 
     spec = model_spec(args.model)  # unknown model -> UserError before any data is read
+    spec = _init_source(args, spec)
     mixed = mixed_settings(args)
     w_bits, a_bits = resolve_bits(nominal_bits(mixed["budget"]) if mixed else args.bits, args.w_bits, args.a_bits)
     _check_run_folder(args)
@@ -546,9 +574,11 @@ def _configs(args: argparse.Namespace):
     qcfg = QuantConfig.for_method(args.method, w_bits, a_bits=a_bits, granularity=args.granularity,
                                   overrides=overrides, mixed=mixed, **vq, **q_over)
     dcfg = DistillConfig.for_method(args.method, **vd, **d_over)
-    if dcfg is not None and not (args.teacher or args.checkpoint or args.pretrained or args.fp_epochs):
+    if dcfg is not None and not (args.teacher or args.checkpoint or args.init_from or args.pretrained
+                                 or args.fp_epochs):
         raise UserError("--method {} distils from a full-precision teacher: pass --teacher CKPT, --checkpoint CKPT, "
-                        "--pretrained, or --fp-epochs N (N > 0) to train one first".format(args.method))
+                        "--init-from PATH, --pretrained, or --fp-epochs N (N > 0) to train one first".format(
+                            args.method))
     if qcfg is not None and qcfg.overrides:
         from train.quant import check_overrides
 
@@ -562,8 +592,16 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, v
     seed_everything(args.seed)
     model = _new_model(args, loaders.num_classes)
     init_path = args.checkpoint or fp_path
-    if init_path:
+    if init_path and args.init_source is not None and init_path == args.init_source.path:
+        from train.init_weights import load_into
+
+        load_into(model, args.init_source, say=False)  # said once, before training started
+    elif init_path:
         _load_fp_weights(model, init_path, "--checkpoint" if args.checkpoint else "teacher")
+    elif args.init_source is not None:  # --method fp from the given weights
+        from train.init_weights import load_into
+
+        load_into(model, args.init_source, say=False)
     model.to(device)
     meta = dict(_base_meta(args, spec, loaders, args.method, args.epochs, qcfg, dcfg, vcfg), teacher=fp_path)
     state, sd = (None, None)
@@ -610,7 +648,9 @@ def run(args: argparse.Namespace) -> dict:
         device = resolve_device(args.device, dinfo)
         loaders = build_loaders(args.data, spec.input_size, spec.mean, spec.std, args.batch_size,
                                 data_dir=args.data_dir, workers=args.workers, seed=args.seed, rank=dinfo.rank,
-                                world_size=dinfo.world_size, pin_memory=device.type == "cuda", holdout=args.holdout)
+                                world_size=dinfo.world_size, pin_memory=device.type == "cuda", holdout=args.holdout,
+                                resize={"interpolation": spec.interpolation, "crop_pct": spec.crop_pct})
+        _check_init(args, loaders.num_classes, dcfg, dinfo)  # the weights fit, or one error line; before any file
         if dinfo.is_main:  # after the data loaded: a typo in --data-dir leaves no empty run folder
             _open_run_folder(args)
         say("{} {} on {} ({} train / {} val images, {} classes, world size {}) -> {}".format(
@@ -619,7 +659,9 @@ def run(args: argparse.Namespace) -> dict:
             loaders.num_classes, dinfo.world_size, args.out), dinfo)
         # 1. full-precision weights: given, from the hub, or trained here (Fashion-MNIST has none)
         fp_path = None
-        if qcfg is not None or args.checkpoint:  # a quantized run starts from FP weights (and distils from them)
+        # a quantized run starts from FP weights and distils from them (--method fp --init-from: the student
+        # loads them itself)
+        if qcfg is not None or args.checkpoint:
             fp_path = _fp_teacher(args, spec, loaders, dinfo, device) if qcfg is not None else args.checkpoint
         if fp_path == "stopped":
             return {"stopped": True}

@@ -258,9 +258,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 constexpr int kDp4aWarps = 8;
 constexpr int kDp4aSmemBytes = 32 * 1024;  // activation slab (static: fits every arch)
 // 16-byte weight loads in flight per lane (fewer at 16 rows: registers; the loads are amortized anyway).
+// Blackwell's ptxas (sm_100 / sm_110 Thor, CUDA 13) needs a few more registers for the 8-row tile and spilled
+// under the 2-blocks-per-SM bound at depth 4: there 8 rows keep 2 loads in flight (tests/test_cuda_build.py).
 template <int MT>
 struct GemvDepth {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 1000)
+  static constexpr int kValue = MT >= 8 ? 2 : 4;
+#else
   static constexpr int kValue = MT >= 16 ? 2 : 4;
+#endif
 };
 
 template <int BITS>
