@@ -12,6 +12,7 @@ from qformat.argtypes import fraction, int_range, nonneg_float, nonneg_int
 from qformat.cli import add_model_args, add_override_arg, parser, read_overrides
 from qformat.errors import UserError, main_guard
 from qformat.io import remove_stale_temps
+from qformat.lock import hold
 from qformat.paths import check_out_dir
 
 RANDOM_WEIGHTS = ("note: no checkpoint: exporting {model} at {bits} bits with RANDOM weights (structure and speed "
@@ -44,6 +45,9 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
     p.add_argument("--no-int4", dest="int4", action="store_false",
                    help="keep 4-bit weights in INT8 containers where the target has INT4 (--list-targets); "
                         "use this if your TensorRT build rejects INT8 x INT4")
+    p.add_argument("--no-nonfinite-guard", dest="guard", action="store_false",
+                   help="qdq/lowbit: leave out the guard that turns a NaN/Inf input into NaN logits (by default "
+                        "logits + ReduceSum(input) x 0; Q/DQ alone maps NaN to a confident class)")
     par = p.add_argument_group("parity")
     par.add_argument("--parity-n", type=nonneg_int, default=32, help="images for the parity check (0 = skip)")
     par.add_argument("--atol", type=nonneg_float, default=None, help="default 1e-3 (both typings)")
@@ -72,13 +76,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m export") -> int:
         sys.stderr.flush()
     from train.deploy import load_deployable
 
-    from .exporter import ParityError, export
+    from .exporter import ParityError, export, stem
 
     dep = load_deployable(args.checkpoint, args.model, args.bits, overrides)
+    # every file it writes (the longest: a parity-failed graph, or a temp name) fits the file system, before tracing
+    check_out_dir(args.out, "--out", files=[stem(dep.meta["model"], dep.bits(), args.format) + ".parity-failed.onnx",
+                                            stem(dep.meta["model"], dep.bits(), args.format) + ".json"])
+    hold(args.out, "--out")  # one export per folder at a time (a graph and its sidecar are a pair)
     try:
         res = export(dep, args.format, args.target, args.out, opset=args.opset, parity_n=args.parity_n,
                      atol=args.atol, rtol=args.rtol, min_agree=args.min_agree, calib_dir=args.calib_dir,
-                     function=args.function, int4=args.int4, typing=args.typing)
+                     function=args.function, int4=args.int4, typing=args.typing, guard=args.guard)
     except ParityError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1

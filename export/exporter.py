@@ -28,6 +28,7 @@ from qformat.spec import allocation
 from . import cleanup, graph, rules, trace, typed
 from .emitters import Options, Tap, emitter_class
 from .functions import lowbit_function
+from .guard import add_nonfinite_guard
 from .parity import Parity, compare, load_images, run_graph, run_parity
 from .rewrite import Rewriter
 
@@ -135,7 +136,7 @@ def _finish(m: onnx.ModelProto, op: int, fmt: str, target: str, rw: Rewriter, fp
 
 
 def build_graph(dep: Any, fmt: str, target: str, opset: int | None = None, function: bool | None = None,
-                log: Log = _stderr, int4: bool = True, typing: str | None = None) -> Graphs:
+                log: Log = _stderr, int4: bool = True, typing: str | None = None, guard: bool = True) -> Graphs:
     """Trace, rewrite, clean and check ``dep`` (a train.deploy.Deployable); raise UserError on
     anything the target cannot build.  ``typing``: ``weak`` / ``strong`` / None (the target's default)."""
     tgt = targets.get_target(target)
@@ -154,6 +155,8 @@ def build_graph(dep: Any, fmt: str, target: str, opset: int | None = None, funct
     if bad:
         raise UserError(f"the {fmt} graph breaks {tgt.runtime} rules: {bad[0]}" +
                         (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
+    if guard and emitter_class(fmt).quantizes_activations:  # NaN/Inf in -> NaN out (export/guard.py)
+        m = add_nonfinite_guard(m, op)
     deploy = m
     keep_fn = (not tgt.tensorrt) if function is None else function
     if rw.lowbit_nodes and not keep_fn:
@@ -234,13 +237,13 @@ def _sidecar(dep: Any, g: Graphs, fmt: str, target: str, bits: dict, par: Parity
 def export(dep: Any, fmt: str, target: str, out_dir: str, opset: int | None = None, parity_n: int = 32,
            atol: float | None = None, rtol: float | None = None, min_agree: float = 0.99,
            calib_dir: str | None = None, function: bool | None = None, log: Log = _stderr, int4: bool = True,
-           typing: str | None = None) -> Result:
+           typing: str | None = None, guard: bool = True) -> Result:
     """Export, prove parity in ONNX Runtime, then write the graph and its sidecar atomically."""
     t0 = time.time()
     bits = dep.bits()
     name = stem(dep.meta["model"], bits, fmt)
     log(f"export {name} for {target}")
-    g = build_graph(dep, fmt, target, opset, function, log, int4, typing)
+    g = build_graph(dep, fmt, target, opset, function, log, int4, typing, guard)
     par = check_parity(dep, g, fmt, parity_n, atol, rtol, min_agree, calib_dir, log) if parity_n > 0 else None
     path = os.path.join(out_dir, name + ".onnx")
     if par is not None and not par.passed:

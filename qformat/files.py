@@ -69,7 +69,7 @@ def require(path, want, flag=None):
     path = os.fspath(path)
     name = "{} {}".format(flag, path) if flag else path
     if not os.path.exists(path):
-        raise UserError("{}: no such file ({})".format(name, _MAKE[want]))
+        raise UserError("{} file not found: {} ({})".format(want.replace(" model", ""), name, _MAKE[want]))
     if os.path.isdir(path):
         raise UserError("{} is a folder, not a {}; give the file".format(name, want))
     try:

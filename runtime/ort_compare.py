@@ -240,6 +240,8 @@ def compare_files(fp32, ours, batches=(1, 8), rounds=7, iters=0, warmup=2, threa
                   work_dir=None, log=print):
     """Build the reference rows, open every session, time them interleaved; return the result dict."""
     for p in [fp32] + list(ours):  # the one loader: missing, text, truncated -> one line, before any work
+        if not os.path.isfile(p):
+            raise UserError("no such ONNX file: {}".format(p))
         ops = onnx_info.inspect(p)["ops"]
         if p == fp32 and ops & QUANTIZED_OPS:
             raise UserError("--fp32 {} holds {} nodes: it is a quantized graph, not an FP32 baseline; pass the "
