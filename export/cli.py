@@ -58,6 +58,20 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
     return p
 
 
+def choice_notes(fmt: str, tgt: targets.Target, opset: int, int4: bool, specs: list) -> list[str]:
+    """One line for each choice the export makes that the user may want the other way."""
+    notes = []
+    low = [s for s in specs if s.weight is not None and s.weight.max_bits <= 4]
+    if fmt == "woq" and low and tgt.int4 and int4 and not targets.use_int4(tgt, opset):
+        notes.append(f"note: --format woq at opset {opset} stores the weights of {len(low)} layer(s) of 4 bits or "
+                     f"fewer in INT8 (--target {tgt.name} reads INT4 weights from opset 21): add --opset 21 for INT4")
+    if fmt == "qdq" and tgt.tensorrt and not tgt.fast_int8:
+        notes.append(f"note: --target {tgt.name} has no fast INT8: a qdq engine runs INT8 in slow emulation "
+                     "(runtime.build refuses it without --allow-slow-int8); --format lowbit gives an FP16 engine "
+                     "with low-bit weight plugins")
+    return notes
+
+
 @main_guard
 def main(argv: list[str] | None = None, prog: str = "python -m export") -> int:
     args = build_parser(prog).parse_args(argv)
@@ -83,6 +97,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m export") -> int:
     check_out_dir(args.out, "--out", files=[stem(dep.meta["model"], dep.bits(), args.format) + ".parity-failed.onnx",
                                             stem(dep.meta["model"], dep.bits(), args.format) + ".json"])
     hold(args.out, "--out")  # one export per folder at a time (a graph and its sidecar are a pair)
+    for note in choice_notes(args.format, tgt, targets.resolve_opset(tgt, args.opset), args.int4, dep.specs):
+        sys.stderr.write(note + "\n")
     try:
         res = export(dep, args.format, args.target, args.out, opset=args.opset, parity_n=args.parity_n,
                      atol=args.atol, rtol=args.rtol, min_agree=args.min_agree, calib_dir=args.calib_dir,

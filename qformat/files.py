@@ -71,13 +71,12 @@ def require(path, want, flag=None):
     if not os.path.exists(path):
         raise UserError("{} file not found: {} ({})".format(want.replace(" model", ""), name, _MAKE[want]))
     if os.path.isdir(path):
-        raise UserError("{} is a folder, not a {}; give the file".format(name, want))
+        raise UserError("{} is a folder, not {}; give the file".format(name, _what(want)))
     try:
         kind = kind_of(path)
     except OSError as e:
         raise UserError("cannot read {}: {}".format(name, e.strerror or e)) from None
     if kind == want or kind is None:
         return
-    if kind == "empty":
-        raise UserError("{} is an empty file, not a {} (an interrupted copy?); {}".format(name, want, _MAKE[want]))
-    raise UserError("{} is {}, not a {}; {}".format(name, _what(kind), want, _MAKE[want]))
+    raise UserError("{} is not a readable {}: it is {}{}; {}".format(
+        name, want, _what(kind), " (an interrupted copy?)" if kind == "empty" else "", _MAKE[want]))

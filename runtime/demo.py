@@ -65,6 +65,7 @@ class Output:
         self.writer = None
         self.size = None
         self.count = 0
+        self.failed = False
         parent = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(parent, exist_ok=True)
@@ -82,6 +83,13 @@ class Output:
             raise output_error(self.path, e) from None
 
     def write(self, img, tag):
+        try:
+            self._write(img, tag)
+        except BaseException:
+            self.failed = True  # an output that failed is never committed over the previous one
+            raise
+
+    def _write(self, img, tag):
         cv2 = require_cv2()
         self.count += 1
         if self.ext not in VIDEO_EXTS:
@@ -116,7 +124,7 @@ class Output:
         if self.tmp_dir is None:
             return
         try:
-            if commit and self.count:
+            if commit and self.count and not self.failed:
                 if self.ext in VIDEO_EXTS:
                     self._verify_video()
                     qio.commit_path(self.tmp, self.path, "video")  # the finished file appears in one step
