@@ -183,8 +183,9 @@ def _torch_backend():
 _CLASSES = {"ort": lambda: OrtBackend, "trt": lambda: TrtBackend, "torch": _torch_backend}
 
 
-#: the file each backend runs (qformat.files checks its kind before the backend's library loads it)
-_FILE_KIND = {"ort": files.ONNX, "trt": files.ENGINE, "torch": files.CHECKPOINT}
+#: the file each backend runs (qformat.files checks its kind before the backend's library loads it); a
+#: checkpoint (also given as a stem or its .json) is checked by the train side's loader, behind the torch import
+_FILE_KIND = {"ort": files.ONNX, "trt": files.ENGINE}
 
 
 def _check_file(kind, path):
@@ -194,7 +195,8 @@ def _check_file(kind, path):
         raise UserError("--backend trt runs a TensorRT engine and {} is an ONNX model (TensorRT {}): build an "
                         "engine with python3 -m runtime.build --onnx {} and pass --engine, or use --backend "
                         "ort".format(path, have, path))
-    files.require(path, _FILE_KIND[kind])
+    if kind in _FILE_KIND:
+        files.require(path, _FILE_KIND[kind])
 
 
 def open_backend(kind, path, threads=0, providers=None, plugins=None, cuda_graph=True, lowbit_cuda=False,

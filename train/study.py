@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional
 from qformat.argtypes import ArgumentParser, nonneg_int, positive_float, positive_int
 from qformat.errors import UserError, main_guard
 from qformat.io import read_json, write_json
+from qformat.lock import hold
 from qformat.paths import check_out_dir
 
 #: QAT steps per trainer epoch: every run is checkpointed and validated every CHUNK steps
@@ -873,6 +874,7 @@ def parse(argv: Optional[list], prog: str = "python -m train.study") -> tuple[St
         raise UserError(f"--stage {args.stage!r}: use one or more of {', '.join(STAGES)}")
     if not (args.plan or args.report or args.eval_test):
         check_out_dir(args.work, "--work")
+        hold(args.work, "--work")  # one study runner per work folder (each run folder is locked by its training)
     check_out_dir(args.results, "--results")
     if args.threads is not None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
