@@ -2,10 +2,11 @@
 
 QuantizeLinear maps NaN to an integer code (and clamps +-Inf), so a Q/DQ or low-bit graph run
 directly (ONNX Runtime in someone's app) would return finite, plausible logits for an image that
-has none. The guard adds ``ReduceSum(input) * 0`` to the logits: 0 for every finite input (the
+has none. The guard adds ``ReduceMean(input) * 0`` to the logits: 0 for every finite input (the
 logits are bit-identical, so export parity is unchanged) and NaN for a frame holding NaN or Inf
-(NaN * 0 = Inf * 0 = NaN). The sum is taken in FP32 per image (an FP16 sum of a large image could
-overflow). ``export --no-nonfinite-guard`` leaves it out.
+(NaN * 0 = Inf * 0 = NaN). The mean is taken in FP32 per image (an FP16 one could overflow), and
+ReduceMean is an op the exporter already emits for every target (export/rules.py).
+``export --no-nonfinite-guard`` leaves it out.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _elem_type(vi: onnx.ValueInfoProto) -> int:
 
 
 def add_nonfinite_guard(m: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """A copy of ``m`` whose (single) output is ``logits + ReduceSum(input) * 0``, per image."""
+    """A copy of ``m`` whose (single) output is ``logits + ReduceMean(input) * 0``, per image."""
     out = onnx.ModelProto()
     out.CopyFrom(m)
     g = out.graph
@@ -40,12 +41,13 @@ def add_nonfinite_guard(m: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         nodes.append(helper.make_node("Cast", [x], [PREFIX + "_x32"], to=TensorProto.FLOAT, name=PREFIX + "_cast_in"))
         x = PREFIX + "_x32"
     axes = list(range(1, rank))
-    if opset >= 13:
+    if opset >= 18:  # ReduceMean takes its axes as an input from opset 18
         g.initializer.append(numpy_helper.from_array(np.asarray(axes, dtype=np.int64), PREFIX + "_axes"))
-        nodes.append(helper.make_node("ReduceSum", [x, PREFIX + "_axes"], [PREFIX + "_sum"], keepdims=1,
-                                      name=PREFIX + "_sum"))
+        nodes.append(helper.make_node("ReduceMean", [x, PREFIX + "_axes"], [PREFIX + "_sum"], keepdims=1,
+                                      name=PREFIX + "_mean"))
     else:
-        nodes.append(helper.make_node("ReduceSum", [x], [PREFIX + "_sum"], axes=axes, keepdims=1, name=PREFIX + "_sum"))
+        nodes.append(helper.make_node("ReduceMean", [x], [PREFIX + "_sum"], axes=axes, keepdims=1,
+                                      name=PREFIX + "_mean"))
     g.initializer.append(numpy_helper.from_array(np.zeros((), dtype=np.float32), PREFIX + "_zero"))
     nodes += [helper.make_node("Flatten", [PREFIX + "_sum"], [PREFIX + "_flat"], axis=1, name=PREFIX + "_flat"),
               helper.make_node("Mul", [PREFIX + "_flat", PREFIX + "_zero"], [PREFIX + "_z"], name=PREFIX + "_mul")]
