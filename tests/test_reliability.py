@@ -85,12 +85,12 @@ def test_a_run_saved_before_the_hash_is_compared_on_what_it_has(tmp_path, capsys
 
 # ----------------------------------------------------------------------------- 2. one writer per folder
 
-def _holder(folder):
+def _holder(folder, inside=True):
     """A process that holds ``folder``'s lock until killed."""
-    code = ("import sys, time\nfrom qformat import lock\nlock.hold(sys.argv[1])\nprint('held', flush=True)\n"
-            "time.sleep(60)\n")
-    p = subprocess.Popen([sys.executable, "-c", code, folder], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                         stdout=subprocess.PIPE, text=True)
+    code = ("import sys, time\nfrom qformat import lock\nlock.hold(sys.argv[1], inside=sys.argv[2] == '1')\n"
+            "print('held', flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, folder, "1" if inside else "0"], cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p
 
@@ -110,6 +110,29 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     lock.hold(out)  # this process took and gave back the lock; taking it again works (and is re-entrant)
     lock.hold(out)
     lock.release(out)
+
+
+def test_export_and_demo_outputs_have_one_writer(tmp_path, demo_model, frames, expect_error, tiny_checkpoint):
+    from export.cli import main as export_main
+    from runtime import demo
+
+    out = str(tmp_path / "artifacts")
+    holder = _holder(out)
+    try:
+        expect_error(export_main, ["--checkpoint", tiny_checkpoint, "--parity-n", "0", "--out", out],
+                     "is in use by pid {}".format(holder.pid))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    video = str(tmp_path / "v.avi")
+    holder = _holder(video, inside=False)
+    try:
+        expect_error(demo.main, ["--onnx", demo_model, "--headless", "--source", frames, "--out", video],
+                     "is in use by pid {}".format(holder.pid))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not os.path.exists(video)
 
 
 # ----------------------------------------------------------------------------- 3. every output atomic
