@@ -144,10 +144,9 @@ class Output:
         if cap is not None:
             cap.release()
         if not ok:
-            raise OutputError("cannot write {}: the video writer produced {} for {} frame(s) (disk full?); the "
-                              "previous {} is unchanged".format(
-                                  self.path, "an unreadable {}-byte file".format(size) if size else "no data",
-                                  self.count, "video" if os.path.lexists(self.path) else "location"))
+            raise OutputError("cannot write {}: the video writer produced {} for {} frame(s) (disk full?); {}".format(
+                self.path, "an unreadable {}-byte file".format(size) if size else "no data", self.count,
+                "the previous video is unchanged" if os.path.lexists(self.path) else "nothing was written"))
         try:
             qio.fsync_path(self.tmp)
         except OSError as e:
@@ -230,13 +229,18 @@ def run(args, log=print):
     """The demo loop; returns the summary dict (also printed as one line)."""
     cv2 = require_cv2()
     check_outputs(args)
-    if args.headless and args.out:
-        hold(args.out, "--out", inside=False)  # one writer per output; the lock file sits beside it
     backend = open_backend(args.backend, args.model, threads=args.threads, plugins=args.plugins, log=log)
     meta = backend.meta
     title = "{} [{}]".format(model_meta.label(meta, args.model), backend.name)
     source = open_source(args.source, loop=args.loop, width=args.width, height=args.height, fps=args.fps,
                          max_retries=args.retries, log=log)
+    if args.headless and args.out:  # after the model and source opened: a refused command leaves nothing behind
+        try:
+            hold(args.out, "--out", inside=False)  # one writer per output; the lock file sits beside it
+        except UserError:
+            source.close()
+            backend.close()
+            raise
     out = Output(args.out, fps=args.fps) if (args.headless and args.out) else None
     window = "qvit-edge demo"
     if not args.headless:

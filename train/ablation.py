@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise UserError(f"unknown --methods {sorted(unknown)}: use {', '.join(k for k, _ in METHOD_ROWS)}")
     check_out_dir(args.out, "--out")
-    hold(args.out, "--out")  # one ablation per folder
     if args.fp_dir:
         check_out_dir(args.fp_dir, "--fp-dir")
+    hold(args.out, "--out")  # one ablation per folder (after the checks: a refused command creates nothing)
     common = ["--model", args.model, "--data", args.data, "--seed", str(args.seed), "--no-tensorboard"]
     if args.data_dir:
         common += ["--data-dir", args.data_dir]

@@ -874,7 +874,6 @@ def parse(argv: Optional[list], prog: str = "python -m train.study") -> tuple[St
         raise UserError(f"--stage {args.stage!r}: use one or more of {', '.join(STAGES)}")
     if not (args.plan or args.report or args.eval_test):
         check_out_dir(args.work, "--work")
-        hold(args.work, "--work")  # one study runner per work folder (each run folder is locked by its training)
     check_out_dir(args.results, "--results")
     if args.threads is not None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -899,6 +898,8 @@ def parse(argv: Optional[list], prog: str = "python -m train.study") -> tuple[St
         steps = args.budget or STAGES[st]["steps"]
         choose_steps = steps if st == "stage1" else args.choose_at
         plans.append(Plan(st, bits, seeds, steps, choose_bits, choose_steps))
+    if not (args.plan or args.report or args.eval_test):  # after every check: a refused command creates nothing
+        hold(args.work, "--work")  # one study runner per work folder (each run folder is locked by its training)
     study.args = args  # type: ignore[attr-defined]
     return study, plans
 

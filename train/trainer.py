@@ -520,7 +520,7 @@ def _check_run_folder(args: argparse.Namespace) -> None:
 def _open_run_folder(args: argparse.Namespace) -> None:
     """Create --out (rank 0, after the data loaded); --force removes the earlier run, leftovers of a
     killed save are cleaned."""
-    hold_folder(args.out, "--out")  # one writer per run folder, until this process ends
+    hold_folder(args.out, "--out")  # one writer per run folder, until run() ends (or the process dies)
     if args.force:
         removed = ckpt.remove_run(args.out)
         if removed:
