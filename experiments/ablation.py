@@ -19,6 +19,7 @@ from qformat import FormatError, check_bits
 from qformat.argtypes import ArgumentParser, positive_float, seed_int
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, read_json, write_json
+from qformat.lock import hold
 from qformat.paths import check_out_dir
 
 METHOD_ROWS = (("baseline", "Baseline"), ("irm", "+IRM"), ("dgd", "+DGD"), ("qvit", "+IRM+DGD (Q-ViT)"))
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.ablat
     check_out_dir(args.out, "--out")
     if args.fp_dir:
         check_out_dir(args.fp_dir, "--fp-dir")
+    hold(args.out, "--out")  # one ablation per folder (after the checks: a refused command creates nothing)
     common = ["--model", args.model, "--data", args.data, "--seed", str(args.seed), "--no-tensorboard"]
     if args.data_dir:
         common += ["--data-dir", args.data_dir]

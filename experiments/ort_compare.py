@@ -23,11 +23,13 @@ import time
 
 import numpy as np
 
+from qformat import LOWBIT_OP
 from qformat.argtypes import int_list, nonneg_int, positive_int
 from qformat.cli import parser
 from qformat.errors import UserError, main_guard
 from qformat.io import write_json
 from qformat.paths import check_out_dir, check_out_file
+from runtime import onnx_info
 
 SCHEMA = "qvit-edge.ort-compare/1"
 #: ONNX Runtime nodes that run a matmul/conv on integers (what a DQ -> MatMul fusion becomes)
@@ -110,9 +112,7 @@ class _Reader:
 
 def _input(path):
     """(input name, [C, H, W]) of a graph's single image input."""
-    import onnx
-
-    m = onnx.load(path, load_external_data=False)
+    m = onnx_info.load_checked(path)  # a truncated or text file: one line, like every other tool
     inits = set(t.name for t in m.graph.initializer)
     ins = [i for i in m.graph.input if i.name not in inits]
     if len(ins) != 1:
@@ -232,12 +232,20 @@ def verdicts(rows, batches):
     return out
 
 
+#: nodes an FP32 baseline must not hold
+QUANTIZED_OPS = frozenset(onnx_info.QDQ_OPS + (LOWBIT_OP, "QLinearMatMul", "MatMulInteger", "MatMulNBits"))
+
+
 def compare_files(fp32, ours, batches=(1, 8), rounds=7, iters=0, warmup=2, threads=2, references=True,
                   work_dir=None, log=print):
     """Build the reference rows, open every session, time them interleaved; return the result dict."""
-    for p in [fp32] + list(ours):
+    for p in [fp32] + list(ours):  # the one loader: missing, text, truncated -> one line, before any work
         if not os.path.isfile(p):
             raise UserError("no such ONNX file: {}".format(p))
+        ops = onnx_info.inspect(p)["ops"]
+        if p == fp32 and ops & QUANTIZED_OPS:
+            raise UserError("--fp32 {} holds {} nodes: it is a quantized graph, not an FP32 baseline; pass the "
+                            "export --format fp32 graph".format(p, "/".join(sorted(ops & QUANTIZED_OPS))))
     graphs = [Graph("fp32", fp32, "fp32")]
     for p in ours:
         label = _label(p)

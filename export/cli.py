@@ -7,11 +7,12 @@ import argparse
 import sys
 
 import qformat
-from qformat import targets
+from qformat import formats, targets
 from qformat.argtypes import fraction, int_range, nonneg_float, nonneg_int
 from qformat.cli import add_model_args, add_override_arg, parser, read_overrides
 from qformat.errors import UserError, main_guard
 from qformat.io import remove_stale_temps
+from qformat.lock import hold
 from qformat.paths import check_out_dir
 
 RANDOM_WEIGHTS = ("note: no checkpoint: exporting {model} at {bits} bits with RANDOM weights (structure and speed "
@@ -44,6 +45,9 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
     p.add_argument("--no-int4", dest="int4", action="store_false",
                    help="keep 4-bit weights in INT8 containers where the target has INT4 (--list-targets); "
                         "use this if your TensorRT build rejects INT8 x INT4")
+    p.add_argument("--no-nonfinite-guard", dest="guard", action="store_false",
+                   help="qdq/lowbit: leave out the guard that turns a NaN/Inf input into NaN logits (by default "
+                        "logits + ReduceSum(input) x 0; Q/DQ alone maps NaN to a confident class)")
     par = p.add_argument_group("parity")
     par.add_argument("--parity-n", type=nonneg_int, default=32, help="images for the parity check (0 = skip)")
     par.add_argument("--atol", type=nonneg_float, default=None, help="default 1e-3 (both typings)")
@@ -52,6 +56,20 @@ def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
     par.add_argument("--min-agree", type=fraction, default=0.99, help="minimum top-1 agreement (fraction, tie-aligned)")
     par.add_argument("--calib-dir", help="image folder for the parity images instead of the Fashion-MNIST test set")
     return p
+
+
+def choice_notes(fmt: str, tgt: targets.Target, opset: int, int4: bool, specs: list) -> list[str]:
+    """One line for each choice the export makes that the user may want the other way."""
+    notes = []
+    low = [s for s in specs if s.weight is not None and s.weight.max_bits <= 4]
+    if fmt == "woq" and low and tgt.int4 and int4 and not targets.use_int4(tgt, opset):
+        notes.append(f"note: --format woq at opset {opset} stores the weights of {len(low)} layer(s) of 4 bits or "
+                     f"fewer in INT8 (--target {tgt.name} reads INT4 weights from opset 21): add --opset 21 for INT4")
+    if fmt == "qdq" and tgt.tensorrt and not tgt.fast_int8:
+        notes.append(f"note: --target {tgt.name} has no fast INT8: a qdq engine runs INT8 in slow emulation "
+                     "(runtime.build refuses it without --allow-slow-int8); --format lowbit gives an FP16 engine "
+                     "with low-bit weight plugins")
+    return notes
 
 
 @main_guard
@@ -75,8 +93,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m export") -> int:
     from .exporter import ExportOptions, ParityError, ParityOptions, export
 
     dep = load_deployable(args.checkpoint, args.model, args.bits, overrides)
+    # every file it writes (the longest: a parity-failed graph, or a temp name) fits the file system, before tracing
+    name = formats.artifact_stem(dep.meta["model"], dep.bits(), args.format)
+    check_out_dir(args.out, "--out", files=[name + ".parity-failed.onnx", name + ".json"])
+    hold(args.out, "--out")  # one export per folder at a time (a graph and its sidecar are a pair)
+    for note in choice_notes(args.format, tgt, targets.resolve_opset(tgt, args.opset), args.int4, dep.specs):
+        sys.stderr.write(note + "\n")
     parity = ParityOptions(args.parity_n, args.atol, args.rtol, args.min_agree, args.calib_dir)
-    opts = ExportOptions(args.format, args.target, args.opset, args.typing, args.function, args.int4, parity)
+    opts = ExportOptions(args.format, args.target, args.opset, args.typing, args.function, args.int4, parity,
+                         args.guard)
     try:
         res = export(dep, args.out, opts)
     except ParityError as e:

@@ -28,6 +28,7 @@ from qformat.spec import allocation
 from . import cleanup, graph, rules, trace, typed
 from .emitters import Options, Tap, emitter_class
 from .functions import lowbit_function
+from .guard import add_nonfinite_guard
 from .parity import Parity, compare, load_images, run_graph, run_parity
 from .rewrite import Rewriter
 
@@ -83,6 +84,7 @@ class ExportOptions:
     function: bool | None = None  # lowbit: embed QvitLowBitLinear's function body (None: for non-TensorRT targets)
     int4: bool = True  # 4-bit weights as ONNX INT4 where the target and opset have it
     parity: ParityOptions = field(default_factory=ParityOptions)
+    guard: bool = True  # qdq/lowbit: a non-finite input gives non-finite logits (export/guard.py)
 
 
 def _check_fits(dep: Any, tgt: targets.Target, fmt: str) -> None:
@@ -153,7 +155,7 @@ def _finish(m: onnx.ModelProto, op: int, fmt: str, target: str, rw: Rewriter, fp
 
 
 def build_graph(dep: Any, fmt: str, target: str, opset: int | None = None, function: bool | None = None,
-                log: Log = _stderr, int4: bool = True, typing: str | None = None) -> Graphs:
+                log: Log = _stderr, int4: bool = True, typing: str | None = None, guard: bool = True) -> Graphs:
     """Trace, rewrite, clean and check ``dep`` (a train.deploy.Deployable); raise UserError on
     anything the target cannot build.  ``typing``: ``weak`` / ``strong`` / None (the target's default)."""
     tgt = targets.get_target(target)
@@ -172,6 +174,8 @@ def build_graph(dep: Any, fmt: str, target: str, opset: int | None = None, funct
     if bad:
         raise UserError(f"the {fmt} graph breaks {tgt.runtime} rules: {bad[0]}" +
                         (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
+    if guard and emitter_class(fmt).quantizes_activations:  # NaN/Inf in -> NaN out (export/guard.py)
+        m = add_nonfinite_guard(m, op)
     deploy = m
     keep_fn = (not tgt.tensorrt) if function is None else function
     if rw.lowbit_nodes and not keep_fn:
@@ -258,7 +262,8 @@ def export(dep: Any, out_dir: str, opts: ExportOptions, log: Log = _stderr) -> R
     bits = dep.bits()
     name = formats.artifact_stem(dep.meta["model"], bits, fmt)
     log(f"export {name} for {target}")
-    g = build_graph(dep, fmt, target, opts.opset, opts.function, log, opts.int4, opts.typing)
+    g = build_graph(dep, fmt, target, opts.opset, opts.function, log, opts.int4, opts.typing,
+                    opts.guard)
     par = check_parity(dep, g, fmt, po, log) if po.n > 0 else None
     path = os.path.join(out_dir, name + ".onnx")
     if par is not None and not par.passed:

@@ -11,6 +11,8 @@ parity tap is that input (``"x"``).
 
 from __future__ import annotations
 
+import numpy as np
+
 import qformat
 from qformat.errors import UserError
 
@@ -18,6 +20,15 @@ from .emitters import Tap, register_emitter
 from .functions import lowbit_node
 from .qdq import QdqEmitter
 from .qdq_ort import OrtQdqEmitter
+
+
+def _shared_per_group(scale) -> bool:
+    """Whether per-channel ``scale`` entries come in equal-length runs of one value (a learned head output: one
+    scale per head of ``head_dim`` channels, whatever the heads' widths), not one scale per channel
+    (``granularity=paper``). Either way the Q/DQ fallback is exact; only the latter makes the format pointless."""
+    s = np.asarray(scale).reshape(-1)
+    runs = np.diff(np.concatenate([[0], np.flatnonzero(s[1:] != s[:-1]) + 1, [s.size]]))
+    return bool(runs.min() > 1 and np.all(runs % runs.min() == 0))
 
 
 class LowbitLinears:
@@ -29,7 +40,8 @@ class LowbitLinears:
         except qformat.FormatError:
             # per-head input widths (a learned head output, the input of W_O) need a scale per head, which
             # the node's one input scale cannot hold: that layer goes as Q/DQ, exact like the rest
-            if site.input.scale.size != 1 and site.weight.max_bits in qformat.PACKED_BITS and not site.input.mixed:
+            if (site.input.scale.size != 1 and site.weight.max_bits in qformat.PACKED_BITS and not site.input.mixed
+                    and not _shared_per_group(site.input.scale)):
                 raise UserError(f"{site.name}: the lowbit node takes a per-tensor input scale but this model uses "
                                 f"per-channel Linear input scales (granularity=paper); export --format qdq") from None
             super().linear(site, x, out)  # no packed layout (e.g. 8-bit head): Q/DQ as in qdq

@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 import qformat
 
 from .graph import producers
+from .guard import PREFIX as GUARD_PREFIX
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -42,10 +43,12 @@ _SCALE_INPUTS = {"QuantizeLinear": 1, "DequantizeLinear": 1}
 
 
 def island_nodes(model: onnx.ModelProto, fp32_layers: list[str]) -> set[str]:
-    """Names of the nodes that stay FP32: LayerNorm/IRM nodes, Softmax, the low-bit plugin node."""
+    """Names of the nodes that stay FP32: LayerNorm/IRM nodes, Softmax, the low-bit plugin node, and the
+    non-finite guard on the FP32 input and logits (export/guard.py)."""
     keep = set(fp32_layers)
     return {n.name for n in model.graph.node
-            if n.name in keep or n.op_type in ("Softmax", "LayerNormalization") or n.domain == qformat.LOWBIT_DOMAIN}
+            if n.name in keep or n.op_type in ("Softmax", "LayerNormalization") or n.domain == qformat.LOWBIT_DOMAIN
+            or n.name.startswith(GUARD_PREFIX)}
 
 
 def _types(g: onnx.GraphProto) -> dict[str, int]:

@@ -9,6 +9,7 @@ Any ``OSError`` of a write becomes one :class:`~qformat.errors.OutputError` nami
 Python 3.6-compatible: the runtime reads sidecars on the Jetson.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -96,6 +97,15 @@ def output_error(path, e):
     return err
 
 
+def kept_error(path, e, what="file"):
+    """:func:`output_error`, saying that the previous ``path`` (when there is one) was left as it was."""
+    err = output_error(path, e)
+    if os.path.lexists(path):
+        err = OutputError("{}; the previous {} is unchanged".format(err, what))
+        err.errno = getattr(e, "errno", None)
+    return err
+
+
 def atomic_write(path, data):
     """Write ``bytes`` to ``path`` atomically (same-directory temp file + ``os.replace``).
 
@@ -112,22 +122,97 @@ def atomic_write(path, data):
         raise output_error(path, e) from None
     try:
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                _write_all(fd, data)
+                if os.fstat(fd).st_size != len(data):  # verify before the old file is replaced
+                    raise OSError(errno.EIO, "wrote {} of {} bytes".format(os.fstat(fd).st_size, len(data)))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             _fire("written", path)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are shared (containers, other users)
             os.replace(tmp, path)
         except OSError as e:
-            raise output_error(path, e) from None
+            raise kept_error(path, e) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fire("committed", path)
+
+
+def _write_all(fd, data):
+    """``os.write`` until every byte is out (a short write is retried, ENOSPC/EIO raise)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, "write returned {}".format(n))
+        view = view[n:]
+
+
+def fsync_path(path):
+    """fsync a file written by someone else (OpenCV's video writer) before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit_path(tmp, path, what="file"):
+    """Rename a finished temporary file or folder ``tmp`` onto ``path`` in one step.
+
+    A folder replaces the folder at ``path`` (moved aside first, removed after the swap), so a reader
+    sees the old folder or the new one, never a mix. On failure the old ``path`` is left as it was,
+    ``tmp`` is removed and one :class:`OutputError` says so.
+    """
+    tmp, path = os.fspath(tmp), os.fspath(path)
+    aside = None
+    try:
+        if os.path.isdir(tmp) and os.path.isdir(path) and os.listdir(path):
+            aside = tempfile.mkdtemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX,
+                                     dir=os.path.dirname(os.path.abspath(path)))
+            os.rename(path, os.path.join(aside, "old"))
+        try:
+            os.replace(tmp, path)  # a folder onto a missing or empty folder: one rename as well
+        except OSError:
+            if aside is not None:  # put the old folder back
+                os.rename(os.path.join(aside, "old"), path)
+            raise
+    except OSError as e:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _unlink_quiet(tmp)
+        raise kept_error(path, e, what) from None
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _fire("committed", path)
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def write_json(path, obj):

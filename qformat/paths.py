@@ -12,10 +12,19 @@ import os
 import tempfile
 
 from .errors import UserError, describe_oserror
-from .io import TEMP_SUFFIX
+from .io import TEMP_STEM_BYTES, TEMP_SUFFIX
 
 DEFAULT_NAME_MAX = 255
 DEFAULT_PATH_MAX = 4096
+#: bytes a temp sibling adds around a name of at most TEMP_STEM_BYTES: "." + "." + pid (7) + "-" + 8 + ".tmp"
+_TEMP_EXTRA = 1 + 1 + 7 + 1 + 8 + len(TEMP_SUFFIX)
+
+
+def written_bytes(path):
+    """Bytes of the longest path written for ``path``: itself or its temporary sibling (qformat.io)."""
+    path = os.path.abspath(os.fspath(path))
+    name = len(os.fsencode(os.path.basename(path)))
+    return len(os.fsencode(os.path.dirname(path))) + 1 + max(name, min(name, TEMP_STEM_BYTES) + _TEMP_EXTRA)
 
 
 def _limit(directory, name, default):
@@ -65,6 +74,17 @@ def _check_names(flag, path, base, names):
     if len(os.fsencode(os.path.abspath(path))) >= path_max:
         raise UserError("{} {}: the path is longer than this system's limit of {} bytes; use a shorter "
                         "one".format(flag, path, path_max))
+    return path_max
+
+
+def _check_files(flag, path, path_max, files):
+    """Every file the command will write under the folder ``path`` (and its temp sibling) must fit PATH_MAX."""
+    for rel in files:
+        n = written_bytes(os.path.join(path, rel))
+        if n >= path_max:
+            raise UserError("{} {}: the file {} it will hold (or its temporary name) would be a {}-byte path, over "
+                            "this system's limit of {} bytes; use a shorter {}".format(flag, path, rel, n, path_max,
+                                                                                      flag))
 
 
 def _require_writable(flag, path, base):
@@ -79,8 +99,9 @@ def _require_writable(flag, path, base):
         flag, path, where, describe_oserror(err)))
 
 
-def check_out_dir(path, flag="--out"):
-    """Refuse (one-line :class:`UserError`) an output folder that cannot be created or written.
+def check_out_dir(path, flag="--out", files=()):
+    """Refuse (one-line :class:`UserError`) an output folder that cannot be created or written, or whose
+    ``files`` (relative paths the command will write there) would not fit the file system's path limit.
 
     Creates nothing: the folder itself is made when the first file is written.
     """
@@ -92,7 +113,8 @@ def check_out_dir(path, flag="--out"):
         if not missing:
             raise UserError("{} {} is an existing file, not a folder: give a folder path".format(flag, path))
         raise UserError("{} {}: {} is a file, not a folder".format(flag, path, base))
-    _check_names(flag, path, base, missing)
+    path_max = _check_names(flag, path, base, missing)
+    _check_files(flag, path, path_max, files)
     _require_writable(flag, path, base)
 
 
@@ -108,5 +130,6 @@ def check_out_file(path, flag):
     base, missing = _nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(base):
         raise UserError("{} {}: {} is a file, not a folder".format(flag, path, base))
-    _check_names(flag, path, base, missing + [os.path.basename(path)])
+    path_max = _check_names(flag, path, base, missing + [os.path.basename(path)])
+    _check_files(flag, os.path.dirname(os.path.abspath(path)), path_max, [os.path.basename(path)])
     _require_writable(flag, path, base)

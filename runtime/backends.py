@@ -7,10 +7,12 @@ backend lives apart (:mod:`runtime.torchtools.backend`) and loads only for ``--b
 the Jetson image has no torch.  Python 3.6-compatible.
 """
 
+import importlib.util
 import os
 
 import numpy as np
 
+from qformat import files
 from qformat.errors import UserError
 from qformat.io import sha256_file, sidecar_path
 from qformat.ort import session_options
@@ -181,11 +183,28 @@ def _torch_backend():
 _CLASSES = {"ort": lambda: OrtBackend, "trt": lambda: TrtBackend, "torch": _torch_backend}
 
 
+#: the file each backend runs (qformat.files checks its kind before the backend's library loads it); a
+#: checkpoint (also given as a stem or its .json) is checked by the train side's loader, behind the torch import
+_FILE_KIND = {"ort": files.ONNX, "trt": files.ENGINE}
+
+
+def _check_file(kind, path):
+    """One line for a file of the wrong kind; an ONNX given to the trt backend says what trt runs."""
+    if kind == "trt" and os.path.isfile(path) and files.kind_of(path) == files.ONNX:
+        have = "is installed" if importlib.util.find_spec("tensorrt") is not None else "is missing here"
+        raise UserError("--backend trt runs a TensorRT engine and {} is an ONNX model (TensorRT {}): build an "
+                        "engine with python3 -m runtime.build --onnx {} and pass --engine, or use --backend "
+                        "ort".format(path, have, path))
+    if kind in _FILE_KIND:
+        files.require(path, _FILE_KIND[kind])
+
+
 def open_backend(kind, path, threads=0, providers=None, plugins=None, cuda_graph=True, lowbit_cuda=False,
                  verbose=False, log=print):
     """Backend ``kind`` for ``path`` (ONNX for ort, engine for trt, checkpoint for torch)."""
     if kind not in _CLASSES:
         raise UserError("unknown backend {!r}: use one of {}".format(kind, ", ".join(BACKENDS)))
+    _check_file(kind, path)
     cls = _CLASSES[kind]()
     if kind == "ort":
         return cls(path, threads=threads, providers=providers)

@@ -259,7 +259,7 @@ def _open_or_skip(kind, path, args, max_batch, log, precision, sweep):
 
 def fmt_run(r):
     if r["status"] != "ok":
-        return "{} b{}: skipped ({})".format(r["label"], r["batch"], r["reason"])
+        return "{} b{}: {} ({})".format(r["label"], r["batch"], r["status"], r["reason"])
     lat = r["latency_ms"]
     s = "{} b{}: {:.1f} img/s  latency mean {:.3f} p50 {:.3f} p90 {:.3f} p99 {:.3f} ms".format(
         r["label"], r["batch"], r["img_per_s"], lat["mean"], lat["p50"], lat["p90"], lat["p99"])
@@ -285,6 +285,7 @@ def run(args, log=print):
                       "reason": why} for b in args.batches]
             n += len(args.batches)
             continue
+        failed = None  # a point that failed (e.g. out of memory): the larger batches of this target are skipped
         try:
             label = "{} {}".format(model_meta.label(backend.meta, path), kind)
             if kind == "trt":
@@ -297,10 +298,9 @@ def run(args, log=print):
                 base = {"label": label, "backend": kind, "path": os.path.abspath(path),
                         "model": backend.meta.get("model"), "format": backend.meta.get("format"),
                         "bits": backend.meta.get("bits"), "precision": backend.precision, "batch": batch}
-                try:
-                    rec = time_backend(backend, batch, args.iters, args.duration, args.warmup, args.seed, power)
-                except BatchUnsupported as e:
-                    rec = {"status": "skipped", "reason": str(e)}
+                rec = _measure(backend, batch, args, power, failed)
+                if rec["status"] == "failed":
+                    failed = (label, batch)
                 base.update(rec)
                 runs.append(base)
                 log("[{}/{}] {}".format(n, total, fmt_run(base)))
@@ -322,7 +322,25 @@ def run(args, log=print):
     path = args.json_path
     write_json(path, result)
     result["json_path"] = path
+    bad = [r for r in runs if r["status"] == "failed"]
+    if bad:  # after the measured points are safe on disk
+        raise UserError("bench: {} b{} failed ({}); the {} point(s) measured are in {}".format(
+            bad[0]["label"], bad[0]["batch"], bad[0]["reason"], sum(r["status"] == "ok" for r in runs), path))
     return result
+
+
+def _measure(backend, batch, args, power, failed):
+    """One sweep point: its record, ``status`` ok / skipped / failed (any error of the backend, in one line:
+    a sweep keeps the points it measured)."""
+    if failed is not None:
+        return {"status": "skipped", "reason": "batch {} failed".format(failed[1])}
+    try:
+        return time_backend(backend, batch, args.iters, args.duration, args.warmup, args.seed, power)
+    except BatchUnsupported as e:
+        return {"status": "skipped", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - ORT/TensorRT out of memory, a CUDA error: recorded, not a traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return {"status": "failed", "reason": "{}: {}".format(type(e).__name__, first[:300])}
 
 
 def summary_line(result):

@@ -262,10 +262,32 @@ class _Graph(GraphKind):
 
 
 def _print_plan(args, g, log):
-    plan = g.plan(args)
-    log("plan (assuming a GPU with fast INT8/FP16{}): {}".format(
+    """The plan without TensorRT, under the rules the real build applies: the sidecar's target decides fast INT8
+    (TX2: none), its notes are printed, a non-TensorRT target and a lowbit graph without --plugins are named."""
+    tgt = _sidecar_target(g)
+    fast_int8 = tgt.fast_int8 if tgt is not None else True
+    plan = g.plan(args, fast_int8=fast_int8)
+    log("plan (assuming {}{}): {}".format(
+        "the {} GPU of --target {}".format("fast INT8/FP16" if fast_int8 else "FP16-only", tgt.name)
+        if tgt is not None and tgt.tensorrt else "a GPU with fast INT8/FP16",
         "" if plan["typed"] else ", TensorRT < 11", plan["label"]))
+    for note in plan["notes"]:
+        log("note: " + note)
+    if tgt is not None and not tgt.tensorrt:
+        log("note: exported for {} (--target {}); TensorRT may reject what only it runs (UINT8, INT4): re-export "
+            "with a TensorRT --target (--list-targets)".format(tgt.runtime, tgt.name))
+    if g.is_lowbit and not args.plugins:
+        log("note: {} uses the {} custom op: the build needs its plugin ({})".format(args.onnx, LOWBIT_OP,
+                                                                                      trt_compat.PLUGIN_HINT))
     log(g.trtexec(args, args.engine or "model.engine", plan, args.timing_cache))
+
+
+def _sidecar_target(g):
+    """The export target named by the graph's sidecar (None when absent or unknown)."""
+    try:
+        return targets.get_target(g.meta.get("target"))
+    except UserError:
+        return None
 
 
 def _open_trt(args, g, log):

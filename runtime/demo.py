@@ -22,10 +22,12 @@ if not __package__:  # `python3 runtime/<script>.py`: one error line where qform
 
 import numpy as np  # noqa: E402
 
+from qformat import io as qio  # noqa: E402
 from qformat.argtypes import nonneg_int, positive_int  # noqa: E402
 from qformat.cli import add_runtime_args, parser  # noqa: E402
-from qformat.errors import UserError, main_guard  # noqa: E402
+from qformat.errors import OutputError, UserError, main_guard  # noqa: E402
 from qformat.io import TEMP_SUFFIX, atomic_write, output_error, remove_stale_temps, temp_prefix  # noqa: E402
+from qformat.lock import hold  # noqa: E402
 from qformat.paths import check_out_dir, check_out_file  # noqa: E402
 from runtime import model_meta  # noqa: E402
 from runtime.backends import BACKENDS, open_backend  # noqa: E402
@@ -46,7 +48,11 @@ def save_png(path, img):
 
 
 class Output:
-    """Headless sink: an annotated video (``.mp4``/``.avi``/``.mkv``) or a folder of PNGs."""
+    """Headless sink: an annotated video (``.mp4``/``.avi``/``.mkv``) or a folder of PNGs.
+
+    Both grow under a temporary sibling name and replace ``path`` as a whole in :meth:`close`, after
+    a check: a failed or interrupted run leaves the previous video or folder as it was.
+    """
 
     def __init__(self, path, fps=15.0):
         self.path = path
@@ -55,18 +61,35 @@ class Output:
         self.writer = None
         self.size = None
         self.count = 0
-        if self.ext not in VIDEO_EXTS:
-            try:
-                os.makedirs(path, exist_ok=True)
-            except OSError as e:
-                raise output_error(path, e) from None
-        remove_stale_temps(path if self.ext not in VIDEO_EXTS else os.path.dirname(os.path.abspath(path)))
+        self.failed = False
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise output_error(path, e) from None
+        remove_stale_temps(parent)
+        self.tmp_dir = None
+        if self.ext not in VIDEO_EXTS:  # the new PNG folder, swapped in by close()
+            self.tmp_dir = self._mkdtemp(parent)
+
+    def _mkdtemp(self, parent):
+        try:
+            return tempfile.mkdtemp(prefix=temp_prefix(self.path), suffix=TEMP_SUFFIX, dir=parent)
+        except OSError as e:
+            raise output_error(self.path, e) from None
 
     def write(self, img, tag):
+        try:
+            self._write(img, tag)
+        except BaseException:
+            self.failed = True  # an output that failed is never committed over the previous one
+            raise
+
+    def _write(self, img, tag):
         cv2 = require_cv2()
         self.count += 1
         if self.ext not in VIDEO_EXTS:
-            save_png(os.path.join(self.path, "{}.png".format(tag)), img)
+            save_png(os.path.join(self.tmp_dir, "{}.png".format(tag)), img)
             return
         if self.writer is None:
             d = os.path.dirname(os.path.abspath(self.path))
@@ -76,10 +99,7 @@ class Output:
                 raise output_error(self.path, e) from None
             # the video grows in a temp folder with a bounded name (a 250-byte --out still fits) under a short
             # name whose extension tells OpenCV the container; close() renames it into place
-            try:
-                self.tmp_dir = tempfile.mkdtemp(prefix=temp_prefix(self.path), suffix=TEMP_SUFFIX, dir=d)
-            except OSError as e:
-                raise output_error(self.path, e) from None
+            self.tmp_dir = self._mkdtemp(d)
             self.tmp = os.path.join(self.tmp_dir, "video" + self.ext)
             self.size = (img.shape[1], img.shape[0])
             self.writer = cv2.VideoWriter(self.tmp, cv2.VideoWriter_fourcc(*VIDEO_EXTS[self.ext]), self.fps,
@@ -92,16 +112,41 @@ class Output:
             img = cv2.resize(img, self.size)
         self.writer.write(img)
 
-    def close(self):
+    def close(self, commit=True):
+        """Replace ``path`` with what was written (``commit``), or drop it and keep the previous one."""
         if self.writer is not None:
             self.writer.release()
             self.writer = None
-            try:
-                os.replace(self.tmp, self.path)  # the finished file appears in one step
-            except OSError as e:
-                raise output_error(self.path, e) from None
-            finally:
-                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self.tmp_dir is None:
+            return
+        try:
+            if commit and self.count and not self.failed:
+                if self.ext in VIDEO_EXTS:
+                    self._verify_video()
+                    qio.commit_path(self.tmp, self.path, "video")  # the finished file appears in one step
+                else:
+                    qio.commit_path(self.tmp_dir, self.path, "folder")
+        finally:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir = None
+
+    def _verify_video(self):
+        """The writer's file must exist, be non-empty and decode a frame (a full disk leaves an empty or
+        unplayable file while OpenCV reports nothing), and be on disk before it replaces the old video."""
+        cv2 = require_cv2()
+        size = os.path.getsize(self.tmp) if os.path.isfile(self.tmp) else 0
+        cap = cv2.VideoCapture(self.tmp) if size else None
+        ok = cap is not None and cap.isOpened() and cap.read()[0]
+        if cap is not None:
+            cap.release()
+        if not ok:
+            raise OutputError("cannot write {}: the video writer produced {} for {} frame(s) (disk full?); {}".format(
+                self.path, "an unreadable {}-byte file".format(size) if size else "no data", self.count,
+                "the previous video is unchanged" if os.path.lexists(self.path) else "nothing was written"))
+        try:
+            qio.fsync_path(self.tmp)
+        except OSError as e:
+            raise qio.kept_error(self.path, e, "video") from None
 
 
 def parse_args(argv=None, prog="python3 runtime/demo.py"):
@@ -116,6 +161,8 @@ def parse_args(argv=None, prog="python3 runtime/demo.py"):
     p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument("--headless", action="store_true", help="no window: write annotated frames to --out")
     p.add_argument("--out", default=None, help="headless output: video file (.mp4/.avi/.mkv) or folder of PNGs")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing PNG folder --out as a whole (it is refused otherwise)")
     p.add_argument("--screenshot", default=None, help="also save the first annotated frame as this PNG")
     p.add_argument("--max-frames", type=nonneg_int, default=0, help="stop after N frames (0 = until the source ends)")
     p.add_argument("--loop", action="store_true", help="restart a video / image folder at its end")
@@ -139,7 +186,10 @@ def check_outputs(args):
         if os.path.splitext(args.out)[1].lower() in VIDEO_EXTS:
             check_out_file(args.out, "--out")
         else:
-            check_out_dir(args.out, "--out")
+            check_out_dir(args.out, "--out", files=["{}.png".format("f" * 64)])
+            if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
+                raise UserError("--out {} already holds files: --force replaces the whole folder with this run's "
+                                "frames, or pick a new folder".format(args.out))
     if args.screenshot:
         check_out_file(args.screenshot, "--screenshot")
 
@@ -180,6 +230,13 @@ def run(args, log=print):
     title = "{} [{}]".format(model_meta.label(meta, args.model), backend.name)
     source = open_source(args.source, loop=args.loop, width=args.width, height=args.height, fps=args.fps,
                          max_retries=args.retries, log=log)
+    if args.headless and args.out:  # after the model and source opened: a refused command leaves nothing behind
+        try:
+            hold(args.out, "--out", inside=False)  # one writer per output; the lock file sits beside it
+        except UserError:
+            source.close()
+            backend.close()
+            raise
     out = Output(args.out, fps=args.fps) if (args.headless and args.out) else None
     window = "qvit-edge demo"
     if not args.headless:
@@ -220,7 +277,7 @@ def run(args, log=print):
         interrupted = True
     finally:
         if out is not None:
-            out.close()
+            out.close()  # what was recorded replaces the previous output (a lost camera keeps its frames)
         source.close()
         backend.close()
         if not args.headless:

@@ -7,7 +7,7 @@ device.  Validated once here so every consumer can trust the shapes.  Python 3.6
 
 import os
 
-from qformat import SIDECAR_KEYS, FormatError, check_format_version
+from qformat import SIDECAR_KEYS, FormatError, check_format_version, files
 from qformat.errors import UserError
 from qformat.formats import artifact_label
 from qformat.io import read_json, sha256_file, sidecar_path
@@ -41,6 +41,7 @@ def load_onnx_meta(onnx_path):
     """The exporter sidecar of ``onnx_path`` (all of :data:`qformat.SIDECAR_KEYS` expected)."""
     if not os.path.isfile(onnx_path):
         raise UserError("ONNX file not found: {} (export one with `make export`)".format(onnx_path))
+    files.require(onnx_path, files.ONNX)  # a text or empty file is named as such, before its sidecar is looked for
     path = sidecar_path(onnx_path)
     if not os.path.isfile(path):
         raise UserError("{} has no sidecar {}: export with `python3 -m export` (it writes both)".format(

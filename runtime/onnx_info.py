@@ -9,7 +9,7 @@ to scanning the protobuf bytes for op names, which are stored as plain strings.
 Python 3.6-compatible.
 """
 
-from qformat import LOWBIT_OP
+from qformat import LOWBIT_OP, files
 from qformat.errors import UserError
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -31,6 +31,7 @@ def _not_onnx(path, why):
 
 def load_checked(path):
     """``onnx.load`` + ``onnx.checker``: a truncated, empty or non-ONNX file is one UserError naming it."""
+    files.require(path, files.ONNX)
     onnx = _onnx()
     try:
         model = onnx.load(path, load_external_data=False)

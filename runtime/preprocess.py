@@ -46,6 +46,8 @@ def check_input(x, meta, where):
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
         raise UserError("input batch of shape {} does not fit {}: it takes [N, {}]".format(
             list(x.shape), where, ", ".join(str(v) for v in want)))
+    if x.shape[0] == 0:
+        raise UserError("empty input batch (0 images) for {}: give at least one image".format(where))
     bad = nonfinite_frames(x)
     if bad:
         raise NonFiniteInput(bad, where)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from qformat import io as qio
 from qformat.errors import UserError
+from qformat.lock import LOCK_NAME
 from train import checkpoint as ckpt
 from train.cli import parse_args
 from train.models import create_model
@@ -146,13 +147,15 @@ def test_resume_refuses_a_mixed_set_and_advises_no_deletion(reference, tmp_path)
     for name in ("last.safetensors", "last.json"):  # epoch-2 weights beside the epoch-1 state
         with open(os.path.join(ref_out, name), "rb") as src, open(os.path.join(out, name), "wb") as dst:
             dst.write(src.read())
-    before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
+    def files():  # the lock file records who holds the folder: it is not part of the run
+        return {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out) if n != LOCK_NAME}
+    before = files()
     with pytest.raises(UserError) as e:
         run(parse_args(TINY + ["--out", out, "--resume"]))
     msg = str(e.value)
     assert "mixed checkpoint set" in msg and "epoch 2" in msg and "epoch 1" in msg
     assert "best.safetensors, epoch 1, is intact" in msg and "delete" not in msg
-    assert {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)} == before
+    assert files() == before
 
 
 def test_a_stale_sidecar_is_recognised_and_repaired(tmp_path, capsys):

@@ -333,6 +333,27 @@ def test_mixed_model_exports_with_parity(mixed_deployable, fmt, target):
         assert any("blocks.0.attn.qkv" in n for n in int4), int4[:5]
 
 
+def test_equal_head_widths_still_export_lowbit():
+    """A learned run whose head-output widths came out equal (one width, one scale per head) is a deploy
+    granularity model: lowbit exports it (W_O's input as exact Q/DQ), never "granularity=paper"."""
+    from export.exporter import build_graph, check_parity
+    from train.deploy import from_model
+
+    m = learned_model(budget=3).eval()
+    for blk in m.blocks:
+        set_bits(blk.attn.proj.a_quant, [4] * len(blk.attn.proj.a_quant.bit.value))
+    calibrate(m, [test_images("vit_fmnist", 16)])
+    convert(m)
+    meta = {"model": "vit_fmnist", "quant": dict(m.qvit_quant_config), "input_size": [1, 28, 28],
+            "mean": [0.2860], "std": [0.3530], "class_names": list("0123456789"), "num_classes": 10, "metrics": {}}
+    dep = from_model(m, meta)
+    proj = {s.name: s for s in dep.specs}["blocks.0.attn.proj"].input
+    assert proj.bits == 4 and proj.scale.size > 1  # one width, a scale per head (repeated per channel)
+    g = build_graph(dep, "lowbit", "ort", log=lambda s: None)
+    par = check_parity(dep, g, "lowbit", 16, 1e-4, 1e-4, 1.0, log=lambda s: None)
+    assert par.passed and par.mismatches == 0 and g.lowbit_nodes > 0, par.line()
+
+
 # ----------------------------------------------------------------------------- command line
 
 @pytest.mark.parametrize("argv,needle", [

@@ -100,9 +100,18 @@ def test_what_each_format_does_with_nan_and_inf(converted):
     with torch.no_grad():
         y = m(x).numpy()
     assert np.isfinite(y).all(axis=1).tolist() == [False, True, True]  # PyTorch: NaN -> NaN, +-Inf clamped
-    finite = {}
-    for fmt in ("fp32", "qdq", "lowbit"):
-        g = build_graph(dep, fmt, "ort", log=lambda s: None)
-        finite[fmt] = np.isfinite(ort_session(g.ort).run(None, {"input": x.numpy()})[0]).all(axis=1).tolist()
-    assert finite["fp32"] == [False, False, False]  # NaN propagates; Inf turns into NaN in LayerNorm
-    assert finite["qdq"] == finite["lowbit"] == [True, True, True]  # QuantizeLinear maps NaN to a code: a class
+    ok = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1)).numpy()
+    finite, plain = {}, {}
+    for fmt, guard in (("fp32", True), ("qdq", False), ("lowbit", False), ("qdq", True), ("lowbit", True)):
+        g = build_graph(dep, fmt, "ort", log=lambda s: None, guard=guard)
+        sess = ort_session(g.ort)
+        finite[fmt, guard] = np.isfinite(sess.run(None, {"input": x.numpy()})[0]).all(axis=1).tolist()
+        if fmt != "fp32":
+            logits = sess.run(None, {"input": ok})[0]
+            if guard:  # the guard adds exactly 0 to the logits of a finite input
+                np.testing.assert_array_equal(logits, plain[fmt])
+            plain[fmt] = logits
+    assert finite["fp32", True] == [False, False, False]  # NaN propagates; Inf turns into NaN in LayerNorm
+    # without the guard, QuantizeLinear maps NaN to a code: a class; with it (the default), NaN logits
+    assert finite["qdq", False] == finite["lowbit", False] == [True, True, True]
+    assert finite["qdq", True] == finite["lowbit", True] == [False, False, False]

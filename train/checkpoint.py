@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from qformat import files
 from qformat.errors import UserError
 from qformat.io import atomic_write, read_json, remove_stale_temps, write_json
 
@@ -34,6 +35,10 @@ VERSION = 1
 _HEADER_KEY = "qvit_meta"
 #: What a training run writes into its --out folder (and into --out/teacher/ for a teacher trained there).
 RUN_FILES = ("last.state.pt", "last.safetensors", "last.json", "best.safetensors", "best.json", "metrics.csv")
+#: Every path (relative to --out) a run may write, for the up-front path-length check: the teacher's files
+#: sit one folder deeper, TensorBoard's event files have the longest names.
+RUN_OUTPUTS = tuple(os.path.join("teacher", n) for n in RUN_FILES) + (
+    os.path.join("teacher", "tb", "events.out.tfevents.0000000000.{}.0000000.0".format(os.uname().nodename)),)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -140,7 +145,11 @@ def load_checkpoint(path: str, require_meta: bool = True) -> tuple[dict, dict]:
             raise UserError("{} is a plain state dict, not a qvit-edge checkpoint (train one with "
                             "python -m train, or pass it as --checkpoint)".format(path))
         return _load_torch(path), {}
-    st = stem_of(path) + ".safetensors" if not path.endswith(".safetensors") else path
+    if os.path.isfile(path) and not path.endswith((".safetensors", ".json")):
+        files.require(path, files.CHECKPOINT)  # notes.txt: "a text file", not "not found: notes.txt.safetensors"
+        st = path
+    else:
+        st = stem_of(path) + ".safetensors" if not path.endswith(".safetensors") else path
     if not os.path.isfile(st):
         raise UserError("checkpoint not found: {}".format(st))
     sd, meta = _load_safetensors(st)

@@ -401,6 +401,8 @@ def build_loaders(data: str, input_size: Sequence[int], mean, std, batch_size: i
     # no persistent workers: fresh workers each epoch are seeded from the main RNG, which resume restores
     kw = dict(num_workers=workers, pin_memory=pin_memory)
     train = DataLoader(tr, batch_size=batch_size, sampler=sampler, drop_last=True, **kw)
+    if data == "imagefolder":  # its val/ is sorted by class: a fixed mix, so --max-eval-batches sees every class
+        va = Subset(va, np.random.RandomState(0).permutation(len(va)).tolist())
     va_shard = va if world_size == 1 else Subset(va, range(rank, len(va), world_size))
     val = DataLoader(va_shard, batch_size=batch_size, shuffle=False, **kw)
     if len(train) == 0:

@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional
 from qformat.argtypes import ArgumentParser, nonneg_int, positive_float, positive_int
 from qformat.errors import UserError, main_guard
 from qformat.io import read_json, write_json
+from qformat.lock import hold
 from qformat.paths import check_out_dir
 
 #: QAT steps per trainer epoch: every run is checkpointed and validated every CHUNK steps
@@ -897,6 +898,8 @@ def parse(argv: Optional[list], prog: str = "python -m train.study") -> tuple[St
         steps = args.budget or STAGES[st]["steps"]
         choose_steps = steps if st == "stage1" else args.choose_at
         plans.append(Plan(st, bits, seeds, steps, choose_bits, choose_steps))
+    if not (args.plan or args.report or args.eval_test):  # after every check: a refused command creates nothing
+        hold(args.work, "--work")  # one study runner per work folder (each run folder is locked by its training)
     study.args = args  # type: ignore[attr-defined]
     return study, plans
 

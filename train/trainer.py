@@ -28,9 +28,11 @@ from tqdm import tqdm
 
 from qformat.errors import UserError
 from qformat.io import code_revision, output_error, remove_stale_temps
+from qformat.lock import hold as hold_folder
+from qformat.lock import release as release_folder
 from qformat.paths import check_out_dir
 from train import checkpoint as ckpt
-from train import dist
+from train import dist, runconfig
 from train.config import mixed_settings, nominal_bits, resolve_bits
 from train.data import Loaders, build_loaders
 from train.evaluate import evaluate
@@ -398,6 +400,7 @@ def _resume_state_for(out: str, meta: dict, repair: bool = True) -> tuple[Option
                                 out, last.get("epoch"), state.get("epoch"),
                                 " (best.safetensors, epoch {}, is intact and exportable)".format(best["epoch"])
                                 if best.get("epoch") else ""))
+    runconfig.check_resume(out, last, meta)  # every flag that changes a number (the note: printed up front)
     for key in ("model", "method", "quant", "distill", "data", "holdout", "seed", "epochs", "batch_size", "vvtq"):
         if _run_key(last, key) != _run_key(meta, key):
             raise UserError("--resume: {} holds a run with {}={!r}, this command asks for {!r}; use the same flags "
@@ -423,6 +426,7 @@ def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, ep
         "data": args.data, "holdout": args.holdout, "seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
         "vvtq": vcfg.to_dict() if vcfg is not None else None,
         "code_revision": code_revision(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        **runconfig.stamp(args),
     }
 
 
@@ -495,9 +499,12 @@ def _vvtq_configs(args: argparse.Namespace) -> tuple[dict, dict, object]:
 def _check_run_folder(args: argparse.Namespace) -> None:
     """Before any work: --out must be writable, and an earlier run there is continued or replaced, never
     silently overwritten."""
-    check_out_dir(args.out, "--out")
+    check_out_dir(args.out, "--out", files=ckpt.RUN_OUTPUTS)
     if args.resume and not os.path.isdir(args.out):
         raise UserError("--resume: {} does not exist; drop --resume to start a new run".format(args.out))
+    if args.resume:
+        for note in runconfig.check_folder(args.out, args):
+            sys.stderr.write(note + "\n")
     earlier = ckpt.run_files(args.out)
     if earlier and not (args.resume or args.force):
         last = ckpt.read_meta(os.path.join(args.out, "last.json")) or {}
@@ -516,6 +523,7 @@ def _check_run_folder(args: argparse.Namespace) -> None:
 def _open_run_folder(args: argparse.Namespace) -> None:
     """Create --out (rank 0, after the data loaded); --force removes the earlier run, leftovers of a
     killed save are cleaned."""
+    hold_folder(args.out, "--out")  # one writer per run folder, until run() ends (or the process dies)
     if args.force:
         removed = ckpt.remove_run(args.out)
         if removed:
@@ -684,6 +692,7 @@ def run(args: argparse.Namespace) -> dict:
                                                      os.path.join(args.out, "best.safetensors")), dinfo)
         return row
     finally:
+        release_folder(args.out)
         dist.cleanup()
 
 
