@@ -272,7 +272,8 @@ def test_export_checks_its_files_before_tracing(tiny_checkpoint, tmp_path, capsy
 # ----------------------------------------------------------------------------- 5. one door for user files
 
 def test_every_reader_names_what_a_wrong_file_is(tmp_path, demo_model, expect_error, tiny_checkpoint):
-    from runtime import bench, build, demo, ort_compare
+    from experiments import ort_compare
+    from runtime import bench, build, demo
     from runtime.backends import open_backend
 
     notes = tmp_path / "notes.txt"
