@@ -14,7 +14,7 @@ import sys
 from conftest import make_toy_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("qformat", "train", "export", "runtime", "jetson", "qvit")
+PACKAGES = ("qformat", "train", "export", "runtime", "jetson", "qvit", "experiments")
 #: what the runtime's device core may import besides the standard library, qformat and itself
 DEVICE_LIBS = {"numpy", "onnxruntime", "tensorrt", "pycuda", "cuda", "cv2", "onnx", "matplotlib"}
 #: the one door to the torch side: --backend torch loads it, inside a function

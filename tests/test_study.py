@@ -11,7 +11,7 @@ import pytest
 
 from qformat.errors import UserError
 from qformat.io import read_json, write_json
-from train import study as st
+from experiments import study as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = st.Settings(data="synthetic", holdout=128, teacher_epochs=1, batch_size=16, max_eval_batches=2, chunk=1)
@@ -185,7 +185,7 @@ def test_only_starts_the_named_configs_and_refuses_unknown_names(tmp_path, capsy
 def test_killed_runner_resumes_the_run_from_its_last_chunk(tmp_path):
     """SIGKILL the real runner (and its trainer) mid-run; the next sitting resumes that run."""
     res, work = str(tmp_path / "res"), str(tmp_path / "work")
-    cmd = [sys.executable, "-m", "train.study", "--data", "synthetic", "--holdout", "128", "--teacher-epochs", "1",
+    cmd = [sys.executable, "-m", "experiments.study", "--data", "synthetic", "--holdout", "128", "--teacher-epochs", "1",
            "--batch-size", "16", "--max-eval-batches", "2", "--chunk", "1", "--budget", "10", "--seeds", "0",
            "--bits", "2", "--results", res, "--work", work]
     env = dict(os.environ, PYTHONPATH=ROOT)

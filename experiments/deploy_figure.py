@@ -1,7 +1,7 @@
-"""``python -m train.deploy_figure``: the figure a deployer reads first — accuracy vs model size (bytes)
+"""``python -m experiments.deploy_figure``: the figure a deployer reads first — accuracy vs model size (bytes)
 and vs ONNX Runtime CPU img/s, for FP32 and every bit-width and format, from the study's own models.
 
-Every point is a trained model of the study (``train.study``): at each bit-width one QAT run
+Every point is a trained model of the study (``experiments.study``): at each bit-width one QAT run
 (``--config`` at ``--seed``, ``--steps``), exported with ``python -m export`` (parity-checked against
 PyTorch, so the graph has the trained model's accuracy) as ``qdq`` and ``lowbit``; FP32 is the FP
 architecture (see ``models``) at the FP teacher's accuracy. All graphs are timed in **one**
@@ -22,7 +22,7 @@ from qformat.argtypes import ArgumentParser, nonneg_int, positive_float, positiv
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, read_json, write_json
 from qformat.paths import check_out_dir
-from train import study as st
+from experiments import study as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = ("qdq", "lowbit")
@@ -118,7 +118,7 @@ def plot(points: list[dict], title: str, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m train.deploy_figure", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m experiments.deploy_figure", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--results", default="docs/study", help="the study's results (writes deploy.{json,md,png})")
     p.add_argument("--work", default="runs/study", help="the study's run folders (ONNX go to WORK/deploy)")
