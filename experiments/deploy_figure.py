@@ -18,11 +18,11 @@ import subprocess
 import sys
 from typing import Optional
 
+from experiments import study as st
 from qformat.argtypes import ArgumentParser, nonneg_int, positive_float, positive_int
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, read_json, write_json
 from qformat.paths import check_out_dir
-from experiments import study as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = ("qdq", "lowbit")

@@ -50,7 +50,13 @@ CHUNK = 250
 SCHEMA = "qvit-study-run/1"
 #: flag name in a config -> ``python -m train`` option
 FLAGS = {"method": "--method", "model": "--model", "dgd_weight": "--dgd-weight", "dgd_on": "--dgd-on",
-         "irm_per_head": "--irm-per-head", "irm_init": "--irm-init", "irm_blend_steps": "--irm-blend-steps"}
+         "irm_per_head": "--irm-per-head", "irm_init": "--irm-init", "irm_blend_steps": "--irm-blend-steps",
+         "module_scales": "--module-scales", "obr": "--obr", "obr_lambda": "--obr-lambda",
+         "bit_penalty": "--bit-penalty", "bitops_weight": "--bitops-weight", "bit_lr": "--bit-lr"}
+#: config key -> ``python -m train`` flags built from its value: ``edges: 2`` quantizes the patch embedding
+#: and the head at 2 bits too (the harder setting; by default they stay at 8 bits)
+EXPANDS = {"edges": lambda b: ["--quant-override", json.dumps({m: {"w_bits": int(b), "a_bits": int(b)}
+                                                                for m in ("patch_embed.proj", "head")})]}
 DGD_WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0)
 BASELINE = {"method": "baseline"}
 IRM = {"method": "irm"}
@@ -62,9 +68,28 @@ NEEDS = ("dgd_weight", "dgd_on", "irm")
 #: head-wise bit-widths and issue #12's VVTQ (e.g. ``{"method": "mp"}``, ``{"method": "vvtq"}`` with their
 #: best settings as flags, as in ``FLAGS``), trained with the same seeds, teacher and budget as the rest.
 #: Empty until they land: neither was on main when this study ran.
-EXTRA_FINAL_ROWS: tuple = ()
+#: ``mp`` learns the widths under the BitOPs of the cell's uniform width (W4A4 column: the BitOPs of uniform
+#: 4 bits, W3A3: 3 bits); the combination row is Q-ViT with VVTQ's module scales and OBR.
+VVTQ = {"method": "vvtq"}
+MP = {"method": "mp"}
+COMBO = {"method": "qvit", "module_scales": True, "obr": True}
+EXTRA_FINAL_ROWS: tuple = (VVTQ, MP, COMBO)
+#: the harder setting: patch embedding and head quantized at 2 bits too
+HARD = {"method": "baseline", "edges": 2}
+#: QAT steps the budget stage tries, in order (each with its own cosine schedule)
+BUDGETS = (1000, 2000, 4000, 8000)
+#: the budget stage stops once the baseline's mean validation top-1 moves by at most this between budgets
+FLAT = 0.2
+#: seeds per bit-width of the final table, in the order compute goes to them (W2A2 first)
+FINAL_SEEDS = {2: 5, 4: 3, 3: 3}
+#: seconds per QAT step assumed by ``--plan`` before any run has finished: vit_fmnist, batch 128, one
+#: thread of a 2-core AMD EPYC (../shared/notes/convergence-w2a2.md: 2.7 min per 430 steps)
+DEFAULT_SPS = 0.38
 STAGES = {"stage1": dict(steps=250, bits=(2, 3)), "stage2": dict(steps=1000, bits=(2, 3)),
-          "stage3": dict(steps=4000, bits=(2,))}
+          "stage3": dict(steps=4000, bits=(2,)), "budget": dict(steps=BUDGETS, bits=(2, 4)),
+          "final": dict(steps="B", bits=tuple(FINAL_SEEDS))}
+#: stages whose groups need no stage-1 choice (the final stage uses the presets until the choices exist)
+FREE_STAGES = ("budget", "final")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -95,7 +120,8 @@ def _fmt(v: Any) -> str:
 
 def label(cfg: dict) -> str:
     """Row label people read: ``+IRM+DGD (w=0.1, q)``."""
-    names = {"baseline": "Baseline", "irm": "+IRM", "dgd": "+DGD", "qvit": "+IRM+DGD"}
+    names = {"baseline": "Baseline", "irm": "+IRM", "dgd": "+DGD", "qvit": "+IRM+DGD", "vvtq": "VVTQ",
+             "mp": "Learned bits"}
     opts = []
     if "dgd_weight" in cfg:
         opts.append(f"w={cfg['dgd_weight']:g}")
@@ -109,11 +135,21 @@ def label(cfg: dict) -> str:
         opts.append(f"blend {cfg['irm_blend_steps']}")
     if cfg.get("model", "").endswith("_irm"):
         opts.append("IRM at FP")
+    if cfg.get("module_scales") and cfg.get("obr"):
+        opts.append("VVTQ scales + OBR")
+    if "edges" in cfg:
+        opts.append(f"embed+head {cfg['edges']}-bit")
+    opts += [f"{k.replace('_', ' ')} {_fmt(cfg[k])}" for k in ("obr_lambda", "bit_penalty", "bitops_weight", "bit_lr")
+             if k in cfg]
     return names.get(cfg["method"], cfg["method"]) + (f" ({', '.join(opts)})" if opts else "")
 
 
 def stage_groups(stage: str, choices: dict) -> list[Group]:
     """The groups of ``stage`` that can be declared given the ``choices`` made so far (in order)."""
+    if stage == "budget":
+        return [Group("budget", [BASELINE, HARD])]
+    if stage == "final":
+        return [Group("final", final_rows(choices, with_single=False, presets=True), final=True)]
     if stage == "stage1":
         groups = [Group("reference", [BASELINE, IRM]),
                   Group("dgd_weight", [IRM] + [{"method": "qvit", "dgd_weight": w} for w in DGD_WEIGHTS],
@@ -130,8 +166,11 @@ def stage_groups(stage: str, choices: dict) -> list[Group]:
     return groups
 
 
-def final_rows(choices: dict, with_single: bool = True) -> list[dict]:
-    """Baseline / +IRM / +DGD / +IRM+DGD with the chosen settings (only baseline and both at stage 3)."""
+def final_rows(choices: dict, with_single: bool = True, presets: bool = False) -> list[dict]:
+    """Baseline / +IRM / +DGD / +IRM+DGD with the chosen settings (only baseline and both at stage 3),
+    then :data:`EXTRA_FINAL_ROWS`; ``presets``: the methods' defaults while a choice is missing."""
+    if presets and not set(NEEDS) <= set(choices):
+        return [BASELINE, {"method": "qvit"}] + [dict(r) for r in EXTRA_FINAL_ROWS]
     dgd = {"dgd_weight": choices["dgd_weight"]["dgd_weight_positive"], **choices["dgd_on"]["flags"]}
     irm = dict(choices["irm"]["flags"])
     rows = [BASELINE]
@@ -179,6 +218,8 @@ class Study:
     started: int = 0
     #: ``--only``: fnmatch patterns over config slugs; the runs of other configs are not started
     only: tuple = ()
+    #: ``--device`` of every run (None: the trainer's auto); not part of the settings, but recorded per run
+    device: Optional[str] = None
 
     def wanted(self, cfg: dict) -> bool:
         return not self.only or any(fnmatch.fnmatchcase(slug(cfg), p) for p in self.only)
@@ -238,12 +279,27 @@ def launch_subprocess(argv: list, log_path: str) -> int:
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        LIVE.add(proc)
         try:
             return proc.wait()
         except BaseException:
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            LIVE.discard(proc)
+
+
+#: the trainers running now (several with ``--jobs``): ``stop_live`` ends them at a hard time limit
+LIVE: set = set()
+
+
+def stop_live() -> int:
+    """SIGTERM every running trainer (each resumes from its last chunk next sitting); how many."""
+    procs = list(LIVE)
+    for proc in procs:
+        proc.terminate()
+    return len(procs)
 
 
 def launch_inprocess(argv: list, log_path: str) -> int:
@@ -363,8 +419,13 @@ def train_argv(study: Study, cfg: dict, bits: int, seed: int, steps: int, teache
             "--seed", str(seed), "--epochs", str(steps // chunk), "--max-train-batches", str(chunk),
             "--batch-size", str(s.batch_size), "--checkpoint", teacher["path"],
             "--teacher", teacher["path"], "--no-tensorboard"] + _common(s)
+    if study.device:
+        argv += ["--device", study.device]
     for key, value in cfg.items():
         if key == "model":
+            continue
+        if key in EXPANDS:
+            argv += EXPANDS[key](value)
             continue
         if key not in FLAGS:
             raise UserError(f"study config {cfg}: unknown key {key!r}")
@@ -474,9 +535,10 @@ class Plan:
     steps: int
     choose_bits: int
     choose_steps: int
+    choose_seeds: Optional[list] = None  # the stage-1 seeds the choices are made on (default: ``seeds``)
 
     def choices(self, study: Study) -> dict:
-        return make_choices(study, self.choose_bits, self.seeds, self.choose_steps)
+        return make_choices(study, self.choose_bits, self.choose_seeds or self.seeds, self.choose_steps)
 
 
 def _sitting_over(study: Study) -> Optional[str]:
@@ -523,7 +585,7 @@ def run_stage(study: Study, plan: Plan) -> bool:
 
 def _waiting_for(study: Study, stage: str, choices: dict) -> list:
     """Choices the grid needs (for its later groups) that stage 1 has not made yet."""
-    return [c for c in study.needs if c not in choices]
+    return [] if stage in FREE_STAGES else [c for c in study.needs if c not in choices]
 
 
 # ----------------------------------------------------------------------------- the test set, once
@@ -832,7 +894,9 @@ def build_parser(prog: str = "python -m experiments.study") -> argparse.Argument
     p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", default="stage1", help="comma-separated: " + ", ".join(STAGES))
-    p.add_argument("--seeds", default="0,1,2", help="QAT seeds (the FP teacher is seed 0 for all)")
+    p.add_argument("--seeds", default=None,
+                   help="QAT seeds (the FP teacher is seed 0 for all; default 0,1,2, and for --stage final "
+                        + ", ".join(f"{n} at W{b}A{b}" for b, n in FINAL_SEEDS.items()) + ")")
     p.add_argument("--bits", default=None, help="bit-widths (default: the stage's, W2A2 first)")
     p.add_argument("--budget", type=positive_int, default=None,
                    help="QAT steps per run (default: the stage's: " +
@@ -847,6 +911,14 @@ def build_parser(prog: str = "python -m experiments.study") -> argparse.Argument
                    help="comma-separated fnmatch patterns over config names, e.g. 'baseline,irm,qvit__dgd_weight-0.1': "
                         "start only those configs' runs (a screened sweep, a subset at another bit-width or budget)")
     p.add_argument("--threads", type=positive_int, default=None, help="OMP/MKL threads per run (default: inherited)")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="runs at once, each its own trainer process (2 on a 2-core CPU with --threads 1; a batch on "
+                        "one GPU with --device cuda)")
+    p.add_argument("--device", default=None, help="--device of every run (cpu | cuda | cuda:N; default: auto)")
+    p.add_argument("--hard-limit", type=positive_float, default=None,
+                   help="minutes; then the running trainers are stopped (each resumes from its last chunk)")
+    p.add_argument("--copy-to", default=None, metavar="DIR",
+                   help="copy the run JSONs this sitting wrote (and the teachers' records) under DIR, e.g. $OUT")
     p.add_argument("--plan", action="store_true", help="list the runs (done / to do) and exit")
     p.add_argument("--report", action="store_true", help="only write study.md and the plots")
     p.add_argument("--eval-test", action="store_true",
@@ -879,6 +951,8 @@ def parse(argv: Optional[list], prog: str = "python -m experiments.study") -> tu
     from qformat import MAX_BITS, MIN_BITS
     from qformat.argtypes import SEED_MAX
 
+    args.seeds_given = args.seeds is not None
+    args.seeds = args.seeds or "0,1,2"
     seeds = _ints(args.seeds, "--seeds", 0, SEED_MAX)
     bits_arg = _ints(args.bits, "--bits", MIN_BITS, MAX_BITS) if args.bits is not None else None
     _check_holdout(args)
@@ -889,16 +963,81 @@ def parse(argv: Optional[list], prog: str = "python -m experiments.study") -> tu
     if args.time_limit is not None:
         study.deadline = time.time() + 60 * args.time_limit
     study.max_runs = args.max_runs
+    study.device = args.device
+    if args.hard_limit is not None and args.time_limit is not None and args.hard_limit < args.time_limit:
+        raise UserError(f"--hard-limit {args.hard_limit:g} is before --time-limit {args.time_limit:g}: give the hard "
+                        "limit after the last start")
     study.only = _only(args.only, stages)
     choose_bits = (bits_arg if bits_arg and stages == ["stage1"] else list(STAGES["stage1"]["bits"]))[0]
     plans = []
     for st in stages:
         bits = bits_arg or list(STAGES[st]["bits"])
-        steps = args.budget or STAGES[st]["steps"]
-        choose_steps = steps if st == "stage1" else args.choose_at
-        plans.append(Plan(st, bits, seeds, steps, choose_bits, choose_steps))
+        if st == "budget":
+            plans += [Plan(st, bits, seeds, b, choose_bits, args.choose_at) for b in
+                      ([args.budget] if args.budget else BUDGETS)]
+        elif st == "final":
+            plans += final_plans(study, args, bits, choose_bits, seeds)
+        else:
+            steps = args.budget or STAGES[st]["steps"]
+            choose_steps = steps if st == "stage1" else args.choose_at
+            plans.append(Plan(st, bits, seeds, steps, choose_bits, choose_steps))
     study.args = args  # type: ignore[attr-defined]
     return study, plans
+
+
+def final_plans(study: Study, args: argparse.Namespace, bits: list, choose_bits: int, seeds: list) -> list:
+    """The final table at the converged budget B, one plan per bit-width in :data:`FINAL_SEEDS`'s order
+    (W2A2 with 5 paired seeds first, then W4A4 and W3A3 with 3); ``--seeds`` given: those for every width.
+    The stage-1 choices are read at B on seeds 0, 1, 2 (until they exist, the rows use the presets)."""
+    steps = args.budget or converged_budget(study, BUDGET_SEEDS)
+    if steps is None:
+        if not args.plan:
+            raise UserError("--stage final needs the converged budget B: finish --stage budget first (--plan shows "
+                            "what is left), or give --budget STEPS")
+        return []
+    out = []
+    for b in bits:
+        cell_seeds = seeds if args.seeds_given else list(range(FINAL_SEEDS.get(b, 3)))
+        out.append(Plan("final", [b], cell_seeds, steps, choose_bits, steps, choose_seeds=list(BUDGET_SEEDS)))
+    return out
+
+
+# ----------------------------------------------------------------------------- the budget stage
+
+#: seeds of the budget stage (and of the choices the final stage reads)
+BUDGET_SEEDS = (0, 1, 2)
+
+
+def budget_curve(study: Study, cfg: dict, bits: int, seeds: list) -> list:
+    """[(steps, stats)] of ``cfg`` at ``bits`` over :data:`BUDGETS` (finished seeds only)."""
+    out = []
+    for steps in BUDGETS:
+        st = stats(study, cfg, bits, list(seeds), steps)
+        if st:
+            out.append((steps, st))
+    return out
+
+
+def converged_budget(study: Study, seeds, bits_list: tuple = (2, 4)) -> Optional[int]:
+    """The converged budget B: the first budget after which the baseline's mean validation top-1 moves by at
+    most :data:`FLAT` points at every bit-width (all seeds finished at both budgets); None until then."""
+    for lo, hi in zip(BUDGETS, BUDGETS[1:]):
+        flat = True
+        for b in bits_list:
+            m_lo, m_hi = score(study, BASELINE, b, list(seeds), lo), score(study, BASELINE, b, list(seeds), hi)
+            if m_lo is None or m_hi is None:
+                return None
+            flat = flat and abs(m_hi - m_lo) <= FLAT
+        if flat:
+            return lo
+    return None
+
+
+def budget_needed(study: Study, plan: Plan) -> bool:
+    """Whether a budget-stage plan still matters: not once the curve is flat at a smaller budget (the
+    budget right after B is needed: it is what shows the curve flat)."""
+    b = converged_budget(study, plan.seeds, tuple(plan.bits))
+    return b is None or plan.steps <= BUDGETS[BUDGETS.index(b) + 1]
 
 
 def _all_records(study: Study) -> list:
@@ -916,9 +1055,20 @@ def seconds_per_step(study: Study) -> Optional[float]:
 
 
 def print_plan(study: Study, plans: list) -> None:
-    """The runs of each plan (done / to do) and the time the rest should take at the measured speed."""
+    """The runs of each plan (done / to do) and the time the rest should take at the measured speed
+    (or :data:`DEFAULT_SPS` before any run finished), stage by stage, in the order they run."""
     sps = seconds_per_step(study)
+    speed = f"the measured {sps:.2f} s/step" if sps else f"the assumed {DEFAULT_SPS:.2f} s/step (no run finished yet)"
+    sps = sps or DEFAULT_SPS
+    args = getattr(study, "args", None)
+    if args is not None and "final" in args.stage.split(",") and not any(p.stage == "final" for p in plans):
+        print("final   waits for the converged budget B (finish --stage budget, or give --budget STEPS); then "
+              + ", ".join(f"W{b}A{b} x {n} seeds" for b, n in FINAL_SEEDS.items()) + ", in that order")
+    total = 0.0
     for plan in plans:
+        if plan.stage == "budget" and not budget_needed(study, plan):
+            print(f"budget: {plan.steps} steps not needed (flat from B = {converged_budget(study, plan.seeds)})")
+            continue
         todo, counted = 0, set()
         for g in study.grid(plan.stage, plan.choices(study)):
             for cfg in g.configs:
@@ -932,8 +1082,34 @@ def print_plan(study: Study, plans: list) -> None:
         missing = _waiting_for(study, plan.stage, plan.choices(study))
         if missing:
             print(f"{plan.stage:7s} (more groups once {', '.join(missing)} is chosen)")
-        eta = f"~{todo * plan.steps * sps / 3600:.1f} h at the measured {sps:.2f} s/step" if sps else "no speed yet"
-        print(f"{plan.stage}: {todo} runs of {plan.steps} steps to do in the groups listed, {eta}")
+        hours = todo * plan.steps * sps / 3600
+        total += hours
+        print(f"{plan.stage} W{'/'.join(map(str, plan.bits))} seeds {plan.seeds}: {todo} runs of {plan.steps} steps "
+              f"to do in the groups listed, ~{hours:.1f} h of one-thread run time at {speed}")
+    print(f"all listed: ~{total:.1f} h of run time (two 1-thread runs share a 2-core machine: about half that in "
+          "wall time)")
+
+
+def run_plans(study: Study, plans: list) -> None:
+    """One run at a time, plan by plan; a budget no longer needed is skipped."""
+    for plan in plans:
+        if plan.stage == "budget" and not budget_needed(study, plan):
+            print(f"[study] budget: {plan.steps} steps not needed: the curve is flat from B = "
+                  f"{converged_budget(study, plan.seeds, tuple(plan.bits))} steps", flush=True)
+            continue
+        if not run_stage(study, plan):
+            break
+
+
+def _run_batch(study: Study, plans: list, args: argparse.Namespace) -> None:
+    from experiments.batch import copy_runs, run_batch
+
+    t0 = time.time()
+    hard = t0 + 60 * args.hard_limit if args.hard_limit is not None else None
+    written = run_batch(study, plans, args.jobs, hard)
+    print(f"[study] batch: {len(written)} run(s) written in {time.time() - t0:.0f} s", flush=True)
+    if args.copy_to:
+        print(f"[study] copied {copy_runs(study, written, args.copy_to)} JSON file(s) to {args.copy_to}", flush=True)
 
 
 @main_guard
@@ -950,9 +1126,10 @@ def main(argv: Optional[list] = None, prog: str = "python -m experiments.study")
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 raise UserError(f"another study runner is using {study.work}; wait for it or stop it") from None
-            for plan in plans:
-                if not run_stage(study, plan):
-                    break
+            if args.jobs > 1 or args.hard_limit is not None or args.copy_to:
+                _run_batch(study, plans, args)
+            else:
+                run_plans(study, plans)
     if args.eval_test:
         for plan in plans:
             eval_test(study, plan)

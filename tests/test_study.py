@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from experiments import study as st
 from qformat.errors import UserError
 from qformat.io import read_json, write_json
-from experiments import study as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = st.Settings(data="synthetic", holdout=128, teacher_epochs=1, batch_size=16, max_eval_batches=2, chunk=1)
@@ -77,9 +77,10 @@ def test_choices_follow_validation_means_and_declare_later_groups(tmp_path):
     final = st.final_rows(ch)
     assert final == [st.BASELINE, {"method": "irm", "irm_per_head": True, "irm_init": "std"},
                      {"method": "dgd", "dgd_weight": 0.03, "dgd_on": "q"},
-                     {"method": "qvit", "irm_per_head": True, "irm_init": "std", "dgd_weight": 0.03, "dgd_on": "q"}]
+                     {"method": "qvit", "irm_per_head": True, "irm_init": "std", "dgd_weight": 0.03, "dgd_on": "q"}
+                     ] + list(st.EXTRA_FINAL_ROWS)
     assert [g.name for g in st.stage_groups("stage2", ch)] == ["final"]
-    assert [c["method"] for c in st.stage_groups("stage3", ch)[0].configs] == ["baseline", "qvit"]
+    assert [c["method"] for c in st.stage_groups("stage3", ch)[0].configs] == ["baseline", "qvit", "vvtq", "mp", "qvit"]
 
 
 def test_failed_run_never_wins_and_other_settings_refuse(tmp_path):
@@ -162,7 +163,7 @@ def test_time_limit_and_max_runs_end_a_sitting(tmp_path):
 
 def test_extra_final_rows_hook_joins_every_final_table(monkeypatch):
     choices = {"dgd_weight": {"dgd_weight_positive": 0.03}, "dgd_on": {"flags": {}}, "irm": {"flags": {}}}
-    assert [r["method"] for r in st.final_rows(choices)] == ["baseline", "irm", "dgd", "qvit"]
+    assert [r["method"] for r in st.final_rows(choices)][:4] == ["baseline", "irm", "dgd", "qvit"]
     monkeypatch.setattr(st, "EXTRA_FINAL_ROWS", ({"method": "vvtq"},))
     rows = st.final_rows(choices, with_single=False)
     assert [r["method"] for r in rows] == ["baseline", "qvit", "vvtq"] and st.label(rows[-1]) == "vvtq"
@@ -185,8 +186,8 @@ def test_only_starts_the_named_configs_and_refuses_unknown_names(tmp_path, capsy
 def test_killed_runner_resumes_the_run_from_its_last_chunk(tmp_path):
     """SIGKILL the real runner (and its trainer) mid-run; the next sitting resumes that run."""
     res, work = str(tmp_path / "res"), str(tmp_path / "work")
-    cmd = [sys.executable, "-m", "experiments.study", "--data", "synthetic", "--holdout", "128", "--teacher-epochs", "1",
-           "--batch-size", "16", "--max-eval-batches", "2", "--chunk", "1", "--budget", "10", "--seeds", "0",
+    cmd = [sys.executable, "-m", "experiments.study", "--data", "synthetic", "--holdout", "128", "--teacher-epochs",
+           "1", "--batch-size", "16", "--max-eval-batches", "2", "--chunk", "1", "--budget", "10", "--seeds", "0",
            "--bits", "2", "--results", res, "--work", work]
     env = dict(os.environ, PYTHONPATH=ROOT)
     run_dir = os.path.join(work, "runs", "s10", "baseline__w2a2__seed0")
