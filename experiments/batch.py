@@ -27,7 +27,7 @@ def pending(study: st.Study, plans: list) -> list:
     """(cfg, bits, seed, steps) of every run the plans still need, in the order a sitting runs them."""
     out, seen = [], set()
     for plan in plans:
-        if plan.stage == "budget" and not st.budget_needed(study, plan):
+        if plan.stage == "budget" and (not st.budget_needed(study, plan) or _budget_blocked(study, plan)):
             continue
         for bits in plan.bits:
             for g in study.grid(plan.stage, plan.choices(study)):
@@ -39,6 +39,16 @@ def pending(study: st.Study, plans: list) -> list:
                         seen.add(key)
                         out.append((cfg, bits, seed, plan.steps))
     return out
+
+
+def _budget_blocked(study: st.Study, plan) -> bool:
+    """A budget waits until the baseline has finished every seed at the budget before it (which may show
+    the curve flat, so that this budget is not needed)."""
+    i = st.BUDGETS.index(plan.steps) if plan.steps in st.BUDGETS else 0
+    if i == 0:
+        return False
+    prev = st.BUDGETS[i - 1]
+    return any(st.load_run(study, st.BASELINE, b, s, prev) is None for b in plan.bits for s in plan.seeds)
 
 
 def _teachers(study: st.Study, runs: list) -> None:

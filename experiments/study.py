@@ -270,9 +270,14 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 def launch_subprocess(argv: list, log_path: str) -> int:
     """``python -m train ARGV`` with this checkout first on the path; output appended to ``log_path``."""
+    return spawn([sys.executable, "-m", "train", *argv], log_path)
+
+
+def spawn(cmd: list, log_path: str) -> int:
+    """Run ``cmd`` with this checkout first on the path, output appended to ``log_path``; it is one of
+    :data:`LIVE` while it runs (so a hard time limit can stop it) and dies with this process."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    cmd = [sys.executable, "-m", "train", *argv]
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
@@ -386,7 +391,8 @@ def ensure_teacher(study: Study, model: str) -> dict:
         if rc != 0 or not meta or meta.get("epoch") != s.teacher_epochs:
             raise UserError(f"FP teacher {model} did not finish (exit {rc}: {_last_error(out + '.log')}); "
                             f"see {out}.log, then rerun to resume it")
-    rec = {"schema": SCHEMA, "settings": s.identity(), "model": model,
+    rec = {"schema": SCHEMA, "settings": s.identity(), "model": model, "images": meta.get("images"),
+           "code_revision": meta.get("code_revision"),
            "checkpoint": ckpt.replace(study.work, "$WORK"), "sha256": _sha256(ckpt)[:16],
            "val_top1": meta["metrics"]["top1"], "curve": _curve(out)}
     write_json(path, rec)
@@ -633,8 +639,11 @@ def eval_test(study: Study, plan: Plan) -> int:
                 rec = load_run(study, cfg, bits, seed, plan.steps)
                 if rec is None or "test_top1" in rec or "val_top1" not in rec:
                     continue
-                rec["test_top1"] = test_top1(study, os.path.join(study.run_dir(cfg, bits, seed, plan.steps),
-                                                                  "last.safetensors"))
+                ckpt = os.path.join(study.run_dir(cfg, bits, seed, plan.steps), "last.safetensors")
+                rec["test_top1"] = test_top1(study, ckpt)
+                from experiments.measures import checkpoint_measures
+
+                rec.update(checkpoint_measures(ckpt))  # BitOPs and model bytes of the final model
                 rec["test_evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
                 write_json(study.json_path(cfg, bits, seed, plan.steps), rec)
                 print(f"[study] test: {label(cfg)} W{bits}A{bits} seed {seed}: {rec['test_top1']:.2f}", flush=True)
@@ -793,7 +802,14 @@ def report(study: Study, plans: list) -> str:
         parts.append(f"\nFP teacher `{t['model']}` (seed 0, sha256 {t['sha256']}): validation top-1 "
                      f"{t['val_top1']:.2f}{test}.\n")
     fp = next((t for t in teachers if t["model"] == study.settings.model), None)
+    if any(p.stage in FREE_STAGES for p in plans) or "final" in getattr(getattr(study, "args", None), "stage", ""):
+        from experiments.tables import block, plot_budget
+
+        plot_budget(study, os.path.join(study.results, "budget.png"))
+        parts.append("\n" + block(study.results))
     for plan in plans:
+        if plan.stage in FREE_STAGES:  # their tables are the block above
+            continue
         choices = plan.choices(study)
         groups = study.grid(plan.stage, choices)
         wall, n = _stage_wall(study, groups, plan.bits, plan.seeds, plan.steps)
@@ -920,6 +936,9 @@ def build_parser(prog: str = "python -m experiments.study") -> argparse.Argument
     p.add_argument("--copy-to", default=None, metavar="DIR",
                    help="copy the run JSONs this sitting wrote (and the teachers' records) under DIR, e.g. $OUT")
     p.add_argument("--plan", action="store_true", help="list the runs (done / to do) and exit")
+    p.add_argument("--teacher-only", action="store_true", help="train (or resume) the FP teacher, then exit")
+    p.add_argument("--readme", default=None, metavar="README.md",
+                   help="with --report: also rewrite the README's generated study block from --results")
     p.add_argument("--report", action="store_true", help="only write study.md and the plots")
     p.add_argument("--eval-test", action="store_true",
                    help="read the test set once for the stage's final rows (already trained), then report")
@@ -952,7 +971,7 @@ def parse(argv: Optional[list], prog: str = "python -m experiments.study") -> tu
     from qformat.argtypes import SEED_MAX
 
     args.seeds_given = args.seeds is not None
-    args.seeds = args.seeds or "0,1,2"
+    args.seeds = "0,1,2" if args.seeds is None else args.seeds
     seeds = _ints(args.seeds, "--seeds", 0, SEED_MAX)
     bits_arg = _ints(args.bits, "--bits", MIN_BITS, MAX_BITS) if args.bits is not None else None
     _check_holdout(args)
@@ -1119,6 +1138,10 @@ def main(argv: Optional[list] = None, prog: str = "python -m experiments.study")
     if args.plan:
         print_plan(study, plans)
         return 0
+    if args.teacher_only:
+        rec = ensure_teacher(study, study.settings.model)
+        print(f"[study] FP teacher {rec['model']}: validation top-1 {rec['val_top1']:.2f} -> {rec['path']}")
+        return 0
     if not (args.report or args.eval_test):
         os.makedirs(study.work, exist_ok=True)
         with open(os.path.join(study.work, "study.lock"), "w") as lock:
@@ -1134,6 +1157,11 @@ def main(argv: Optional[list] = None, prog: str = "python -m experiments.study")
         for plan in plans:
             eval_test(study, plan)
     print(report(study, plans))
+    if args.readme:
+        from experiments.tables import write_readme
+
+        changed = write_readme(args.readme, study.results)
+        print(f"[study] {args.readme}: study block {'rewritten' if changed else 'unchanged'}")
     return 0
 
 

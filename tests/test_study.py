@@ -166,7 +166,7 @@ def test_extra_final_rows_hook_joins_every_final_table(monkeypatch):
     assert [r["method"] for r in st.final_rows(choices)][:4] == ["baseline", "irm", "dgd", "qvit"]
     monkeypatch.setattr(st, "EXTRA_FINAL_ROWS", ({"method": "vvtq"},))
     rows = st.final_rows(choices, with_single=False)
-    assert [r["method"] for r in rows] == ["baseline", "qvit", "vvtq"] and st.label(rows[-1]) == "vvtq"
+    assert [r["method"] for r in rows] == ["baseline", "qvit", "vvtq"] and st.label(rows[-1]) == "VVTQ"
     assert "vvtq" in st._every_slug(["stage2"])
 
 
