@@ -19,7 +19,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Optional
 
-from experiments import study as st
+from experiments import runner as st
 from qformat.errors import UserError
 
 
@@ -52,9 +52,9 @@ def _budget_blocked(study: st.Study, plan) -> bool:
 
 
 def _teachers(study: st.Study, runs: list) -> None:
-    """Every FP teacher the runs need, trained (one at a time) before any run starts."""
-    for model in dict.fromkeys(cfg.get("model", study.settings.model) for cfg, *_ in runs):
-        st.ensure_teacher(study, model)
+    """Every FP teacher (and soft-label store) the runs need, made one at a time before any run starts."""
+    for cfg in {(cfg.get("model"), cfg.get("crops")): cfg for cfg, *_ in runs}.values():
+        st.ensure_inputs(study, cfg)
 
 
 class _Clock:

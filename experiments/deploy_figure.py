@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import Optional
 
-from experiments import study as st
+from experiments import runner as st
 from qformat.argtypes import ArgumentParser, nonneg_int, positive_float, positive_int
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, read_json, write_json

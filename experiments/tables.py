@@ -14,7 +14,7 @@ import os
 import re
 from typing import Optional
 
-from experiments import study as st
+from experiments import runner as st
 from experiments.measures import paired, paired_text
 from qformat.errors import UserError
 from qformat.io import atomic_write, read_json

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from experiments import study as st
+from experiments import runner as st
 from qformat.io import read_json
 from train import deploy_figure as df
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from experiments import study as st
+from experiments import runner as st
+from experiments import study as cli
 from qformat.errors import UserError
 from qformat.io import read_json, write_json
 
@@ -110,7 +111,7 @@ def test_budget_must_be_a_multiple_of_the_chunk(tmp_path):
                                           (["--budget", "0"], "--budget"), (["--holdout", "0"], "--holdout")])
 def test_bad_flags_are_one_line_errors(args, needle, capsys):
     with pytest.raises(SystemExit) as e:
-        st.main(args + ["--plan"])
+        cli.main(args + ["--plan"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
@@ -141,7 +142,7 @@ def test_tiny_study_skips_finished_resumes_unfinished_and_reads_test_once(tmp_pa
     assert st.eval_test(study2, plan) == 3  # two runs and the teacher
     first = read_json(study.json_path(QVIT, 2, 0, 2))["test_top1"]
     assert st.eval_test(study2, plan) == 0 and read_json(study.json_path(QVIT, 2, 0, 2))["test_top1"] == first
-    text = st.report(study2, [plan])
+    text = cli.report(study2, [plan])
     assert "Test top-1" in text and os.path.isfile(os.path.join(study.results, "stage1.png"))
     assert os.path.isfile(os.path.join(study.results, "stage1_test.png"))
 
@@ -167,7 +168,7 @@ def test_extra_final_rows_hook_joins_every_final_table(monkeypatch):
     monkeypatch.setattr(st, "EXTRA_FINAL_ROWS", ({"method": "vvtq"},))
     rows = st.final_rows(choices, with_single=False)
     assert [r["method"] for r in rows] == ["baseline", "qvit", "vvtq"] and st.label(rows[-1]) == "VVTQ"
-    assert "vvtq" in st._every_slug(["stage2"])
+    assert "vvtq" in cli._every_slug(["stage2"])
 
 
 def test_only_starts_the_named_configs_and_refuses_unknown_names(tmp_path, capsys):
@@ -178,7 +179,7 @@ def test_only_starts_the_named_configs_and_refuses_unknown_names(tmp_path, capsy
     assert st.load_run(study, st.BASELINE, 2, 0, 1) and st.load_run(study, QVIT, 2, 0, 1) is None
     assert not study.wanted(QVIT) and st.Study("r", "w", TINY, only=("qvit__dgd_weight-*",)).wanted(QVIT)
     with pytest.raises(SystemExit) as e:
-        st.main(["--only", "qvit__dgd_weight-0.3O", "--plan"])
+        cli.main(["--only", "qvit__dgd_weight-0.3O", "--plan"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--only 'qvit__dgd_weight-0.3O'" in err[0]
 

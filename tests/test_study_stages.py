@@ -11,9 +11,9 @@ import time
 import pytest
 from scipy.stats import t as student_t
 
-from experiments import batch
-from experiments import study as st
-from experiments import tables
+from experiments import batch, tables
+from experiments import runner as st
+from experiments import study as cli
 from qformat.io import read_json, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,11 +136,11 @@ def test_the_readme_tables_are_what_the_committed_runs_give():
         current = tables.current_block(f.read())
     assert current is not None, "README.md lost its generated study block"
     assert current == tables.block(os.path.join(ROOT, "docs", "study")), \
-        "README's study tables differ from docs/study/runs: run qvit study --report --stage budget,final --readme README.md"
+        "README's study tables differ from docs/study/runs: qvit study --report --stage budget,final --readme README.md"
 
 
 def test_plan_lists_stages_in_order_with_a_time_estimate(tmp_path, capsys):
-    st.main(["--stage", "budget,final", "--plan", "--data", "synthetic", "--holdout", "128", "--results",
+    cli.main(["--stage", "budget,final", "--plan", "--data", "synthetic", "--holdout", "128", "--results",
              str(tmp_path / "r"), "--work", str(tmp_path / "w")])
     out = capsys.readouterr().out
     assert "final   waits for the converged budget B" in out and "W2A2 x 5 seeds, W4A4 x 3 seeds" in out
@@ -151,14 +151,14 @@ def test_plan_lists_stages_in_order_with_a_time_estimate(tmp_path, capsys):
 
 def test_final_plans_put_w2a2_with_five_seeds_first(tmp_path):
     study = _study(tmp_path)
-    args = st.build_parser().parse_args(["--stage", "final", "--budget", "2000"])
+    args = cli.build_parser().parse_args(["--stage", "final", "--budget", "2000"])
     args.seeds_given = False
-    plans = st.final_plans(study, args, [2, 4, 3], 2, [0, 1, 2])
+    plans = cli.final_plans(study, args, [2, 4, 3], 2, [0, 1, 2])
     assert [(p.bits, p.seeds, p.steps) for p in plans] == [([2], [0, 1, 2, 3, 4], 2000), ([4], [0, 1, 2], 2000),
                                                            ([3], [0, 1, 2], 2000)]
     rows = st.stage_groups("final", {})[0].configs
-    assert [st.label(r) for r in rows] == ["Baseline", "+IRM+DGD", "VVTQ", "Learned bits",
-                                           "+IRM+DGD (VVTQ scales + OBR)"]
+    assert [st.label(r) for r in rows] == ["Baseline", "+IRM+DGD", "VVTQ (4-crop KD)", "Learned bits",
+                                           "+IRM+DGD (VVTQ scales + OBR, 4-crop KD)"]
 
 
 def test_the_harder_setting_is_accepted_by_the_train_cli(tmp_path):
@@ -167,3 +167,34 @@ def test_the_harder_setting_is_accepted_by_the_train_cli(tmp_path):
     argv = st.train_argv(_study(tmp_path), st.HARD, 2, 0, 1000, {"path": "t.safetensors"})
     args = parse_args(argv + ["--out", str(tmp_path / "o")])
     assert set(args.quant_override) == {"patch_embed.proj", "head"}
+
+
+def test_vvtq_rows_get_the_teachers_soft_label_store_made_once(tmp_path):
+    """A real (tiny) store: the study writes it with python -m train.softlabels and points the run at it."""
+    import torch
+
+    from train.checkpoint import save_checkpoint
+    from train.models import create_model, model_spec
+    from train.provenance import run_images
+
+    study = _study(tmp_path)
+    spec = model_spec("vit_fmnist")
+    os.makedirs(study.teacher_dir("vit_fmnist"))
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(os.path.join(study.teacher_dir("vit_fmnist"), "last"), create_model("vit_fmnist"),
+                           {"model": "vit_fmnist", "quant": None, "input_size": list(spec.input_size),
+                            "mean": list(spec.mean), "std": list(spec.std), "num_classes": 10, "method": "fp",
+                            "images": run_images("synthetic", None, 128)[0]})
+    write_json(study.teacher_json("vit_fmnist"), {"schema": st.SCHEMA, "settings": SETTINGS.identity(),
+                                                  "model": "vit_fmnist", "sha256": "x", "val_top1": 50.0})
+    cfg = {"method": "vvtq", "crops": 1}
+    teacher = st.ensure_inputs(study, cfg)
+    store = study.store_dir("vit_fmnist", 1)
+    manifest = read_json(os.path.join(store, "manifest.json"))
+    assert teacher["path"] == ckpt and manifest["complete"] and manifest["data"]["holdout"] == 128
+    assert manifest["teacher_images"] == [run_images("synthetic", None, 128)[0]]
+    argv = st.train_argv(study, cfg, 2, 0, 250, teacher)
+    assert argv[argv.index("--multicrop-kd") + 1] == store and "--crops" not in argv
+    mtime = os.path.getmtime(os.path.join(store, "manifest.json"))
+    st.ensure_inputs(study, cfg)  # made once
+    assert os.path.getmtime(os.path.join(store, "manifest.json")) == mtime

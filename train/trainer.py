@@ -420,8 +420,16 @@ def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, ep
         "data": args.data, "holdout": args.holdout, "seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
         "vvtq": vcfg.to_dict() if vcfg is not None else None,
         "code_revision": code_revision(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "images": run_images(args.data, args.data_dir, args.holdout, args.seed)[0] if args.data in IMAGE_DATA else None,
+        **_image_records(args),
     }
+
+
+def _image_records(args: argparse.Namespace) -> dict:
+    """``images`` (what this run trains on) and ``val_images`` (what it validates on): train/provenance.py."""
+    if args.data not in IMAGE_DATA:
+        return {"images": None, "val_images": None}
+    train, val = run_images(args.data, args.data_dir, args.holdout, args.seed)
+    return {"images": train, "val_images": {k: v for k, v in val.items() if k != "indices"}}
 
 
 def _load_fp_weights(model: nn.Module, path: str, what: str) -> None:
