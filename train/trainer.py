@@ -646,8 +646,8 @@ def _ancestors(args: argparse.Namespace, fp_path: Optional[str]) -> list:
 
 def check_sources(args: argparse.Namespace) -> None:
     """Before any work: no model feeding this run has trained on its validation images (train/provenance.py)."""
-    if args.data not in IMAGE_DATA or args.pretrained:
-        return
+    if args.data not in IMAGE_DATA or args.pretrained or not args.holdout:
+        return  # validation on the test split (or val/): no model trained here has seen it
     from train.provenance import check_no_leak
 
     val = run_images(args.data, args.data_dir, args.holdout, args.seed)[1]
