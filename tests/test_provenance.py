@@ -55,7 +55,7 @@ def test_leaky_teacher_is_refused_before_training(tmp_path, fmnist_dir, expect_e
 
 
 def test_clean_teacher_passes_and_old_teacher_gets_one_note(tmp_path, fmnist_dir, capsys):
-    from train.trainer import check_sources
+    from train.provenance import check_sources
 
     rec = run_images("fmnist", fmnist_dir, 5000)[0]
     clean = _fp_checkpoint(tmp_path / "clean", data="fmnist", holdout=5000, images=rec)

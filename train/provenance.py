@@ -12,6 +12,7 @@ lie about a split: the index set is recomputed from (data set, holdout, seed) an
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
@@ -22,6 +23,8 @@ from typing import Optional
 import numpy as np
 
 from qformat.errors import UserError
+from qformat.io import read_json
+from train.checkpoint import read_meta
 
 #: data sets whose runs record their images (every ``--data`` the trainer reads)
 IMAGE_DATA = ("fmnist", "synthetic", "imagefolder")
@@ -171,3 +174,43 @@ def check_no_leak(val: dict, sources: list, data_dir: Optional[str], notes: bool
                                 "teacher's --holdout {} or a teacher trained with --holdout {}".format(
                                     what, path, n, val.get("count"), rec.get("holdout"), val.get("holdout"),
                                     rec.get("holdout"), val.get("holdout")))
+
+
+# ----------------------------------------------------------------------------- a run's command line
+
+def image_records(args: argparse.Namespace) -> dict:
+    """A run's metadata keys ``images`` (what it trains on) and ``val_images`` (what it validates on)."""
+    if args.data not in IMAGE_DATA:
+        return {"images": None, "val_images": None}
+    train, val = run_images(args.data, args.data_dir, args.holdout, args.seed)
+    return {"images": train, "val_images": {k: v for k, v in val.items() if k != "indices"}}
+
+
+def _sources(args: argparse.Namespace) -> list:
+    """(what, path, lineage) of every model whose weights or outputs feed this run."""
+    out, seen = [], set()
+    for what, path in (("--teacher", args.teacher), ("--checkpoint", args.checkpoint)):
+        if path and os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            out.append((what, path, lineage(read_meta(path) or {})))
+    store = getattr(args, "multicrop_kd", None)
+    if store:  # train.cli has checked it is a finished store (train.softlabels.read_store_manifest)
+        manifest = read_json(os.path.join(store, "manifest.json"), "soft-label manifest")
+        out.append(("--multicrop-kd store", store, manifest.get("teacher_images")))
+    return out
+
+
+def ancestors(args: argparse.Namespace, fp_path: Optional[str]) -> list:
+    """The training-image records behind this run's initial weights and teacher (None entries: unknown)."""
+    out = []
+    for path in dict.fromkeys(p for p in (args.checkpoint, args.teacher, fp_path) if p and os.path.isfile(p)):
+        out += lineage(read_meta(path) or {}) or [None]
+    return out
+
+
+def check_sources(args: argparse.Namespace) -> None:
+    """Before any work: no model feeding this run has trained on its validation images."""
+    if args.data not in IMAGE_DATA or args.pretrained or not args.holdout:
+        return  # validation on the test split (or val/): no model trained here has seen it
+    val = run_images(args.data, args.data_dir, args.holdout, args.seed)[1]
+    check_no_leak(val, _sources(args), args.data_dir)

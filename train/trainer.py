@@ -35,7 +35,7 @@ from train.config import mixed_settings, nominal_bits, resolve_bits
 from train.data import Loaders, build_loaders
 from train.evaluate import evaluate
 from train.logger import RunLogger, write_metrics_csv
-from train.provenance import IMAGE_DATA, run_images
+from train.provenance import ancestors, check_sources, image_records
 
 # ----------------------------------------------------------------------------- small pieces
 
@@ -420,16 +420,8 @@ def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, ep
         "data": args.data, "holdout": args.holdout, "seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
         "vvtq": vcfg.to_dict() if vcfg is not None else None,
         "code_revision": code_revision(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        **_image_records(args),
+        **image_records(args),
     }
-
-
-def _image_records(args: argparse.Namespace) -> dict:
-    """``images`` (what this run trains on) and ``val_images`` (what it validates on): train/provenance.py."""
-    if args.data not in IMAGE_DATA:
-        return {"images": None, "val_images": None}
-    train, val = run_images(args.data, args.data_dir, args.holdout, args.seed)
-    return {"images": train, "val_images": {k: v for k, v in val.items() if k != "indices"}}
 
 
 def _load_fp_weights(model: nn.Module, path: str, what: str) -> None:
@@ -576,7 +568,7 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, v
         _load_fp_weights(model, init_path, "--checkpoint" if args.checkpoint else "teacher")
     model.to(device)
     meta = dict(_base_meta(args, spec, loaders, args.method, args.epochs, qcfg, dcfg, vcfg), teacher=fp_path,
-                ancestors=_ancestors(args, fp_path))
+                ancestors=ancestors(args, fp_path))
     state, sd = (None, None)
     if args.resume:
         state, sd = _resume_state_for(args.out, meta, dinfo.is_main)
@@ -615,43 +607,6 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, v
 
         objective = VariationAware(objective, model, vcfg)
     return model, objective, meta, state
-
-
-def _sources(args: argparse.Namespace) -> list:
-    """(what, path, lineage) of every model whose weights or outputs feed this run."""
-    from train.provenance import lineage
-
-    out, seen = [], set()
-    for what, path in (("--teacher", args.teacher), ("--checkpoint", args.checkpoint)):
-        if path and os.path.realpath(path) not in seen:
-            seen.add(os.path.realpath(path))
-            out.append((what, path, lineage(ckpt.read_meta(path) or {})))
-    store = getattr(args, "multicrop_kd", None)
-    if store:
-        from train.softlabels import read_store_manifest
-
-        out.append(("--multicrop-kd store", store, read_store_manifest(store).get("teacher_images")))
-    return out
-
-
-def _ancestors(args: argparse.Namespace, fp_path: Optional[str]) -> list:
-    """The training-image records behind this run's initial weights and teacher (None entries: unknown)."""
-    from train.provenance import lineage
-
-    out = []
-    for path in {p for p in (args.checkpoint, args.teacher, fp_path) if p and os.path.isfile(p)}:
-        out += lineage(ckpt.read_meta(path) or {}) or [None]
-    return out
-
-
-def check_sources(args: argparse.Namespace) -> None:
-    """Before any work: no model feeding this run has trained on its validation images (train/provenance.py)."""
-    if args.data not in IMAGE_DATA or args.pretrained or not args.holdout:
-        return  # validation on the test split (or val/): no model trained here has seen it
-    from train.provenance import check_no_leak
-
-    val = run_images(args.data, args.data_dir, args.holdout, args.seed)[1]
-    check_no_leak(val, _sources(args), args.data_dir)
 
 
 def run(args: argparse.Namespace) -> dict:
