@@ -63,3 +63,16 @@ def paired_text(p: Optional[dict]) -> str:
     if p["n"] == 1:
         return f"{p['mean']:+.2f} (seed {p['seeds'][0]})"
     return f"{p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}] (n={p['n']})"
+
+
+def seeds_for(seed_std: float, delta: float = 0.5, level: float = 0.95, most: int = 50) -> int:
+    """Paired seeds for the ``level`` t-interval of a difference to be within ±``delta``, when one config's
+    seed-to-seed std is ``seed_std`` and the two configs' seeds are uncorrelated (the difference's std is
+    then sqrt(2) x ``seed_std``; pairing by teacher and data order can only make it smaller)."""
+    from scipy.stats import t
+
+    sd = math.sqrt(2.0) * seed_std
+    for n in range(2, most + 1):
+        if float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n) <= delta:
+            return n
+    return most

@@ -15,7 +15,7 @@ import re
 from typing import Optional
 
 from experiments import runner as st
-from experiments.measures import paired, paired_text
+from experiments.measures import paired, paired_text, seeds_for
 from qformat.errors import UserError
 from qformat.io import atomic_write, read_json
 
@@ -54,6 +54,11 @@ def budget_table(study: st.Study) -> str:
                "budget at W2A2 and W4A4)." if b else
                f"No converged budget yet (the baseline's mean still moves > {st.FLAT} points between budgets, or "
                "a budget is unfinished).")
+    if b:
+        spread = [(bits, st.stats(study, st.BASELINE, bits, list(st.BUDGET_SEEDS), b)) for bits in (2, 4)]
+        verdict += " Seeds the final table needs to resolve a 0.5-point difference (95 % interval, from the seed " \
+                   "std at B): " + ", ".join(f"W{bits}A{bits} std {x['std']:.2f} -> {seeds_for(x['std'])}"
+                                              for bits, x in spread if x) + "."
     return ("**Budget: validation top-1 (%) vs QAT steps** (mean ± std over seeds 0, 1, 2; cosine schedule per "
             "budget)\n\n" + head + "\n|---|---|" + "---|" * len(st.BUDGETS) + "\n" + "\n".join(rows) + "\n\n"
             + verdict + "\n")

@@ -120,6 +120,7 @@ def test_tables_recompute_from_the_jsons_with_paired_t_intervals(tmp_path, monke
     _final_records(study, 2000, [(st.BASELINE, base), ({"method": "qvit"}, qvit)])
     text = tables.block(study.results)
     assert "B = 2,000 QAT steps" in text and "Baseline (embed+head 2-bit)" in text
+    assert "W2A2 std 0.10 -> 3" in text  # fake seeds 81.0, 81.1, 81.2 at B
     d = [q - b for q, b in zip(qvit, base)]
     m, sd = sum(d) / 5, math.sqrt(sum((x - sum(d) / 5) ** 2 for x in d) / 4)
     half = student_t.ppf(0.975, 4) * sd / math.sqrt(5)
@@ -137,6 +138,15 @@ def test_the_readme_tables_are_what_the_committed_runs_give():
     assert current is not None, "README.md lost its generated study block"
     assert current == tables.block(os.path.join(ROOT, "docs", "study")), \
         "README's study tables differ from docs/study/runs: qvit study --report --stage budget,final --readme README.md"
+
+
+def test_seeds_for_a_half_point_interval():
+    from experiments.measures import seeds_for
+
+    assert seeds_for(0.1) == 3 and seeds_for(0.0) == 2
+    n = seeds_for(0.4)  # the spread the W2A2 baseline showed at 250 steps
+    sd = math.sqrt(2) * 0.4
+    assert student_t.ppf(0.975, n - 1) * sd / math.sqrt(n) <= 0.5 < student_t.ppf(0.975, n - 2) * sd / math.sqrt(n - 1)
 
 
 def test_plan_lists_stages_in_order_with_a_time_estimate(tmp_path, capsys):
