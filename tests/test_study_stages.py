@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 from scipy.stats import t as student_t
 
 from experiments import batch, tables
@@ -181,8 +182,6 @@ def test_the_harder_setting_is_accepted_by_the_train_cli(tmp_path):
 
 def test_vvtq_rows_get_the_teachers_soft_label_store_made_once(tmp_path):
     """A real (tiny) store: the study writes it with python -m train.softlabels and points the run at it."""
-    import torch
-
     from train.checkpoint import save_checkpoint
     from train.models import create_model, model_spec
     from train.provenance import run_images
@@ -208,3 +207,34 @@ def test_vvtq_rows_get_the_teachers_soft_label_store_made_once(tmp_path):
     mtime = os.path.getmtime(os.path.join(store, "manifest.json"))
     st.ensure_inputs(study, cfg)  # made once
     assert os.path.getmtime(os.path.join(store, "manifest.json")) == mtime
+
+
+def _checkpoint(path, bits):
+    from conftest import test_images
+
+    from train.checkpoint import save_checkpoint
+    from train.config import QuantConfig
+    from train.models import create_model, model_spec
+    from train.quant import calibrate, prepare
+
+    spec = model_spec("vit_fmnist")
+    torch.manual_seed(0)
+    m = create_model("vit_fmnist").eval()
+    cfg = QuantConfig.for_method("baseline", bits)
+    prepare(m, cfg)
+    calibrate(m, [test_images("vit_fmnist", 8)])
+    meta = {"model": "vit_fmnist", "quant": cfg.to_dict(), "input_size": list(spec.input_size), "mean": list(spec.mean),
+            "std": list(spec.std), "num_classes": 10, "class_names": [str(i) for i in range(10)]}
+    return save_checkpoint(str(path), m, meta), m
+
+
+def test_final_rows_report_bitops_and_model_bytes(tmp_path):
+    from experiments.measures import checkpoint_measures
+    from train.mixedbits import _layer_modules
+
+    p3, m3 = _checkpoint(tmp_path / "w3", 3)
+    p4, _ = _checkpoint(tmp_path / "w4", 4)
+    a, b = checkpoint_measures(p3), checkpoint_measures(p4)
+    block_weights = sum(m.weight.numel() for _, m, role in _layer_modules(m3) if role == "block")
+    assert b["model_bytes"] - a["model_bytes"] == block_weights // 8  # one bit more per block weight
+    assert b["bitops_g"] > a["bitops_g"] > 0 and a["w_bits"] < b["w_bits"]
