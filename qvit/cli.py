@@ -13,7 +13,7 @@ import sys
 STAGES = (
     ("train", "train.cli", "quantization-aware training (Q-ViT: LSQ/LSQ+, IRM, DGD, KD); torchrun for DDP"),
     ("softlabels", "train.softlabels", "multi-crop soft-label store of an FP teacher (VVTQ --multicrop-kd)"),
-    ("study", "experiments.study", "the seeded, resumable study: budget, tuning, final table (validation split, paired seeds)"),
+    ("study", "experiments.study", "the seeded, resumable study: budget, tuning, final table (paired seeds)"),
     ("export", "export.cli", "checkpoint -> ONNX (qdq | lowbit | fp32) + sidecar, with the parity check"),
     ("build", "runtime.build", "ONNX -> TensorRT engine (cached), with the equivalent trtexec line"),
     ("bench", "runtime.bench", "img/s and latency on TensorRT, ONNX Runtime or torch"),
