@@ -5,8 +5,8 @@ The runs a sitting may start are the study's pending ones in its usual order (st
 the list is recomputed whenever a run ends, so groups that a finished choice declares join the same sitting.
 Each trainer is its own ``python -m train`` subprocess, checkpointed every chunk: ``--time-limit`` stops new
 starts, ``--hard-limit`` terminates the trainers still running (they resume from their last chunk at the next
-sitting), and every finished run is written as its JSON the moment it ends -- what a GPU call copies to
-``$OUT`` with ``--copy-to``.
+sitting), and every finished run is written as its JSON the moment it ends; ``--copy-to`` copies what the
+sitting wrote (test numbers included) to a GPU call's ``$OUT``.
 """
 
 from __future__ import annotations
@@ -121,17 +121,17 @@ def run_batch(study: st.Study, plans: list, jobs: int, hard_limit: Optional[floa
     return written
 
 
-def copy_runs(study: st.Study, paths: list, dest: str) -> int:
-    """Copy run JSONs (and the teachers' records) under ``dest`` with their layout below ``--results``."""
-    extra = []
-    tdir = os.path.join(study.results, "teachers")
-    if os.path.isdir(tdir):
-        extra = [os.path.join(tdir, f) for f in os.listdir(tdir) if f.endswith(".json")]
+def copy_runs(study: st.Study, since: float, dest: str) -> int:
+    """Copy the run JSONs written or updated since ``since`` (a time stamp) and the teachers' records under
+    ``dest``, with their layout below ``--results``; how many files."""
     n = 0
-    for p in list(paths) + extra:
-        if os.path.isfile(p):
-            target = os.path.join(dest, os.path.relpath(p, study.results))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copy2(p, target)
-            n += 1
+    for sub in ("runs", "teachers"):
+        for d, _, files in os.walk(os.path.join(study.results, sub)):
+            for f in files:
+                p = os.path.join(d, f)
+                if f.endswith(".json") and (sub == "teachers" or os.path.getmtime(p) >= since):
+                    target = os.path.join(dest, os.path.relpath(p, study.results))
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copy2(p, target)
+                    n += 1
     return n

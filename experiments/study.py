@@ -192,7 +192,8 @@ def build_parser(prog: str = "python -m experiments.study") -> argparse.Argument
     p.add_argument("--hard-limit", type=positive_float, default=None,
                    help="minutes; then the running trainers are stopped (each resumes from its last chunk)")
     p.add_argument("--copy-to", default=None, metavar="DIR",
-                   help="copy the run JSONs this sitting wrote (and the teachers' records) under DIR, e.g. $OUT")
+                   help="at the end, copy the run JSONs this sitting wrote or updated (and the teachers' "
+                        "records) under DIR, e.g. $OUT")
     p.add_argument("--plan", action="store_true", help="list the runs (done / to do) and exit")
     p.add_argument("--teacher-only", action="store_true", help="train (or resume) the FP teacher, then exit")
     p.add_argument("--readme", default=None, metavar="README.md",
@@ -322,18 +323,17 @@ def print_plan(study: Study, plans: list) -> None:
 
 
 def _run_batch(study: Study, plans: list, args: argparse.Namespace) -> None:
-    from experiments.batch import copy_runs, run_batch
+    from experiments.batch import run_batch
 
     t0 = time.time()
     hard = t0 + 60 * args.hard_limit if args.hard_limit is not None else None
     written = run_batch(study, plans, args.jobs, hard)
     print(f"[study] batch: {len(written)} run(s) written in {time.time() - t0:.0f} s", flush=True)
-    if args.copy_to:
-        print(f"[study] copied {copy_runs(study, written, args.copy_to)} JSON file(s) to {args.copy_to}", flush=True)
 
 
 @main_guard
 def main(argv: Optional[list] = None, prog: str = "python -m experiments.study") -> int:
+    t0 = time.time()
     study, plans = parse(argv, prog)
     args = study.args  # type: ignore[attr-defined]
     if args.plan:
@@ -357,6 +357,10 @@ def main(argv: Optional[list] = None, prog: str = "python -m experiments.study")
     if args.eval_test:
         for plan in plans:
             eval_test(study, plan)
+    if args.copy_to:  # what this sitting wrote or updated (runs, test numbers), e.g. to a GPU call's $OUT
+        from experiments.batch import copy_runs
+
+        print(f"[study] copied {copy_runs(study, t0, args.copy_to)} JSON file(s) to {args.copy_to}", flush=True)
     print(report(study, plans))
     if args.readme:
         from experiments.tables import write_readme

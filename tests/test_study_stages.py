@@ -73,6 +73,7 @@ def _budget_plans(seeds=(0, 1, 2)):
 def test_batch_runs_budgets_concurrently_and_stops_once_the_curve_is_flat(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_SLEEP", "0.3")
     study = _study(tmp_path)
+    t0 = time.time()
     written = batch.run_batch(study, _budget_plans(), jobs=4)
     assert study.launch.peak > 1  # several trainer processes at once
     assert st.converged_budget(study, st.BUDGET_SEEDS) == 2000  # 1000 -> 2000 moves 1.0, 2000 -> 4000 0.1
@@ -89,7 +90,8 @@ def test_batch_runs_budgets_concurrently_and_stops_once_the_curve_is_flat(tmp_pa
     st.run_plans(again, _budget_plans())
     assert again.launch.calls == 0
     dest = tmp_path / "out"
-    assert batch.copy_runs(study, written, str(dest)) == 37  # the runs and the teacher's record
+    assert batch.copy_runs(study, t0, str(dest)) == 37  # the runs and the teacher's record
+    assert batch.copy_runs(study, time.time() + 60, str(tmp_path / "none")) == 1  # nothing new: the teacher
     assert (dest / "runs" / "s2000" / "baseline__edges-2__w2a2__seed1.json").is_file()
 
 
