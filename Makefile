@@ -10,8 +10,8 @@ OUT     ?= artifacts
 BUDGET  ?= small
 ONNX    ?= $(OUT)/$(MODEL)_w$(BITS)a$(BITS).$(FORMAT).onnx
 EPOCHS  ?=
-STAGE   ?= stage1
-SEEDS   ?= 0,1,2
+STAGE   ?= budget
+SEEDS   ?=
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 STAMP   := .make/installed
 # every target goes through the one door, `qvit <command>`, run from this tree (not an installed copy)
@@ -28,7 +28,7 @@ help:
 	@echo "make ablation BUDGET=small FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"
 	@echo "make mp-ablation MP_BUDGET=cpu|gpu  learned head-wise bits vs uniform at 4- and 3-bit BitOPs budgets"
 	@echo "make vvtq-ablation [TEACHER=..]  LSQ+ KD / VVTQ / VVTQ w/o each part / Q-ViT / VVTQ+IRM+DGD at 4/3/2 bits"
-	@echo "make study STAGE=stage1 [SEEDS=0,1,2] [STEPS=..] [MINUTES=..]  the resumable IRM/DGD study (qvit study)"
+	@echo "make study STAGE=budget|stage1|final [SEEDS=..] [STEPS=..] [MINUTES=..] [JOBS=2]  the resumable study (qvit study)"
 	@echo "make deploy-figure [FIG_BITS=2,3]  accuracy vs size and ORT CPU speed of the study's models (qvit deploy-figure)"
 	@echo "make export MODEL=.. BITS=.. [CKPT=..] [FORMAT=qdq|lowbit] [TARGET=..]  (runs/MODEL_wBITS/best.safetensors if trained)"
 	@echo "make engine ONNX=..        TensorRT engine (needs TensorRT)"
@@ -75,7 +75,7 @@ vvtq-ablation: install data
 	$(QVIT) vvtq-ablation --teacher $(TEACHER) --out runs/vvtq_ablation
 # Resumable: rerun the same command to continue; finished runs are JSON under docs/study/runs.
 study: install data
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(QVIT) study --stage $(STAGE) --seeds $(SEEDS) $(if $(STEPS),--budget $(STEPS)) $(if $(MINUTES),--time-limit $(MINUTES))
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(QVIT) study --stage $(STAGE) $(if $(SEEDS),--seeds $(SEEDS)) --jobs $(or $(JOBS),1) $(if $(STEPS),--budget $(STEPS)) $(if $(MINUTES),--time-limit $(MINUTES))
 
 deploy-figure: install data
 	$(QVIT) deploy-figure $(if $(FIG_BITS),--bits $(FIG_BITS))

@@ -1,7 +1,7 @@
 """``python -m experiments.deploy_figure``: the figure a deployer reads first — accuracy vs model size (bytes)
 and vs ONNX Runtime CPU img/s, for FP32 and every bit-width and format, from the study's own models.
 
-Every point is a trained model of the study (``train.study``): at each bit-width one QAT run
+Every point is a trained model of the study (``experiments.study``): at each bit-width one QAT run
 (``--config`` at ``--seed``, ``--steps``), exported with ``python -m export`` (parity-checked against
 PyTorch, so the graph has the trained model's accuracy) as ``qdq`` and ``lowbit``; FP32 is the FP
 architecture (see ``models``) at the FP teacher's accuracy. All graphs are timed in **one**
@@ -18,11 +18,11 @@ import subprocess
 import sys
 from typing import Optional
 
+from experiments import runner as st
 from qformat.argtypes import ArgumentParser, nonneg_int, positive_float, positive_int
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, read_json, write_json
 from qformat.paths import check_out_dir
-from train import study as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = ("qdq", "lowbit")

@@ -20,7 +20,7 @@ STAGES = (
 )
 #: experiments (package ``experiments``): drivers that run the stages and write tables and figures
 EXPERIMENTS = (
-    ("study", "train.study", "the seeded, resumable IRM/DGD study (validation split, mean +- std over seeds)"),
+    ("study", "experiments.study", "the seeded, resumable study: budget, tuning, final table (paired seeds)"),
     ("ablation", "experiments.ablation", "Q-ViT ablation: FP / baseline / +IRM / +DGD / +IRM+DGD at 4/3/2 bits"),
     ("mp-ablation", "experiments.mp_ablation", "learned head-wise bits vs uniform at BitOPs budgets"),
     ("vvtq-ablation", "experiments.vvtq_ablation", "VVTQ's ablation (each part removed) next to Q-ViT"),

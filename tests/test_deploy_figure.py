@@ -5,8 +5,8 @@ import os
 import pytest
 
 from experiments import deploy_figure as df
+from experiments import runner as st
 from qformat.io import read_json
-from train import study as st
 
 TINY = st.Settings(data="synthetic", holdout=128, teacher_epochs=1, batch_size=16, max_eval_batches=2, chunk=1)
 

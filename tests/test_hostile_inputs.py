@@ -69,7 +69,7 @@ CLIS = {
         "--threads": NONNEG}),
     "ablation": ("experiments.ablation", "main", ["--budget", "tiny", "--out", "{out}/abl"], "{out}", {
         "--seed": SEED, "--fp-lr": POSF, "--bits": BIT_LISTS}),
-    "study": ("train.study", "main", ["--data", "synthetic", "--results", "{out}/res", "--work", "{out}/work"],
+    "study": ("experiments.study", "main", ["--data", "synthetic", "--results", "{out}/res", "--work", "{out}/work"],
               "{out}", {
         "--budget": POS, "--choose-at": POS, "--time-limit": POSF, "--max-runs": NONNEG, "--threads": POS,
         "--holdout": POS, "--teacher-epochs": POS, "--batch-size": POS, "--chunk": POS, "--max-eval-batches": POS,

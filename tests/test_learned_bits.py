@@ -21,6 +21,8 @@ from train.mixedbits import (
     allocation,
     bit_ste,
     budget_penalty,
+    fit_to_budget,
+    paper_penalty,
     write_report,
 )
 from train.models import create_model
@@ -173,6 +175,67 @@ def test_penalty_is_the_squared_relative_overshoot_and_size_free():
     assert budget_penalty(torch.tensor(1.5e12), torch.tensor(1e12), 0.1).item() == pytest.approx(0.1 * 0.25)
 
 
+def test_paper_penalty_is_eta_times_the_squared_overshoot_in_gbitops():
+    c = torch.tensor(2e9)
+    assert paper_penalty(torch.tensor(1.5e9), c, 0.1).item() == 0.0
+    assert paper_penalty(torch.tensor(3e9), c, 0.1).item() == pytest.approx(0.1 * 1.0)
+    assert paper_penalty(torch.tensor(2.2e9), c, 0.1).item() == pytest.approx(0.1 * 0.04)
+    # the same 10 % overshoot: the relative form does not see the model's size, the paper's does
+    assert budget_penalty(torch.tensor(1.1e11), torch.tensor(1e11), 1.0).item() == pytest.approx(
+        budget_penalty(torch.tensor(1.1e9), torch.tensor(1e9), 1.0).item())
+    assert paper_penalty(torch.tensor(1.1e11), torch.tensor(1e11), 1.0).item() == pytest.approx(100.0)
+
+
+def test_bit_penalty_is_selectable_from_the_command_line():
+    from train.cli import parse_args
+    from train.config import mixed_settings
+
+    args = parse_args(["--method", "mp", "--bits", "3", "--bit-penalty", "paper", "--fp-epochs", "1"])
+    assert mixed_settings(args)["penalty"] == "paper"
+    with pytest.raises(UserError, match="penalty"):
+        MixedBitsConfig(penalty="absolute")
+    m = learned_model(budget=3, **TINY)
+    calibrate(m, [test_images("vit_fmnist", 4)])
+    m.qvit_quant_config["mixed"]["penalty"] = "paper"
+    obj = BitBudget(_Zero(m), m, log=lambda s: None)
+    t = obj.counter.totals()
+    assert float(obj.stats()["penalty"]) == pytest.approx(0.1 * ((float(t["bitops"]) - obj.budget) / 1e9) ** 2)
+
+
+def test_a_frozen_allocation_over_budget_is_lowered_until_it_fits():
+    m = learned_model(budget=3, **TINY)
+    calibrate(m, [test_images("vit_fmnist", 4)])
+    for p in _bits(m):
+        p.value.data.fill_(8.0)
+    logs = []
+    obj = BitBudget(_Zero(m), m, log=logs.append)
+    before = float(obj.counter.totals()["bitops"])
+    assert before > obj.budget
+    obj.set_progress(9, 10)  # sigma 0.9 of 10 steps: the search ends here
+    after = float(obj.counter.totals()["bitops"])
+    assert after <= obj.budget < before and "lowered" in logs[-1]
+    assert min(int(v) for p in _bits(m) for v in p.frozen_bits.tolist()) >= 2
+    assert fit_to_budget(m, obj.counter, obj.budget) == []  # fitted: nothing more to lower
+
+
+def test_fit_lowers_the_costliest_width_first():
+    m = learned_model(budget=3, **TINY)
+    calibrate(m, [test_images("vit_fmnist", 4)])
+    for p in _bits(m):
+        p.value.data.fill_(3.0)
+    m.blocks[0].mlp.fc1.w_quant.bit.value.data.fill_(8.0)  # one wide weight
+    for p in _bits(m):
+        p.freeze_()
+    counter = BitOpsCounter(m)
+    total = float(counter.totals()["bitops"])
+    steps = fit_to_budget(m, counter, total - 1.0)  # just over: one step down is enough
+    # the step that saves most is fc1's *input* width (its MACs x the 8-bit weight), not the widest width
+    assert steps == [("blocks.0.mlp.fc1.a_quant.bit", 0, 2)]
+    assert float(counter.totals()["bitops"]) == pytest.approx(total -
+                                                              8 * _macs(counter, "blocks.0.mlp.fc1"))
+    assert fit_to_budget(m, counter, total * 10) == []
+
+
 def test_penalty_pushes_every_bit_width_down_only_while_over_budget():
     m = learned_model(budget=3, **TINY)
     x, y = test_images("vit_fmnist", 8), torch.arange(8) % 10
@@ -203,14 +266,20 @@ class _Zero(torch.nn.Module):
         return logits.sum() * 0, logits, {}
 
 
+def _macs(counter, name):
+    return next(t.macs for t in counter.terms if t.name == name)
+
+
 def _bits(m):
     return [q for q in m.modules() if isinstance(q, LearnedBits)]
 
 
-@pytest.mark.parametrize("sigma,total,first_frozen", [(0.9, 10, 9), (0.5, 7, 4), (1.0, 10, None)])
+@pytest.mark.parametrize("sigma,total,first_frozen", [(0.9, 10, 9), (0.5, 7, 4), (1.0, 10, 9)])
 def test_bits_freeze_after_sigma_of_the_steps(sigma, total, first_frozen):
+    """Frozen at ceil(sigma * steps) (sigma = 1: the last step, so that the final widths are fitted); a
+    budget of 8 bits holds every allocation, so nothing is lowered here."""
     m = create_model("vit_fmnist", **TINY)
-    prepare(m, QuantConfig(w_bits=4, a_bits=4, mixed=MixedBitsConfig(budget=4, search_ratio=sigma)))
+    prepare(m, QuantConfig(w_bits=4, a_bits=4, mixed=MixedBitsConfig(budget=8, search_ratio=sigma)))
     calibrate(m, [test_images("vit_fmnist", 4)])
     obj = Objective(_Zero(m), [BitBudget(m, log=lambda s: None)])
     qkv = m.blocks[0].attn.qkv.w_quant.bit

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
+from experiments import runner as st
+from experiments import study as cli
 from qformat.errors import UserError
 from qformat.io import read_json, write_json
-from train import study as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = st.Settings(data="synthetic", holdout=128, teacher_epochs=1, batch_size=16, max_eval_batches=2, chunk=1)
@@ -77,9 +78,10 @@ def test_choices_follow_validation_means_and_declare_later_groups(tmp_path):
     final = st.final_rows(ch)
     assert final == [st.BASELINE, {"method": "irm", "irm_per_head": True, "irm_init": "std"},
                      {"method": "dgd", "dgd_weight": 0.03, "dgd_on": "q"},
-                     {"method": "qvit", "irm_per_head": True, "irm_init": "std", "dgd_weight": 0.03, "dgd_on": "q"}]
+                     {"method": "qvit", "irm_per_head": True, "irm_init": "std", "dgd_weight": 0.03, "dgd_on": "q"}
+                     ] + list(st.EXTRA_FINAL_ROWS)
     assert [g.name for g in st.stage_groups("stage2", ch)] == ["final"]
-    assert [c["method"] for c in st.stage_groups("stage3", ch)[0].configs] == ["baseline", "qvit"]
+    assert [c["method"] for c in st.stage_groups("stage3", ch)[0].configs] == ["baseline", "qvit", "vvtq", "mp", "qvit"]
 
 
 def test_failed_run_never_wins_and_other_settings_refuse(tmp_path):
@@ -109,7 +111,7 @@ def test_budget_must_be_a_multiple_of_the_chunk(tmp_path):
                                           (["--budget", "0"], "--budget"), (["--holdout", "0"], "--holdout")])
 def test_bad_flags_are_one_line_errors(args, needle, capsys):
     with pytest.raises(SystemExit) as e:
-        st.main(args + ["--plan"])
+        cli.main(args + ["--plan"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
@@ -140,7 +142,7 @@ def test_tiny_study_skips_finished_resumes_unfinished_and_reads_test_once(tmp_pa
     assert st.eval_test(study2, plan) == 3  # two runs and the teacher
     first = read_json(study.json_path(QVIT, 2, 0, 2))["test_top1"]
     assert st.eval_test(study2, plan) == 0 and read_json(study.json_path(QVIT, 2, 0, 2))["test_top1"] == first
-    text = st.report(study2, [plan])
+    text = cli.report(study2, [plan])
     assert "Test top-1" in text and os.path.isfile(os.path.join(study.results, "stage1.png"))
     assert os.path.isfile(os.path.join(study.results, "stage1_test.png"))
 
@@ -162,11 +164,11 @@ def test_time_limit_and_max_runs_end_a_sitting(tmp_path):
 
 def test_extra_final_rows_hook_joins_every_final_table(monkeypatch):
     choices = {"dgd_weight": {"dgd_weight_positive": 0.03}, "dgd_on": {"flags": {}}, "irm": {"flags": {}}}
-    assert [r["method"] for r in st.final_rows(choices)] == ["baseline", "irm", "dgd", "qvit"]
+    assert [r["method"] for r in st.final_rows(choices)][:4] == ["baseline", "irm", "dgd", "qvit"]
     monkeypatch.setattr(st, "EXTRA_FINAL_ROWS", ({"method": "vvtq"},))
     rows = st.final_rows(choices, with_single=False)
-    assert [r["method"] for r in rows] == ["baseline", "qvit", "vvtq"] and st.label(rows[-1]) == "vvtq"
-    assert "vvtq" in st._every_slug(["stage2"])
+    assert [r["method"] for r in rows] == ["baseline", "qvit", "vvtq"] and st.label(rows[-1]) == "VVTQ"
+    assert "vvtq" in cli._every_slug(["stage2"])
 
 
 def test_only_starts_the_named_configs_and_refuses_unknown_names(tmp_path, capsys):
@@ -177,7 +179,7 @@ def test_only_starts_the_named_configs_and_refuses_unknown_names(tmp_path, capsy
     assert st.load_run(study, st.BASELINE, 2, 0, 1) and st.load_run(study, QVIT, 2, 0, 1) is None
     assert not study.wanted(QVIT) and st.Study("r", "w", TINY, only=("qvit__dgd_weight-*",)).wanted(QVIT)
     with pytest.raises(SystemExit) as e:
-        st.main(["--only", "qvit__dgd_weight-0.3O", "--plan"])
+        cli.main(["--only", "qvit__dgd_weight-0.3O", "--plan"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--only 'qvit__dgd_weight-0.3O'" in err[0]
 
@@ -185,8 +187,8 @@ def test_only_starts_the_named_configs_and_refuses_unknown_names(tmp_path, capsy
 def test_killed_runner_resumes_the_run_from_its_last_chunk(tmp_path):
     """SIGKILL the real runner (and its trainer) mid-run; the next sitting resumes that run."""
     res, work = str(tmp_path / "res"), str(tmp_path / "work")
-    cmd = [sys.executable, "-m", "train.study", "--data", "synthetic", "--holdout", "128", "--teacher-epochs", "1",
-           "--batch-size", "16", "--max-eval-batches", "2", "--chunk", "1", "--budget", "10", "--seeds", "0",
+    cmd = [sys.executable, "-m", "experiments.study", "--data", "synthetic", "--holdout", "128", "--teacher-epochs",
+           "1", "--batch-size", "16", "--max-eval-batches", "2", "--chunk", "1", "--budget", "10", "--seeds", "0",
            "--bits", "2", "--results", res, "--work", work]
     env = dict(os.environ, PYTHONPATH=ROOT)
     run_dir = os.path.join(work, "runs", "s10", "baseline__w2a2__seed0")

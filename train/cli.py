@@ -23,6 +23,7 @@ from qformat.argtypes import (
 from qformat.cli import add_model_args, add_override_arg, parser, read_overrides
 from qformat.errors import UserError, main_guard
 from train.config import (
+    BIT_PENALTY_NAMES,
     DATASETS,
     IRM_INITS,
     WEIGHT_SCALES,
@@ -58,8 +59,11 @@ def _mixed_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--search-ratio", type=float_range(0.0, 1.0, lo_open=True), default=None, metavar="SIGMA",
                    help="learn the bits for this fraction of the steps, then freeze them (default 0.9)")
     g.add_argument("--bitops-weight", type=nonneg_float, default=None, metavar="ETA",
-                   help="eta in loss += eta * (max(BitOPs - budget, 0) / budget)^2 (default 0.1)")
+                   help="eta of the BitOPs penalty (--bit-penalty; default 0.1)")
     g.add_argument("--bit-lr", type=positive_float, default=None, help="peak lr of the float bit-widths (default 0.01)")
+    g.add_argument("--bit-penalty", default=None, choices=BIT_PENALTY_NAMES,
+                   help="relative: eta * (overshoot / budget)^2; paper: eta * (overshoot in GBitOPs)^2, eq. 13 of "
+                        "the paper (default relative)")
     g.add_argument("--no-switchable-scale", dest="switchable_scale", action="store_const", const=False, default=None,
                    help="one scale per quantizer instead of one per candidate width 2..8 (ablation)")
 

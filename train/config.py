@@ -98,6 +98,10 @@ class _Record:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+#: the BitOPs penalties of the bit search (their formulas: train/mixedbits.py ``BIT_PENALTIES``)
+BIT_PENALTY_NAMES = ("relative", "paper")
+
+
 @dataclass
 class MixedBitsConfig(_Record):
     """The learned-bit-width search (``--method mp|qvit-mp``): budget, schedule and penalty.
@@ -106,8 +110,10 @@ class MixedBitsConfig(_Record):
     own ``embed_bits``/``head_bits``), a number in [2, 8]; block quantizers start at
     ``budget + init_offset`` bits, the patch embedding and head at their configured bits (8).
     ``search_ratio`` (sigma): bits are learned for that fraction of the steps, then frozen.
-    ``bitops_weight`` (eta): loss += eta * (max(BitOPs - c, 0) / c)^2 -- the overshoot relative to
-    the budget c, so one eta fits every model size.  ``switchable``: one scale (and LSQ+ offset)
+    ``bitops_weight`` (eta) and ``penalty``: loss += eta * (max(BitOPs - c, 0) / c)^2 ("relative": the
+    overshoot relative to the budget c, so one eta fits every model size) or eta * max(BitOPs - c, 0)^2 with
+    BitOPs in G ("paper": the paper's eq. 13, whose strength depends on the model's size; train/mixedbits.py
+    ``BIT_PENALTIES``).  ``switchable``: one scale (and LSQ+ offset)
     per candidate width 2..8, only the current width's used.  ``bit_lr``: peak lr of the float
     bit-widths (AdamW, no weight decay, same schedule as the weights).
     """
@@ -118,6 +124,7 @@ class MixedBitsConfig(_Record):
     switchable: bool = True
     bit_lr: float = 0.01
     init_offset: float = 1.0
+    penalty: str = "relative"
 
     def __post_init__(self) -> None:
         checks = (("budget", MIN_BITS <= _num(self.budget) <= MAX_BITS,
@@ -130,6 +137,8 @@ class MixedBitsConfig(_Record):
             if not ok:
                 raise UserError(f"mixed-bit search: {name}={getattr(self, name)!r} must be {rng}")
         self.switchable = bool(self.switchable)
+        if self.penalty not in BIT_PENALTY_NAMES:
+            raise UserError(f"mixed-bit search: penalty={self.penalty!r} must be one of {', '.join(BIT_PENALTY_NAMES)}")
 
     @property
     def init_bits(self) -> float:
@@ -139,7 +148,7 @@ class MixedBitsConfig(_Record):
 
 #: Command-line attribute -> MixedBitsConfig field (None = not given on the command line).
 MIXED_FLAGS = {"bitops_budget": "budget", "search_ratio": "search_ratio", "bitops_weight": "bitops_weight",
-               "bit_lr": "bit_lr", "switchable_scale": "switchable"}
+               "bit_lr": "bit_lr", "switchable_scale": "switchable", "bit_penalty": "penalty"}
 
 
 def mixed_settings(args: Any) -> dict[str, Any] | None:

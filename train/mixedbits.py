@@ -412,6 +412,42 @@ def freeze_bits(model: nn.Module) -> None:
         m.freeze_()
 
 
+def fit_to_budget(model: nn.Module, counter: BitOpsCounter, budget: float) -> list[tuple[str, int, int]]:
+    """Greedy repair of a frozen allocation over its budget: while the BitOPs exceed ``budget``, lower by one
+    bit the width whose step down saves the most BitOPs (the costliest: the gradient of the BitOPs in the
+    frozen widths, exact for a one-bit step because every width enters the count linearly), then recount.
+    Returns the steps taken as (bit-width module, group, new width); [] when the allocation already fits.
+    No loss is estimated: a width that matters for accuracy but costs much is lowered like any other."""
+    names = {id(m): n for n, m in model.named_modules() if isinstance(m, LearnedBits)}
+    mods = [m for m in bit_widths(model) if bool(m.frozen)]
+    taken: list[tuple[str, int, int]] = []
+    try:
+        for m in mods:
+            m.frozen_bits.requires_grad_(True)
+        while True:
+            total = counter.totals()["bitops"]
+            if float(total) <= budget:
+                return taken
+            grads = torch.autograd.grad(total, [m.frozen_bits for m in mods], allow_unused=True)
+            best, where = 0.0, None
+            for m, g in zip(mods, grads):
+                if g is None:
+                    continue
+                g = torch.where(m.frozen_bits > m.lo, g, torch.zeros_like(g))
+                i = int(torch.argmax(g))
+                if float(g[i]) > best:
+                    best, where = float(g[i]), (m, i)
+            if where is None:  # every width at its minimum: the budget is below the smallest model
+                return taken
+            m, i = where
+            with torch.no_grad():
+                m.frozen_bits[i] -= 1
+            taken.append((names.get(id(m), "?"), i, int(m.frozen_bits[i])))
+    finally:
+        for m in mods:
+            m.frozen_bits.requires_grad_(False)
+
+
 def bits_frozen(model: nn.Module) -> bool:
     return all(bool(m.frozen) for m in bit_widths(model))
 
@@ -602,6 +638,16 @@ def budget_penalty(bitops: torch.Tensor, budget: float, weight: float) -> torch.
     return weight * F.relu(bitops / budget - 1.0) ** 2
 
 
+def paper_penalty(bitops: torch.Tensor, budget: float, weight: float) -> torch.Tensor:
+    """``weight * H(C - c)^2`` with C, c in GBitOPs (the paper's eq. 13-14): 10 % over a 0.27 G budget
+    costs 7e-5 x weight here, 10 % over DeiT-S's ~70 G costs ~50 x weight."""
+    return weight * F.relu((bitops - budget) / 1e9) ** 2
+
+
+#: ``MixedBitsConfig.penalty`` -> the loss term (BitOPs, budget c, eta) -> penalty
+BIT_PENALTIES = {"relative": budget_penalty, "paper": paper_penalty}
+
+
 # ----------------------------------------------------------------------------- training
 
 class BitBudget:
@@ -622,17 +668,22 @@ class BitBudget:
         self.step, self.total = 0, 0
 
     def freeze_step(self, total: int) -> int:
-        """First step with frozen bits (``total``: never, sigma = 1)."""
+        """First step with frozen bits (sigma = 1: ``total``, but :meth:`set_progress` freezes the last step
+        anyway, so that the final allocation is fitted to the budget)."""
         return total if self.cfg.search_ratio >= 1.0 else int(math.ceil(self.cfg.search_ratio * total))
 
     def set_progress(self, step: int, total: int) -> None:
         """Called by the trainer before every step (0-based)."""
         self.step, self.total = step, total
         model = self.model
-        if step >= self.freeze_step(total) and not bits_frozen(model):
+        if step >= min(self.freeze_step(total), total - 1) and not bits_frozen(model):
             freeze_bits(model)
             self.log(f"mixed bits: search over at step {step}/{total} (sigma {self.cfg.search_ratio:g}); "
                      f"bits frozen: {self.note()}")
+            lowered = fit_to_budget(model, self.counter, self.budget)
+            if lowered:
+                self.log(f"mixed bits: over budget, {len(lowered)} width(s) lowered one bit at a time, the costliest "
+                         f"first: {self.note()}")
 
     @property
     def allocation_final(self) -> bool:
@@ -641,7 +692,7 @@ class BitBudget:
 
     def stats(self) -> dict[str, torch.Tensor]:
         t = self.counter.totals()
-        t["penalty"] = budget_penalty(t["bitops"], self.budget, self.cfg.bitops_weight)
+        t["penalty"] = BIT_PENALTIES[self.cfg.penalty](t["bitops"], self.budget, self.cfg.bitops_weight)
         return t
 
     @torch.no_grad()

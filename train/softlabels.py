@@ -6,7 +6,9 @@ the teacher (``python -m train --multicrop-kd STORE``).  A store is a folder::
 
     manifest.json            what it was made from -- data set and its content fingerprint,
                              teacher file and its sha256, model input, crops, top-k, augmentation,
-                             seed -- and one entry per finished chunk (file, images, sha256)
+                             seed -- the training images and the teacher's (``images``,
+                             ``teacher_images``: train/provenance.py, checked against a run's
+                             validation split) -- and one entry per finished chunk (file, images, sha256)
     chunk-00000.safetensors  index [n] (training-set positions), box [n, M, 4] (top, left, height,
                              width in source pixels), flip [n, M], topk_index / topk_prob [n, M, k]
 
@@ -38,6 +40,7 @@ from qformat.cli import parser
 from qformat.errors import UserError, main_guard
 from qformat.io import atomic_write, read_json, sha256_file, write_json
 from train.data import FashionMNIST, Synthetic, adapt
+from train.provenance import check_no_leak, lineage, run_images
 
 FORMAT = "qvit-softlabels"
 VERSION = 1
@@ -393,7 +396,7 @@ def _load_teacher(path: str, model_name: Optional[str]) -> tuple[torch.nn.Module
     model = create_model(name, num_classes=classes)
     load_state(model, sd, path)
     return model.eval(), {"model": name, "num_classes": classes, "input_size": list(spec.input_size),
-                          "mean": list(spec.mean), "std": list(spec.std)}
+                          "mean": list(spec.mean), "std": list(spec.std), "lineage": lineage(meta)}
 
 
 def build_parser(prog: str = "python -m train.softlabels"):
@@ -450,6 +453,10 @@ def main(argv: Optional[list] = None, prog: str = "python -m train.softlabels") 
     aug = Augment(tuple(args.scale), tuple(args.ratio), flip)
     header = store_header(source, args.teacher, meta, args.crops, args.topk, aug, args.seed, args.chunk_size,
                           args.data, args.holdout)
+    # which images the teacher trained on, so a run using the store is checked against its validation split
+    images, val = run_images(args.data, args.data_dir, args.holdout, args.seed)
+    check_no_leak(val, [("--teacher", args.teacher, meta["lineage"])], args.data_dir, notes=False)  # the run notes
+    header.update(images=images, teacher_images=meta["lineage"])
     m = write_store(args.out, teacher, source, header, args.batch_size, torch.device(args.device), args.force,
                     progress=not args.quiet)
     print(f"soft labels: {len(source)} images x {args.crops} crops, top-{args.topk}, {len(m['chunks'])} chunk(s) "

@@ -37,6 +37,7 @@ from train.config import mixed_settings, nominal_bits, resolve_bits
 from train.data import Loaders, build_loaders
 from train.evaluate import evaluate
 from train.logger import RunLogger, write_metrics_csv
+from train.provenance import ancestors, check_sources, image_records
 
 # ----------------------------------------------------------------------------- small pieces
 
@@ -427,6 +428,7 @@ def _base_meta(args: argparse.Namespace, spec, loaders: Loaders, method: str, ep
         "vvtq": vcfg.to_dict() if vcfg is not None else None,
         "code_revision": code_revision(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         **runconfig.stamp(args),
+        **image_records(args),
     }
 
 
@@ -611,7 +613,8 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, v
 
         load_into(model, args.init_source, say=False)
     model.to(device)
-    meta = dict(_base_meta(args, spec, loaders, args.method, args.epochs, qcfg, dcfg, vcfg), teacher=fp_path)
+    meta = dict(_base_meta(args, spec, loaders, args.method, args.epochs, qcfg, dcfg, vcfg), teacher=fp_path,
+                ancestors=ancestors(args, fp_path))
     state, sd = (None, None)
     if args.resume:
         state, sd = _resume_state_for(args.out, meta, dinfo.is_main)
@@ -650,6 +653,7 @@ def _student(args, spec, loaders: Loaders, dinfo, device, fp_path, qcfg, dcfg, v
 def run(args: argparse.Namespace) -> dict:
     """The whole recipe for one command line; returns the final epoch's metrics row."""
     spec, qcfg, dcfg, vcfg = _configs(args)
+    check_sources(args)
     dinfo = dist.setup("cuda" if args.device.startswith("cuda") or
                        (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:

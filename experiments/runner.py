@@ -1,5 +1,9 @@
-"""``python -m train.study``: a seeded, resumable study of Q-ViT's IRM and DGD, and the recipe it picks.
+"""The seeded, resumable study behind ``qvit study`` (:mod:`experiments.study` is its command line): the grid,
+the runs, their records, the choices and the budget stage.
 
+Stages: ``budget`` (the LSQ+ baseline and the harder embed+head setting at growing QAT budgets until the
+validation curve is flat: the converged budget B), ``stage1``-``stage3`` (IRM/DGD choices, run at B with
+``--budget B --choose-at B``) and ``final`` (every method at B, W2A2 with 5 paired seeds first).
 The grid (configs x seeds x bits x QAT steps) is declared below in :func:`stage_groups`.  Every
 run trains through the stable CLI (``python -m train``, one subprocess per run) on the training
 split less a fixed, stratified 5,000-image validation split (``--holdout``); every choice is made
@@ -26,8 +30,6 @@ skip/resume obvious and merge-friendly, so the runner keeps to the standard libr
 
 from __future__ import annotations
 
-import argparse
-import fcntl
 import fnmatch
 import json
 import math
@@ -40,18 +42,21 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from qformat.argtypes import ArgumentParser, nonneg_int, positive_float, positive_int
-from qformat.errors import UserError, main_guard
+from qformat.errors import UserError
 from qformat.io import read_json, write_json
-from qformat.lock import hold
-from qformat.paths import check_out_dir
 
 #: QAT steps per trainer epoch: every run is checkpointed and validated every CHUNK steps
 CHUNK = 250
 SCHEMA = "qvit-study-run/1"
 #: flag name in a config -> ``python -m train`` option
 FLAGS = {"method": "--method", "model": "--model", "dgd_weight": "--dgd-weight", "dgd_on": "--dgd-on",
-         "irm_per_head": "--irm-per-head", "irm_init": "--irm-init", "irm_blend_steps": "--irm-blend-steps"}
+         "irm_per_head": "--irm-per-head", "irm_init": "--irm-init", "irm_blend_steps": "--irm-blend-steps",
+         "module_scales": "--module-scales", "obr": "--obr", "obr_lambda": "--obr-lambda",
+         "bit_penalty": "--bit-penalty", "bitops_weight": "--bitops-weight", "bit_lr": "--bit-lr"}
+#: config key -> ``python -m train`` flags built from its value: ``edges: 2`` quantizes the patch embedding
+#: and the head at 2 bits too (the harder setting; by default they stay at 8 bits)
+EXPANDS = {"edges": lambda b: ["--quant-override", json.dumps({m: {"w_bits": int(b), "a_bits": int(b)}
+                                                                for m in ("patch_embed.proj", "head")})]}
 DGD_WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0)
 BASELINE = {"method": "baseline"}
 IRM = {"method": "irm"}
@@ -63,9 +68,29 @@ NEEDS = ("dgd_weight", "dgd_on", "irm")
 #: head-wise bit-widths and issue #12's VVTQ (e.g. ``{"method": "mp"}``, ``{"method": "vvtq"}`` with their
 #: best settings as flags, as in ``FLAGS``), trained with the same seeds, teacher and budget as the rest.
 #: Empty until they land: neither was on main when this study ran.
-EXTRA_FINAL_ROWS: tuple = ()
+#: ``mp`` learns the widths under the BitOPs of the cell's uniform width (W4A4 column: the BitOPs of uniform
+#: 4 bits, W3A3: 3 bits); VVTQ distils from a 4-crop soft-label store of the teacher; the combination row is
+#: Q-ViT with VVTQ's three parts (module scales, OBR, multi-crop KD).
+VVTQ = {"method": "vvtq", "crops": 4}
+MP = {"method": "mp"}
+COMBO = {"method": "qvit", "module_scales": True, "obr": True, "crops": 4}
+EXTRA_FINAL_ROWS: tuple = (VVTQ, MP, COMBO)
+#: the harder setting: patch embedding and head quantized at 2 bits too
+HARD = {"method": "baseline", "edges": 2}
+#: QAT steps the budget stage tries, in order (each with its own cosine schedule)
+BUDGETS = (1000, 2000, 4000, 8000)
+#: the budget stage stops once the baseline's mean validation top-1 moves by at most this between budgets
+FLAT = 0.2
+#: seeds per bit-width of the final table, in the order compute goes to them (W2A2 first)
+FINAL_SEEDS = {2: 5, 4: 3, 3: 3}
+#: seconds per QAT step assumed by ``--plan`` before any run has finished: vit_fmnist, batch 128, one
+#: thread of a 2-core AMD EPYC (../shared/notes/convergence-w2a2.md: 2.7 min per 430 steps)
+DEFAULT_SPS = 0.38
 STAGES = {"stage1": dict(steps=250, bits=(2, 3)), "stage2": dict(steps=1000, bits=(2, 3)),
-          "stage3": dict(steps=4000, bits=(2,))}
+          "stage3": dict(steps=4000, bits=(2,)), "budget": dict(steps=BUDGETS, bits=(2, 4)),
+          "final": dict(steps="B", bits=tuple(FINAL_SEEDS))}
+#: stages whose groups need no stage-1 choice (the final stage uses the presets until the choices exist)
+FREE_STAGES = ("budget", "final")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -96,7 +121,8 @@ def _fmt(v: Any) -> str:
 
 def label(cfg: dict) -> str:
     """Row label people read: ``+IRM+DGD (w=0.1, q)``."""
-    names = {"baseline": "Baseline", "irm": "+IRM", "dgd": "+DGD", "qvit": "+IRM+DGD"}
+    names = {"baseline": "Baseline", "irm": "+IRM", "dgd": "+DGD", "qvit": "+IRM+DGD", "vvtq": "VVTQ",
+             "mp": "Learned bits"}
     opts = []
     if "dgd_weight" in cfg:
         opts.append(f"w={cfg['dgd_weight']:g}")
@@ -110,11 +136,23 @@ def label(cfg: dict) -> str:
         opts.append(f"blend {cfg['irm_blend_steps']}")
     if cfg.get("model", "").endswith("_irm"):
         opts.append("IRM at FP")
+    if cfg.get("module_scales") and cfg.get("obr"):
+        opts.append("VVTQ scales + OBR")
+    if "crops" in cfg:
+        opts.append(f"{cfg['crops']}-crop KD")
+    if "edges" in cfg:
+        opts.append(f"embed+head {cfg['edges']}-bit")
+    opts += [f"{k.replace('_', ' ')} {_fmt(cfg[k])}" for k in ("obr_lambda", "bit_penalty", "bitops_weight", "bit_lr")
+             if k in cfg]
     return names.get(cfg["method"], cfg["method"]) + (f" ({', '.join(opts)})" if opts else "")
 
 
 def stage_groups(stage: str, choices: dict) -> list[Group]:
     """The groups of ``stage`` that can be declared given the ``choices`` made so far (in order)."""
+    if stage == "budget":
+        return [Group("budget", [BASELINE, HARD])]
+    if stage == "final":
+        return [Group("final", final_rows(choices, with_single=False, presets=True), final=True)]
     if stage == "stage1":
         groups = [Group("reference", [BASELINE, IRM]),
                   Group("dgd_weight", [IRM] + [{"method": "qvit", "dgd_weight": w} for w in DGD_WEIGHTS],
@@ -131,8 +169,11 @@ def stage_groups(stage: str, choices: dict) -> list[Group]:
     return groups
 
 
-def final_rows(choices: dict, with_single: bool = True) -> list[dict]:
-    """Baseline / +IRM / +DGD / +IRM+DGD with the chosen settings (only baseline and both at stage 3)."""
+def final_rows(choices: dict, with_single: bool = True, presets: bool = False) -> list[dict]:
+    """Baseline / +IRM / +DGD / +IRM+DGD with the chosen settings (only baseline and both at stage 3),
+    then :data:`EXTRA_FINAL_ROWS`; ``presets``: the methods' defaults while a choice is missing."""
+    if presets and not set(NEEDS) <= set(choices):
+        return [BASELINE, {"method": "qvit"}] + [dict(r) for r in EXTRA_FINAL_ROWS]
     dgd = {"dgd_weight": choices["dgd_weight"]["dgd_weight_positive"], **choices["dgd_on"]["flags"]}
     irm = dict(choices["irm"]["flags"])
     rows = [BASELINE]
@@ -180,6 +221,8 @@ class Study:
     started: int = 0
     #: ``--only``: fnmatch patterns over config slugs; the runs of other configs are not started
     only: tuple = ()
+    #: ``--device`` of every run (None: the trainer's auto); not part of the settings, but recorded per run
+    device: Optional[str] = None
 
     def wanted(self, cfg: dict) -> bool:
         return not self.only or any(fnmatch.fnmatchcase(slug(cfg), p) for p in self.only)
@@ -199,6 +242,9 @@ class Study:
 
     def teacher_dir(self, model: str) -> str:
         return os.path.join(self.work, "teachers", model)
+
+    def store_dir(self, model: str, crops: int) -> str:
+        return os.path.join(self.work, "stores", f"{model}_crops{crops}")
 
     def teacher_json(self, model: str) -> str:
         return os.path.join(self.results, "teachers", model + ".json")
@@ -230,21 +276,41 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 def launch_subprocess(argv: list, log_path: str) -> int:
     """``python -m train ARGV`` with this checkout first on the path; output appended to ``log_path``."""
+    return spawn([sys.executable, "-m", "train", *argv], log_path)
+
+
+def spawn(cmd: list, log_path: str) -> int:
+    """Run ``cmd`` with this checkout first on the path, output appended to ``log_path``; it is one of
+    :data:`LIVE` while it runs (so a hard time limit can stop it) and dies with this process."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    cmd = [sys.executable, "-m", "train", *argv]
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        LIVE.add(proc)
         try:
             return proc.wait()
         except BaseException:
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            LIVE.discard(proc)
+
+
+#: the trainers running now (several with ``--jobs``): ``stop_live`` ends them at a hard time limit
+LIVE: set = set()
+
+
+def stop_live() -> int:
+    """SIGTERM every running trainer (each resumes from its last chunk next sitting); how many."""
+    procs = list(LIVE)
+    for proc in procs:
+        proc.terminate()
+    return len(procs)
 
 
 def launch_inprocess(argv: list, log_path: str) -> int:
@@ -331,7 +397,8 @@ def ensure_teacher(study: Study, model: str) -> dict:
         if rc != 0 or not meta or meta.get("epoch") != s.teacher_epochs:
             raise UserError(f"FP teacher {model} did not finish (exit {rc}: {_last_error(out + '.log')}); "
                             f"see {out}.log, then rerun to resume it")
-    rec = {"schema": SCHEMA, "settings": s.identity(), "model": model,
+    rec = {"schema": SCHEMA, "settings": s.identity(), "model": model, "images": meta.get("images"),
+           "code_revision": meta.get("code_revision"),
            "checkpoint": ckpt.replace(study.work, "$WORK"), "sha256": _sha256(ckpt)[:16],
            "val_top1": meta["metrics"]["top1"], "curve": _curve(out)}
     write_json(path, rec)
@@ -364,8 +431,16 @@ def train_argv(study: Study, cfg: dict, bits: int, seed: int, steps: int, teache
             "--seed", str(seed), "--epochs", str(steps // chunk), "--max-train-batches", str(chunk),
             "--batch-size", str(s.batch_size), "--checkpoint", teacher["path"],
             "--teacher", teacher["path"], "--no-tensorboard"] + _common(s)
+    if study.device:
+        argv += ["--device", study.device]
     for key, value in cfg.items():
         if key == "model":
+            continue
+        if key == "crops":  # VVTQ's multi-crop KD: the soft-label store of this teacher (made once)
+            argv += ["--multicrop-kd", study.store_dir(cfg.get("model", s.model), int(value))]
+            continue
+        if key in EXPANDS:
+            argv += EXPANDS[key](value)
             continue
         if key not in FLAGS:
             raise UserError(f"study config {cfg}: unknown key {key!r}")
@@ -376,9 +451,30 @@ def train_argv(study: Study, cfg: dict, bits: int, seed: int, steps: int, teache
     return argv
 
 
+def ensure_inputs(study: Study, cfg: dict) -> dict:
+    """What a run of ``cfg`` reads before it trains: its FP teacher and, for ``crops``, the teacher's
+    soft-label store (``python -m train.softlabels`` on the training split less the validation split)."""
+    model = cfg.get("model", study.settings.model)
+    teacher = ensure_teacher(study, model)
+    if "crops" in cfg:
+        out, s = study.store_dir(model, int(cfg["crops"])), study.settings
+        manifest = os.path.join(out, "manifest.json")
+        if not (os.path.isfile(manifest) and read_json(manifest, "soft-label manifest").get("complete")):
+            argv = ["--teacher", teacher["path"], "--data", s.data, "--holdout", str(s.holdout), "--crops",
+                    str(cfg["crops"]), "--out", out, "--quiet"] + (["--data-dir", s.data_dir] if s.data_dir else [])
+            if study.device:
+                argv += ["--device", study.device]
+            print(f"[study] soft-label store of {model}, {cfg['crops']} crops -> {out}", flush=True)
+            rc = spawn([sys.executable, "-m", "train.softlabels", *argv], out + ".log")
+            if rc != 0:
+                raise UserError(f"soft-label store {out} did not finish (exit {rc}: {_last_error(out + '.log')}); "
+                                "rerun to continue it")
+    return teacher
+
+
 def run_one(study: Study, cfg: dict, bits: int, seed: int, steps: int) -> Optional[dict]:
     """Train (or resume, or just record) one run and write its JSON; None if it did not finish."""
-    teacher = ensure_teacher(study, cfg.get("model", study.settings.model))
+    teacher = ensure_inputs(study, cfg)
     out = study.run_dir(cfg, bits, seed, steps)
     before = _read_meta(out)
     start_step = int(before.get("step", 0)) if before else 0
@@ -400,6 +496,9 @@ def run_one(study: Study, cfg: dict, bits: int, seed: int, steps: int) -> Option
     if finished:
         rec["val_top1"] = float(meta["metrics"]["top1"])
         rec["code_revision"] = meta.get("code_revision")
+        # the index sets it trained and validated on (sha256 of the sorted indices; train/provenance.py)
+        rec["split"] = {"train": (meta.get("images") or {}).get("sha256"),
+                        "val": (meta.get("val_images") or {}).get("sha256")}
         rec["train_s"] = round(sum(r.get("time_s", 0.0) for r in rec["curve"]), 1)
     else:  # the trainer refused or diverged (exit 2, one error line): a result, recorded as a failure
         rec["failed"] = _last_error(out + ".log")
@@ -475,9 +574,10 @@ class Plan:
     steps: int
     choose_bits: int
     choose_steps: int
+    choose_seeds: Optional[list] = None  # the stage-1 seeds the choices are made on (default: ``seeds``)
 
     def choices(self, study: Study) -> dict:
-        return make_choices(study, self.choose_bits, self.seeds, self.choose_steps)
+        return make_choices(study, self.choose_bits, self.choose_seeds or self.seeds, self.choose_steps)
 
 
 def _sitting_over(study: Study) -> Optional[str]:
@@ -524,7 +624,7 @@ def run_stage(study: Study, plan: Plan) -> bool:
 
 def _waiting_for(study: Study, stage: str, choices: dict) -> list:
     """Choices the grid needs (for its later groups) that stage 1 has not made yet."""
-    return [c for c in study.needs if c not in choices]
+    return [] if stage in FREE_STAGES else [c for c in study.needs if c not in choices]
 
 
 # ----------------------------------------------------------------------------- the test set, once
@@ -572,8 +672,11 @@ def eval_test(study: Study, plan: Plan) -> int:
                 rec = load_run(study, cfg, bits, seed, plan.steps)
                 if rec is None or "test_top1" in rec or "val_top1" not in rec:
                     continue
-                rec["test_top1"] = test_top1(study, os.path.join(study.run_dir(cfg, bits, seed, plan.steps),
-                                                                  "last.safetensors"))
+                ckpt = os.path.join(study.run_dir(cfg, bits, seed, plan.steps), "last.safetensors")
+                rec["test_top1"] = test_top1(study, ckpt)
+                from experiments.measures import checkpoint_measures
+
+                rec.update(checkpoint_measures(ckpt))  # BitOPs and model bytes of the final model
                 rec["test_evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
                 write_json(study.json_path(cfg, bits, seed, plan.steps), rec)
                 print(f"[study] test: {label(cfg)} W{bits}A{bits} seed {seed}: {rec['test_top1']:.2f}", flush=True)
@@ -717,62 +820,6 @@ def _stage_wall(study: Study, groups: list, bits_list: list, seeds: list, steps:
     return total, len(seen)
 
 
-def report(study: Study, plans: list) -> str:
-    """``study.md`` (tables) and one PNG per stage (plus ``<stage>_test.png`` once tested) in --results."""
-    parts = ["# IRM / DGD study (generated by `python -m train.study`; edit the code, not this file)\n"]
-    machines = sorted({(r["machine"]["cpu"], r["machine"]["cores"], r["machine"]["threads"], r["machine"]["device"])
-                       for r in _all_records(study) if r.get("machine")})
-    for cpu, cores, threads, dev in machines:
-        parts.append(f"\nMachine: {cpu}, {cores} cores, {threads or 'default'} thread(s) per run, device {dev}.\n")
-    teachers = [read_json(os.path.join(study.results, "teachers", f), "study teacher")
-                for f in sorted(os.listdir(os.path.join(study.results, "teachers")))] \
-        if os.path.isdir(os.path.join(study.results, "teachers")) else []
-    for t in teachers:
-        test = f", test top-1 {t['test_top1']:.2f}" if "test_top1" in t else ""
-        parts.append(f"\nFP teacher `{t['model']}` (seed 0, sha256 {t['sha256']}): validation top-1 "
-                     f"{t['val_top1']:.2f}{test}.\n")
-    fp = next((t for t in teachers if t["model"] == study.settings.model), None)
-    for plan in plans:
-        choices = plan.choices(study)
-        groups = study.grid(plan.stage, choices)
-        wall, n = _stage_wall(study, groups, plan.bits, plan.seeds, plan.steps)
-        if not n:
-            continue
-        parts.append(f"\n## {plan.stage}: {plan.steps} QAT steps, seeds {plan.seeds}, {n} runs, "
-                     f"{wall / 3600:.1f} h of run wall time\n")
-        for g in groups:
-            parts.append(f"\n### {g.name}" + (f" (chooses {g.choose})" if g.choose else "") +
-                         ": validation top-1 (%), mean ± std over seeds; Δ paired by seed\n\n")
-            parts.append(group_table(study, g, plan.bits, plan.seeds, plan.steps))
-            if g.choose == "dgd_weight":  # the question a user asks: does DGD beat plain LSQ/LSQ+?
-                parts.append("\nThe same runs, paired Δ vs the Baseline (LSQ/LSQ+ with KD):\n\n")
-                parts.append(group_table(study, g, plan.bits, plan.seeds, plan.steps, ref=BASELINE))
-            if g.choose == "dgd_weight" and plot_sweep(study, g, plan.bits, plan.seeds, plan.steps,
-                                                       os.path.join(study.results, f"{plan.stage}_dgd_weight.png")):
-                parts.append(f"\n![DGD weight sweep]({plan.stage}_dgd_weight.png)\n")
-            if g.final and any(stats(study, c, b, plan.seeds, plan.steps, "test_top1")
-                               for c in g.configs for b in plan.bits):
-                parts.append("\nTest top-1 (%), read once per run:\n\n")
-                parts.append(group_table(study, g, plan.bits, plan.seeds, plan.steps, key="test_top1"))
-                plot_groups(study, [g], plan.bits, plan.seeds, plan.steps,
-                            f"{plan.stage}: test top-1, {plan.steps} QAT steps, seeds {plan.seeds}",
-                            os.path.join(study.results, f"{plan.stage}_test.png"), key="test_top1",
-                            fp=fp.get("test_top1") if fp else None)
-        plot_groups(study, groups, plan.bits, plan.seeds, plan.steps,
-                    f"{study.settings.model} {plan.stage}: validation top-1, {plan.steps} QAT steps, "
-                    f"seeds {plan.seeds}", os.path.join(study.results, f"{plan.stage}.png"),
-                    fp=fp["val_top1"] if fp else None)
-        if plan.stage == "stage1" and choices:
-            parts.append("\nChoices (W{0}A{0}, highest mean validation top-1):\n\n```json\n{1}\n```\n".format(
-                plan.choose_bits, json.dumps(choices, indent=1, sort_keys=True)))
-            write_json(os.path.join(study.results, "choices.json"), choices)
-    text = "".join(parts)
-    from qformat.io import atomic_write
-
-    atomic_write(os.path.join(study.results, "study.md"), text.encode("utf-8"))
-    return text
-
-
 # ----------------------------------------------------------------------------- command line
 
 def _ints(text: str, flag: str, lo: int, hi: int) -> list:
@@ -789,119 +836,42 @@ def _ints(text: str, flag: str, lo: int, hi: int) -> list:
     return values
 
 
-def _check_holdout(args: argparse.Namespace) -> None:
-    """--holdout must leave training images (checked before any run starts; reads only the labels)."""
-    from train.data import FMNIST_DIR, _find_idx, read_idx
+# ----------------------------------------------------------------------------- the budget stage
 
-    if args.data == "synthetic":
-        n = 512  # train.data.build_datasets' synthetic training split
-    else:
-        n = len(read_idx(_find_idx(args.data_dir or FMNIST_DIR, "train-labels-idx1-ubyte"), ndim=1))
-    if args.holdout >= n:
-        raise UserError(f"--holdout {args.holdout} must be smaller than the {n} training images of --data {args.data}")
+#: seeds of the budget stage (and of the choices the final stage reads)
+BUDGET_SEEDS = (0, 1, 2)
 
 
-def _every_slug(stages: list) -> set:
-    """The name of every config the stages' grids can declare, whatever stage 1 chooses."""
-    out = set()
-    for w in DGD_WEIGHTS:
-        for on in ({}, {"flags": {"dgd_on": "q"}}, {"flags": {"dgd_on": "k"}}):
-            for irm in [{}] + list(IRM_VARIANTS):
-                choices = {"dgd_weight": {"dgd_weight_positive": w}, "dgd_on": on or {"flags": {}},
-                           "irm": {"flags": irm}}
-                out |= {slug(c) for s in stages for g in stage_groups(s, choices) for c in g.configs}
+def budget_curve(study: Study, cfg: dict, bits: int, seeds: list) -> list:
+    """[(steps, stats)] of ``cfg`` at ``bits`` over :data:`BUDGETS` (finished seeds only)."""
+    out = []
+    for steps in BUDGETS:
+        st = stats(study, cfg, bits, list(seeds), steps)
+        if st:
+            out.append((steps, st))
     return out
 
 
-def _only(text: Optional[str], stages: list) -> tuple:
-    """--only's patterns; each must name a config of the stages' grids (checked before any run)."""
-    if text is None:
-        return ()
-    pats = tuple(p.strip() for p in text.split(",") if p.strip())
-    if not pats:
-        raise UserError("--only is empty: give config names or patterns, e.g. baseline,irm")
-    known = _every_slug(stages)
-    first = sorted({slug(c) for s in stages for g in stage_groups(s, {}) for c in g.configs})
-    for p in pats:
-        if not any(fnmatch.fnmatchcase(k, p) for k in known):
-            raise UserError(f"--only {p!r} names no config of --stage (e.g. {', '.join(first)}; "
-                            "--plan lists the grid)")
-    return pats
+def converged_budget(study: Study, seeds, bits_list: tuple = (2, 4)) -> Optional[int]:
+    """The converged budget B: the first budget after which the baseline's mean validation top-1 moves by at
+    most :data:`FLAT` points at every bit-width (all seeds finished at both budgets); None until then."""
+    for lo, hi in zip(BUDGETS, BUDGETS[1:]):
+        flat = True
+        for b in bits_list:
+            m_lo, m_hi = score(study, BASELINE, b, list(seeds), lo), score(study, BASELINE, b, list(seeds), hi)
+            if m_lo is None or m_hi is None:
+                return None
+            flat = flat and abs(m_hi - m_lo) <= FLAT
+        if flat:
+            return lo
+    return None
 
 
-def build_parser(prog: str = "python -m train.study") -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stage", default="stage1", help="comma-separated: " + ", ".join(STAGES))
-    p.add_argument("--seeds", default="0,1,2", help="QAT seeds (the FP teacher is seed 0 for all)")
-    p.add_argument("--bits", default=None, help="bit-widths (default: the stage's, W2A2 first)")
-    p.add_argument("--budget", type=positive_int, default=None,
-                   help="QAT steps per run (default: the stage's: " +
-                        ", ".join(f"{k} {v['steps']}" for k, v in STAGES.items()) + ")")
-    p.add_argument("--choose-at", type=positive_int, default=STAGES["stage1"]["steps"],
-                   help="QAT steps of the stage-1 runs whose validation numbers make the choices")
-    p.add_argument("--results", default="docs/study", help="per-run JSON, study.md, PNGs (committed)")
-    p.add_argument("--work", default="runs/study", help="run folders: checkpoints and logs")
-    p.add_argument("--time-limit", type=positive_float, default=None, help="minutes; no run starts after them")
-    p.add_argument("--max-runs", type=nonneg_int, default=None, help="start at most N runs in this sitting")
-    p.add_argument("--only", default=None,
-                   help="comma-separated fnmatch patterns over config names, e.g. 'baseline,irm,qvit__dgd_weight-0.1': "
-                        "start only those configs' runs (a screened sweep, a subset at another bit-width or budget)")
-    p.add_argument("--threads", type=positive_int, default=None, help="OMP/MKL threads per run (default: inherited)")
-    p.add_argument("--plan", action="store_true", help="list the runs (done / to do) and exit")
-    p.add_argument("--report", action="store_true", help="only write study.md and the plots")
-    p.add_argument("--eval-test", action="store_true",
-                   help="read the test set once for the stage's final rows (already trained), then report")
-    g = p.add_argument_group("settings shared by every run (recorded in each run's JSON)")
-    g.add_argument("--model", default="vit_fmnist")
-    g.add_argument("--data", default="fmnist", choices=("fmnist", "synthetic"))
-    g.add_argument("--data-dir", default=None)
-    g.add_argument("--holdout", type=positive_int, default=5000,
-                   help="validation images carved from the training split")
-    g.add_argument("--teacher-epochs", type=positive_int, default=10)
-    g.add_argument("--batch-size", type=positive_int, default=128)
-    g.add_argument("--chunk", type=positive_int, default=CHUNK, help="QAT steps between checkpoints")
-    g.add_argument("--max-eval-batches", type=positive_int, default=None,
-                   help="cap validation/test batches (smoke runs)")
-    return p
-
-
-def parse(argv: Optional[list], prog: str = "python -m train.study") -> tuple[Study, list]:
-    args = build_parser(prog).parse_args(argv)
-    stages = [s for s in args.stage.split(",") if s]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise UserError(f"--stage {args.stage!r}: use one or more of {', '.join(STAGES)}")
-    if not (args.plan or args.report or args.eval_test):
-        check_out_dir(args.work, "--work")
-    check_out_dir(args.results, "--results")
-    if args.threads is not None:
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    from qformat import MAX_BITS, MIN_BITS
-    from qformat.argtypes import SEED_MAX
-
-    seeds = _ints(args.seeds, "--seeds", 0, SEED_MAX)
-    bits_arg = _ints(args.bits, "--bits", MIN_BITS, MAX_BITS) if args.bits is not None else None
-    _check_holdout(args)
-    settings = Settings(model=args.model, data=args.data, data_dir=args.data_dir, holdout=args.holdout,
-                        teacher_epochs=args.teacher_epochs, batch_size=args.batch_size,
-                        max_eval_batches=args.max_eval_batches, chunk=args.chunk)
-    study = Study(os.path.abspath(args.results), os.path.abspath(args.work), settings, launch_subprocess)
-    if args.time_limit is not None:
-        study.deadline = time.time() + 60 * args.time_limit
-    study.max_runs = args.max_runs
-    study.only = _only(args.only, stages)
-    choose_bits = (bits_arg if bits_arg and stages == ["stage1"] else list(STAGES["stage1"]["bits"]))[0]
-    plans = []
-    for st in stages:
-        bits = bits_arg or list(STAGES[st]["bits"])
-        steps = args.budget or STAGES[st]["steps"]
-        choose_steps = steps if st == "stage1" else args.choose_at
-        plans.append(Plan(st, bits, seeds, steps, choose_bits, choose_steps))
-    if not (args.plan or args.report or args.eval_test):  # after every check: a refused command creates nothing
-        hold(args.work, "--work")  # one study runner per work folder (each run folder is locked by its training)
-    study.args = args  # type: ignore[attr-defined]
-    return study, plans
+def budget_needed(study: Study, plan: Plan) -> bool:
+    """Whether a budget-stage plan still matters: not once the curve is flat at a smaller budget (the
+    budget right after B is needed: it is what shows the curve flat)."""
+    b = converged_budget(study, plan.seeds, tuple(plan.bits))
+    return b is None or plan.steps <= BUDGETS[BUDGETS.index(b) + 1]
 
 
 def _all_records(study: Study) -> list:
@@ -912,56 +882,12 @@ def _all_records(study: Study) -> list:
     return out
 
 
-def seconds_per_step(study: Study) -> Optional[float]:
-    """Mean wall seconds per QAT step of the finished runs (start-up and validation included)."""
-    recs = [r for r in _all_records(study) if r.get("wall_s") and r.get("steps") and not r.get("resumed_from_step")]
-    return sum(r["wall_s"] / r["steps"] for r in recs) / len(recs) if recs else None
-
-
-def print_plan(study: Study, plans: list) -> None:
-    """The runs of each plan (done / to do) and the time the rest should take at the measured speed."""
-    sps = seconds_per_step(study)
+def run_plans(study: Study, plans: list) -> None:
+    """One run at a time, plan by plan; a budget no longer needed is skipped."""
     for plan in plans:
-        todo, counted = 0, set()
-        for g in study.grid(plan.stage, plan.choices(study)):
-            for cfg in g.configs:
-                done = [s for b in plan.bits for s in plan.seeds if load_run(study, cfg, b, s, plan.steps)]
-                total = len(plan.bits) * len(plan.seeds)
-                todo += 0 if slug(cfg) in counted or not study.wanted(cfg) else total - len(done)
-                counted.add(slug(cfg))
-                skip = "" if study.wanted(cfg) else "  (not in --only)"
-                print(f"{plan.stage:7s} {g.name:12s} {label(cfg):40s} {len(done)}/{total} done  ({plan.steps} steps)"
-                      + skip)
-        missing = _waiting_for(study, plan.stage, plan.choices(study))
-        if missing:
-            print(f"{plan.stage:7s} (more groups once {', '.join(missing)} is chosen)")
-        eta = f"~{todo * plan.steps * sps / 3600:.1f} h at the measured {sps:.2f} s/step" if sps else "no speed yet"
-        print(f"{plan.stage}: {todo} runs of {plan.steps} steps to do in the groups listed, {eta}")
-
-
-@main_guard
-def main(argv: Optional[list] = None, prog: str = "python -m train.study") -> int:
-    study, plans = parse(argv, prog)
-    args = study.args  # type: ignore[attr-defined]
-    if args.plan:
-        print_plan(study, plans)
-        return 0
-    if not (args.report or args.eval_test):
-        os.makedirs(study.work, exist_ok=True)
-        with open(os.path.join(study.work, "study.lock"), "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise UserError(f"another study runner is using {study.work}; wait for it or stop it") from None
-            for plan in plans:
-                if not run_stage(study, plan):
-                    break
-    if args.eval_test:
-        for plan in plans:
-            eval_test(study, plan)
-    print(report(study, plans))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        if plan.stage == "budget" and not budget_needed(study, plan):
+            print(f"[study] budget: {plan.steps} steps not needed: the curve is flat from B = "
+                  f"{converged_budget(study, plan.seeds, tuple(plan.bits))} steps", flush=True)
+            continue
+        if not run_stage(study, plan):
+            break
