@@ -217,7 +217,8 @@ def _checkpoint(path, bits):
     from train.checkpoint import save_checkpoint
     from train.config import QuantConfig
     from train.models import create_model, model_spec
-    from train.quant import calibrate, prepare
+    from train.qat import prepare
+    from train.quant import calibrate
 
     spec = model_spec("vit_fmnist")
     torch.manual_seed(0)
