@@ -197,7 +197,7 @@ def test_bit_penalty_is_selectable_from_the_command_line():
     m = learned_model(budget=3, **TINY)
     calibrate(m, [test_images("vit_fmnist", 4)])
     m.qvit_quant_config["mixed"]["penalty"] = "paper"
-    obj = BitBudget(_Zero(m), m, log=lambda s: None)
+    obj = BitBudget(m, log=lambda s: None)
     t = obj.counter.totals()
     assert float(obj.stats()["penalty"]) == pytest.approx(0.1 * ((float(t["bitops"]) - obj.budget) / 1e9) ** 2)
 
@@ -208,7 +208,7 @@ def test_a_frozen_allocation_over_budget_is_lowered_until_it_fits():
     for p in _bits(m):
         p.value.data.fill_(8.0)
     logs = []
-    obj = BitBudget(_Zero(m), m, log=logs.append)
+    obj = BitBudget(m, log=logs.append)
     before = float(obj.counter.totals()["bitops"])
     assert before > obj.budget
     obj.set_progress(9, 10)  # sigma 0.9 of 10 steps: the search ends here
@@ -218,7 +218,7 @@ def test_a_frozen_allocation_over_budget_is_lowered_until_it_fits():
     assert fit_to_budget(m, obj.counter, obj.budget) == []  # fitted: nothing more to lower
 
 
-def test_fit_lowers_the_costliest_width_first():
+def test_fit_lowers_the_widest_width_first_then_the_costliest():
     m = learned_model(budget=3, **TINY)
     calibrate(m, [test_images("vit_fmnist", 4)])
     for p in _bits(m):
@@ -229,11 +229,24 @@ def test_fit_lowers_the_costliest_width_first():
     counter = BitOpsCounter(m)
     total = float(counter.totals()["bitops"])
     steps = fit_to_budget(m, counter, total - 1.0)  # just over: one step down is enough
-    # the step that saves most is fc1's *input* width (its MACs x the 8-bit weight), not the widest width
-    assert steps == [("blocks.0.mlp.fc1.a_quant.bit", 0, 2)]
-    assert float(counter.totals()["bitops"]) == pytest.approx(total -
-                                                              8 * _macs(counter, "blocks.0.mlp.fc1"))
+    # fc1's *input* width would save more (its MACs x the 8-bit weight), but the widest width goes first
+    assert len(steps) == 1 and steps[0][0] == "blocks.0.mlp.fc1.w_quant.bit" and steps[0][2] == 7
+    assert float(counter.totals()["bitops"]) < total
     assert fit_to_budget(m, counter, total * 10) == []
+
+
+def test_fit_spreads_a_large_overshoot_over_every_width():
+    m = learned_model(budget=3, **TINY)
+    calibrate(m, [test_images("vit_fmnist", 4)])
+    for p in _bits(m):
+        p.value.data.fill_(8.0)
+        p.freeze_()
+    counter = BitOpsCounter(m)
+    budget = 0.6 * float(counter.totals()["bitops"])
+    steps = fit_to_budget(m, counter, budget)
+    widths = [int(v) for p in _bits(m) for v in p.frozen_bits.reshape(-1).tolist()]
+    assert steps and float(counter.totals()["bitops"]) <= budget
+    assert max(widths) - min(widths) <= 1, widths  # no layer taken to its minimum while others stay wide
 
 
 def test_penalty_pushes_every_bit_width_down_only_while_over_budget():
@@ -405,7 +418,7 @@ def test_mixed_model_exports_with_parity(mixed_deployable, fmt, target):
 def test_equal_head_widths_still_export_lowbit():
     """A learned run whose head-output widths came out equal (one width, one scale per head) is a deploy
     granularity model: lowbit exports it (W_O's input as exact Q/DQ), never "granularity=paper"."""
-    from export.exporter import build_graph, check_parity
+    from export.exporter import ParityOptions, build_graph, check_parity
     from train.deploy import from_model
 
     m = learned_model(budget=3).eval()
@@ -419,7 +432,7 @@ def test_equal_head_widths_still_export_lowbit():
     proj = {s.name: s for s in dep.specs}["blocks.0.attn.proj"].input
     assert proj.bits == 4 and proj.scale.size > 1  # one width, a scale per head (repeated per channel)
     g = build_graph(dep, "lowbit", "ort", log=lambda s: None)
-    par = check_parity(dep, g, "lowbit", 16, 1e-4, 1e-4, 1.0, log=lambda s: None)
+    par = check_parity(dep, g, "lowbit", ParityOptions(16, 1e-4, 1e-4, 1.0), log=lambda s: None)
     assert par.passed and par.mismatches == 0 and g.lowbit_nodes > 0, par.line()
 
 

@@ -414,31 +414,21 @@ def freeze_bits(model: nn.Module) -> None:
 
 def fit_to_budget(model: nn.Module, counter: BitOpsCounter, budget: float) -> list[tuple[str, int, int]]:
     """Greedy repair of a frozen allocation over its budget: while the BitOPs exceed ``budget``, lower by one
-    bit the width whose step down saves the most BitOPs (the costliest: the gradient of the BitOPs in the
-    frozen widths, exact for a one-bit step because every width enters the count linearly), then recount.
-    Returns the steps taken as (bit-width module, group, new width); [] when the allocation already fits.
-    No loss is estimated: a width that matters for accuracy but costs much is lowered like any other."""
+    bit one of the widest widths left -- among those, the one whose step down saves the most BitOPs (the
+    gradient of the BitOPs in the frozen widths, exact for a one-bit step because every width enters the count
+    linearly) -- then recount.  Widest first keeps the repair spread out: lowering by saving alone would take
+    the largest layer down to its minimum before touching any other.  Returns the steps taken as (bit-width
+    module, group, new width); [] when the allocation already fits.  No loss is estimated."""
     names = {id(m): n for n, m in model.named_modules() if isinstance(m, LearnedBits)}
     mods = [m for m in bit_widths(model) if bool(m.frozen)]
     taken: list[tuple[str, int, int]] = []
     try:
         for m in mods:
             m.frozen_bits.requires_grad_(True)
-        while True:
-            total = counter.totals()["bitops"]
-            if float(total) <= budget:
-                return taken
-            grads = torch.autograd.grad(total, [m.frozen_bits for m in mods], allow_unused=True)
-            best, where = 0.0, None
-            for m, g in zip(mods, grads):
-                if g is None:
-                    continue
-                g = torch.where(m.frozen_bits > m.lo, g, torch.zeros_like(g))
-                i = int(torch.argmax(g))
-                if float(g[i]) > best:
-                    best, where = float(g[i]), (m, i)
+        while float(counter.totals()["bitops"]) > budget:
+            where = _widest_costliest(mods, counter)
             if where is None:  # every width at its minimum: the budget is below the smallest model
-                return taken
+                break
             m, i = where
             with torch.no_grad():
                 m.frozen_bits[i] -= 1
@@ -446,6 +436,21 @@ def fit_to_budget(model: nn.Module, counter: BitOpsCounter, budget: float) -> li
     finally:
         for m in mods:
             m.frozen_bits.requires_grad_(False)
+    return taken
+
+
+def _widest_costliest(mods: list, counter: BitOpsCounter) -> tuple | None:
+    """(module, index) of the next one-bit step: the widest width above its minimum that saves BitOPs, the
+    largest saving among equally wide ones; None when no step saves anything."""
+    grads = torch.autograd.grad(counter.totals()["bitops"], [m.frozen_bits for m in mods], allow_unused=True)
+    best, where = (0.0, 0.0), None
+    for m, g in zip(mods, grads):
+        if g is None:
+            continue
+        for i, (w, gi) in enumerate(zip(m.frozen_bits.detach().reshape(-1).tolist(), g.reshape(-1).tolist())):
+            if w > float(m.lo) and gi > 0.0 and (w, gi) > best:
+                best, where = (w, gi), (m, i)
+    return where
 
 
 def bits_frozen(model: nn.Module) -> bool:
