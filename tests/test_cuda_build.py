@@ -270,6 +270,29 @@ def test_kernel_selection_rejects_bad_args(host_lib):
     assert host_lib.qvit_kernel_name(0).decode() == "invalid"
 
 
+@pytest.mark.parametrize("kernel,cc_ok,cc_not", [
+    ("mma_sync", (8, 0), (7, 5)), ("mma_sync", (8, 7), (7, 2)), ("a8_mma", (7, 2), (7, 0)),
+    ("a8_dp4a", (6, 1), (5, 3)), ("gemv_dp4a", (7, 0), (5, 3)), ("a16_tiled", (5, 3), (4, 0)),
+])
+def test_kernel_supported_per_arch(host_lib, kernel, cc_ok, cc_not):
+    """lowbit_gemm refuses a kernel forced onto a device without its instructions (cudaErrorNotSupported,
+    nothing launched) instead of a device-side __trap()."""
+    kid = gemm_ext.KERNELS[kernel]
+    assert host_lib.qvit_kernel_supported(kid, *cc_ok) == 1
+    assert host_lib.qvit_kernel_supported(kid, *cc_not) == 0
+    assert host_lib.qvit_kernel_supported(0, 9, 0) == 0
+
+
+def test_lowbit_gemm_checks_arch_and_pair_alignment():
+    """The launcher asks the device's compute capability before launching, and the paired epilogue
+    stores check y's own alignment, not only the row stride."""
+    with open(KERNELS_CU) as f:
+        src = f.read()
+    body = src[src.index("cudaError_t lowbit_gemm("):]
+    assert "qvit_kernel_supported(kernel, cc_major, cc_minor)" in body and "cudaErrorNotSupported" in body
+    assert "reinterpret_cast<uintptr_t>(epi.y) & (pair_bytes - 1)" in src
+
+
 def test_workspace_size(host_lib):
     a8 = gemm_ext.KERNELS["a8_mma"]
     assert host_lib.qvit_workspace_size(197, 384, 4, a8) == 296 * 256  # 197 * 384 = 75648 -> multiple of 256
@@ -318,6 +341,16 @@ def test_plugin_front_end_runs_on_the_host(tmp_path, trt_major):
         assert res[key] is True, key
     if trt_major >= 10:
         assert res["create_from_int64_float64_fields"] and res["enqueue_before_shape_change_fails"]
+        # the lifecycle TensorRT can capture: weights once per engine layer, nothing allocated or
+        # copied in onShapeChange / enqueue, clones and contexts share; versioned, bounded fields
+        for key in ("configure_creates_weights", "no_alloc_or_copy_in_shape_change_or_enqueue",
+                    "early_clone_shares_device_weights", "deserialize_creates_weights_once",
+                    "contexts_share_engine_weights", "weights_freed_with_last_owner", "fields_carry_version",
+                    "fields_version_checked", "unversioned_fields_read_as_version_1", "hostile_sizes_rejected",
+                    "hostile_out_features_without_bias_rejected", "hostile_group_size_rejected"):
+            assert res[key] is True, key
+        # every attribute but the informational plugin_version / plugin_namespace, + the format version
+        assert res["serialized_fields"] == len(qformat.LOWBIT_ATTRS) - 2 + 1
     else:
         assert res["version1_blob_accepted"] and res["enqueue_before_initialize_fails"]
 

@@ -876,6 +876,11 @@ __global__ void __launch_bounds__(256)
   float beta[4][2];
   int cols[4][2];
   bool pair_ok[4];
+  // One 4/8-byte store per column pair needs even row strides AND y itself aligned to the pair
+  // (a TensorRT / torch view may start at an odd element); col is always even.
+  const unsigned pair_bytes = epi.y_dtype == QVIT_DTYPE_F16 ? 4u : 8u;
+  const bool y_pairs = epi.col_map == nullptr && (epi.ldy & 1) == 0 &&
+                       (reinterpret_cast<uintptr_t>(epi.y) & (pair_bytes - 1)) == 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -885,7 +890,7 @@ __global__ void __launch_bounds__(256)
       alpha[j][c] = epi.act_scale * __ldg(epi.weight_scale + cols[j][c]);
       beta[j][c] = epi.bias != nullptr ? __ldg(epi.bias + cols[j][c]) : 0.0f;
     }
-    pair_ok[j] = epi.col_map == nullptr && n0 + wn + j * 8 + t2 + 1 < epi.n && (epi.ldy & 1) == 0;
+    pair_ok[j] = y_pairs && n0 + wn + j * 8 + t2 + 1 < epi.n;
   }
 #pragma unroll
   for (int i = 0; i < C::kMI; ++i) {
@@ -1081,6 +1086,27 @@ int rows_per_grid_y(int kernel) {
   }
 }
 
+// Compute capability of the current device (cached per device; legal under stream capture).
+bool device_cc(int* major, int* minor) {
+  static std::atomic<int> cache[16];  // major * 16 + minor + 1, 0 = unknown
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return false;
+  int v = dev < 16 ? cache[dev].load() : 0;
+  if (v == 0) {
+    int ma = 0;
+    int mi = 0;
+    if (cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&mi, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+      return false;
+    }
+    v = ma * 16 + mi + 1;
+    if (dev < 16) cache[dev].store(v);
+  }
+  *major = (v - 1) / 16;
+  *minor = (v - 1) % 16;
+  return true;
+}
+
 bool valid_args(const LowBitGemmArgs& a, int kernel) {
   if (a.m < 0 || a.n <= 0 || a.k <= 0 || !is_packed_bits(a.bits)) return false;
   if (a.x == nullptr || a.y == nullptr || a.w == nullptr || a.weight_scale == nullptr) return false;
@@ -1105,6 +1131,12 @@ bool valid_args(const LowBitGemmArgs& a, int kernel) {
 cudaError_t lowbit_gemm(const LowBitGemmArgs& args, int kernel, cudaStream_t stream) {
   if (args.m == 0) return cudaSuccess;  // before the pointer checks: empty tensors may have null data
   if (!valid_args(args, kernel)) return cudaErrorInvalidValue;
+  // A kernel forced onto a device without its instructions is refused here (the device code's
+  // __trap() guards are then unreachable): "operation not supported", nothing launched.
+  int cc_major = 0;
+  int cc_minor = 0;
+  if (!device_cc(&cc_major, &cc_minor)) return cudaErrorNoDevice;
+  if (!qvit_kernel_supported(kernel, cc_major, cc_minor)) return cudaErrorNotSupported;
   switch (args.bits) {
     case 2:
       return launch_bits<2>(args, kernel, stream);

@@ -63,6 +63,20 @@ size_t qvit_workspace_size(int m, int k, int bits, int kernel) {
   }
 }
 
+int qvit_kernel_supported(int kernel, int cc_major, int cc_minor) {
+  const int cc = cc_of(cc_major, cc_minor);
+  switch (kernel) {
+    case QVIT_KERNEL_MMA_SYNC: return cc >= 80;
+    case QVIT_KERNEL_A8_MMA: return cc >= 72;
+    case QVIT_KERNEL_A8_DP4A:
+    case QVIT_KERNEL_GEMV_DP4A: return cc >= 61;
+    case QVIT_KERNEL_A16_GEMV:
+    case QVIT_KERNEL_A16_TILED:
+    case QVIT_KERNEL_A8_INT: return cc_major >= 5;
+    default: return 0;
+  }
+}
+
 const char* qvit_kernel_name(int kernel) {
   switch (kernel) {
     case QVIT_KERNEL_A16_GEMV: return "a16_gemv";

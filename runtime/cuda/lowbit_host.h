@@ -41,6 +41,10 @@ extern "C" {
 int qvit_select_kernel(int m, int n, int k, int bits, int x_dtype, int path, int cc_major, int cc_minor);
 // Workspace bytes the kernel needs for m rows of k inputs at `bits` weight bits (0 for the kernels that need none).
 size_t qvit_workspace_size(int m, int k, int bits, int kernel);
+// 1 when the kernel's instructions exist on a device of compute capability cc_major.cc_minor
+// (mma_sync: sm_80+, a8_mma: sm_72+, the dp4a kernels: sm_61+), else 0.  lowbit_gemm refuses a
+// kernel the device lacks with cudaErrorNotSupported before launching anything.
+int qvit_kernel_supported(int kernel, int cc_major, int cc_minor);
 // Short stable name ("a16_gemv", "a8_mma", ...) or "invalid".
 const char* qvit_kernel_name(int kernel);
 // Rows / words per row of the repacked weight matrix.

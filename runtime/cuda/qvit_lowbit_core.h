@@ -22,6 +22,18 @@
 
 namespace qvit {
 
+// Largest in_features / out_features / group_size a node may declare.  Checked before any size
+// arithmetic (hostile or corrupted fields near INT32_MAX would overflow `int` products and make
+// the bias default / repack allocate gigabytes); far above any ViT / LLM projection width.
+constexpr int32_t kMaxLowbitFeatures = 1 << 20;
+
+// Format version of the IPluginV3 serialized fields (the V2 blob has its own, kSerialVersion in
+// qvit_lowbit_core.cpp): written as the int32 field kFieldsVersionName by getFieldsToSerialize.
+// 1: the node attributes as exported (uniform or mixed widths).  Serialized fields without the
+// version field come from the plugin before it was added and are read as version 1.
+constexpr int32_t kFieldsVersion = 1;
+constexpr const char* kFieldsVersionName = "qvit_fields_version";
+
 // The node's attributes.  Uniform layers: group_size == 0, weight_packed [N, packed_words(K, bits)].
 // Mixed widths (qformat FORMAT_VERSION 2): row r has group_bits[r / group_size] bits and
 // weight_packed holds the rows concatenated at their own widths; `bits` is the widest.
@@ -64,6 +76,9 @@ LowBitLinearParams parse_fields(const FieldRef* fields, int32_t count);
 std::vector<FieldRef> to_fields(const LowBitLinearParams& p);
 // The kind of each attribute a creator announces (getFieldNames).
 FieldKind attr_kind(int attr);
+// Serialized V3 fields (TensorRTPhase::kRUNTIME): the format version checked first (throws
+// std::invalid_argument for a version this plugin cannot read), then parse_fields.
+LowBitLinearParams parse_serialized_fields(const FieldRef* fields, int32_t count);
 
 // V2 engine blob: magic, version, fields.  deserialize_params throws std::runtime_error on anything wrong;
 // it reads version 1 blobs (uniform layers) too.
