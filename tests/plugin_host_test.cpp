@@ -81,8 +81,9 @@ int g_memcpys = 0;
 bool g_in_hot_path = false;
 int g_hot_path_calls = 0;
 std::map<void*, size_t> g_live;
+int g_cc_major = 8, g_cc_minor = 7;  // Orin unless a check says otherwise
 struct Call {
-  int m, n, k, bits, x_dtype, y_dtype, ldy, kernel;
+  int m, n, k, bits, x_dtype, y_dtype, ldy, kernel, ldw;
   std::vector<int> col_map;
 };
 std::vector<Call> g_calls;
@@ -94,7 +95,7 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrComputeCapabilityMajor ? 8 : 7;  // Orin
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? g_cc_major : g_cc_minor;
   return cudaSuccess;
 }
 cudaError_t cudaMalloc(void** p, size_t bytes) {
@@ -122,7 +123,7 @@ const char* cudaGetErrorString(cudaError_t) { return "fake cuda error"; }
 
 namespace qvit {
 cudaError_t lowbit_gemm(const LowBitGemmArgs& a, int kernel, cudaStream_t) {
-  Call c{a.m, a.n, a.k, a.bits, a.x_dtype, a.y_dtype, a.ldy, kernel, {}};
+  Call c{a.m, a.n, a.k, a.bits, a.x_dtype, a.y_dtype, a.ldy, kernel, a.ldw, {}};
   if (a.col_map != nullptr) c.col_map.assign(a.col_map, a.col_map + a.n);
   g_calls.push_back(c);
   return cudaSuccess;
@@ -424,6 +425,40 @@ int main() {
   hg.group_size = huge;
   nvinfer1::PluginFieldCollection hgc = hg.collection();
   check("hostile_group_size_rejected", creator->createPlugin("h", &hgc, nvinfer1::TensorRTPhase::kBUILD) == nullptr);
+
+  // A4 grid ([-8, 7]) on Orin: the INT4 tensor-core kernel on the nibble-order weights (built once
+  // with the others); on Hopper (INT4 emulated) and for M <= 16 the int8 kernels.
+  auto int4_dispatch = [&](int cc_major, int cc_minor, int m) {
+    g_cc_major = cc_major;
+    g_cc_minor = cc_minor;
+    Node a4(true);
+    a4.lo = -8;
+    a4.hi = 7;
+    a4.act_bits = 4;
+    nvinfer1::PluginFieldCollection c = a4.collection();
+    nvinfer1::IPluginV3* p = creator->createPlugin("a4", &c, nvinfer1::TensorRTPhase::kBUILD);
+    auto* b = static_cast<nvinfer1::IPluginV3OneBuild*>(p->getCapabilityInterface(nvinfer1::PluginCapabilityType::kBUILD));
+    auto* r = static_cast<nvinfer1::IPluginV3OneRuntime*>(p->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
+    nvinfer1::PluginTensorDesc i4 = desc(DT::kHALF, {m, 70}), o4 = desc(DT::kHALF, {m, 10});
+    g_calls.clear();
+    const bool ran = b->configurePlugin(&din, 1, &dout, 1) == 0 && r->onShapeChange(&i4, 1, &o4, 1) == 0 &&
+                     r->enqueue(&i4, &o4, ins, outs, buf.data(), nullptr) == 0 && g_calls.size() == 3;
+    std::vector<Call> calls = g_calls;
+    delete p;
+    g_cc_major = 8;
+    g_cc_minor = 7;
+    return ran ? calls : std::vector<Call>();
+  };
+  bool int4_ok = true;
+  for (const Call& c : int4_dispatch(8, 7, 197)) {
+    int4_ok = int4_ok && c.kernel == QVIT_KERNEL_MMA_INT4 && c.ldw == qvit_nib_words(70, c.bits);
+  }
+  check("a4_grid_on_orin_uses_int4_tensor_cores", int4_ok && int4_dispatch(8, 7, 197).size() == 3);
+  const std::vector<Call> hopper = int4_dispatch(9, 0, 197);
+  check("a4_grid_on_hopper_keeps_mma_sync", hopper.size() == 3 && hopper[0].kernel == QVIT_KERNEL_MMA_SYNC &&
+                                                hopper[0].ldw == qvit_repacked_words(70, hopper[0].bits));
+  const std::vector<Call> small = int4_dispatch(8, 7, 4);
+  check("a4_grid_small_m_uses_gemv", small.size() == 3 && small[0].kernel == QVIT_KERNEL_GEMV_DP4A);
 
   delete early_ctx;
   delete early_clone;

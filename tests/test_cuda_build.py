@@ -80,6 +80,7 @@ int main() {
               repack_word_align(2), repack_word_align(3), repack_word_align(4));
   std::printf("\"dtypes\": [%d, %d, %d, %d], \"paths\": [%d, %d, %d],", QVIT_DTYPE_F32, QVIT_DTYPE_F16,
               QVIT_DTYPE_I8, QVIT_DTYPE_I32, QVIT_PATH_AUTO, QVIT_PATH_A8, QVIT_PATH_A16);
+  std::printf("\"path_a4\": %d,", QVIT_PATH_A4);
   std::printf("\"kernels\": {");
   for (int k = 1; k < QVIT_NUM_KERNELS; ++k) std::printf("%s\"%s\": %d", k > 1 ? ", " : "", qvit_kernel_name(k), k);
   std::printf("}}\n");
@@ -117,6 +118,7 @@ def test_python_codes_match_host_header(format_dump):
     assert f["kernels"] == gemm_ext.KERNELS
     assert f["dtypes"] == [gemm_ext.DTYPE_F32, gemm_ext.DTYPE_F16, gemm_ext.DTYPE_I8, gemm_ext.DTYPE_I32]
     assert f["paths"] == [gemm_ext.PATHS["auto"], gemm_ext.PATHS["a8"], gemm_ext.PATHS["a16"]]
+    assert f["path_a4"] == gemm_ext.PATHS["a4"]
     assert f["repack"][:2] == [gemm_ext.REPACK_ROW_ALIGN, gemm_ext.REPACK_K_ALIGN]
     assert {int(b): a for b, a in f["repack"][2].items()} == gemm_ext.REPACK_WORD_ALIGN
 
@@ -290,7 +292,7 @@ def test_lowbit_gemm_checks_arch_and_pair_alignment():
         src = f.read()
     body = src[src.index("cudaError_t lowbit_gemm("):]
     assert "qvit_kernel_supported(kernel, cc_major, cc_minor)" in body and "cudaErrorNotSupported" in body
-    assert "reinterpret_cast<uintptr_t>(epi.y) & (pair_bytes - 1)" in src
+    assert "reinterpret_cast<uintptr_t>(a.y) & (pair_bytes - 1)" in src and "epi.pairs && col + 1 < epi.n" in src
 
 
 def test_workspace_size(host_lib):
@@ -347,7 +349,9 @@ def test_plugin_front_end_runs_on_the_host(tmp_path, trt_major):
                     "early_clone_shares_device_weights", "deserialize_creates_weights_once",
                     "contexts_share_engine_weights", "weights_freed_with_last_owner", "fields_carry_version",
                     "fields_version_checked", "unversioned_fields_read_as_version_1", "hostile_sizes_rejected",
-                    "hostile_out_features_without_bias_rejected", "hostile_group_size_rejected"):
+                    "hostile_out_features_without_bias_rejected", "hostile_group_size_rejected",
+                    "a4_grid_on_orin_uses_int4_tensor_cores", "a4_grid_on_hopper_keeps_mma_sync",
+                    "a4_grid_small_m_uses_gemv"):
             assert res[key] is True, key
         # every attribute but the informational plugin_version / plugin_namespace, + the format version
         assert res["serialized_fields"] == len(qformat.LOWBIT_ATTRS) - 2 + 1
@@ -387,7 +391,7 @@ def test_shim_is_labelled_and_unused_by_real_build():
 
 # ----------------------------------------------------------------------------- nvcc
 
-NVCC_ARCHS = ("75", "87", "90")
+NVCC_ARCHS = ("75", "87", "90")  # Turing (no INT4 mma), Orin (native INT4), Hopper (INT4 emulated)
 
 
 @pytest.fixture(scope="session", params=NVCC_ARCHS)
@@ -422,6 +426,63 @@ def test_int8_tensor_core_and_dp4a_emitted(nvcc_build):
     assert has_mma == (int(nvcc_build["arch"]) >= 80)
     if has_mma:
         assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in ptx and "cp.async.cg.shared.global" in ptx
+    assert ("mma.sync.aligned.m16n8k64.row.col.s32.s4.u4.s32" in ptx) == has_mma  # the INT4 path
+
+
+def _sass_tools():
+    """cuobjdump (+ the nvdisasm it runs for -sass): on PATH, or from the pip packages nvidia-cuda-cuobjdump /
+    nvidia-cuda-nvdisasm (the dev extra).  (path, env) or a skip with the reason."""
+    dirs = [os.path.dirname(p) for p in (shutil.which("cuobjdump"),) if p]
+    try:
+        import nvidia
+
+        dirs += [os.path.join(d, sub, "bin") for d in nvidia.__path__ for sub in ("cu13", "cu12", "cuda_cuobjdump")]
+    except ImportError:
+        pass
+    for d in dirs:
+        exe = os.path.join(d, "cuobjdump")
+        if os.path.isfile(exe):
+            env = dict(os.environ, PATH=os.pathsep.join([d] + os.environ.get("PATH", "").split(os.pathsep)))
+            if shutil.which("nvdisasm", path=env["PATH"]) is None:
+                pytest.skip("cuobjdump found but not nvdisasm (pip install nvidia-cuda-nvdisasm)")
+            return exe, env
+    pytest.skip("needs cuobjdump (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, or a CUDA toolkit)")
+
+
+def _sass_ops(obj):
+    """{kernel function name: Counter of SASS opcodes} of an object file (cuobjdump -sass)."""
+    import collections
+
+    exe, env = _sass_tools()
+    p = subprocess.run([exe, "-sass", str(obj)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert p.returncode == 0, p.stdout[-2000:]
+    out = {}
+    for chunk in re.split(r"\n\s*Function : ", p.stdout)[1:]:
+        name = chunk.split("\n", 1)[0].strip()
+        ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", chunk)
+        out[name] = collections.Counter(ops)
+    return out
+
+
+@pytest.mark.nvcc
+def test_int4_kernel_sass(nvcc_build):
+    """sm_87 (Orin; also sm_80/86/89): every m16n8k64 s4.u4 of mma_int4 is ONE native IMMA.16864.S4.U4
+    (2 k64 steps x 2 x 4 warp fragments = 16 per kernel), no int8 IMMA or emulation call in it.  sm_90
+    (Hopper) documents the emulated form: no IMMA.16864; each mma becomes a CALL into a routine that
+    unpacks to int8 and issues IMMA.16832.S8.U8 (exact, not fast).  sm_75: no INT4 path at all."""
+    arch = int(nvcc_build["arch"])
+    kernels = {name: ops for name, ops in _sass_ops(nvcc_build["obj"]).items() if "mma_int4_kernel" in name}
+    assert len(kernels) == 3  # BITS = 2, 3, 4
+    for name, ops in kernels.items():
+        imma = {op: n for op, n in ops.items() if op.startswith("IMMA")}
+        if arch in (80, 86, 87, 89):
+            assert imma == {"IMMA.16864.S4.U4": 16}, (name, imma)
+            assert ops["CALL.REL.NOINC"] <= 1, (name, ops["CALL.REL.NOINC"])  # not one per mma
+        elif arch >= 90:
+            assert "IMMA.16864.S4.U4" not in imma and imma.get("IMMA.16832.S8.U8", 0) > 0, (name, imma)
+            assert ops["CALL.REL.NOINC"] >= 16, (name, ops["CALL.REL.NOINC"])  # one emulation call per mma
+        else:
+            assert not imma, (name, imma)  # __trap() body: lowbit_gemm refuses the kernel below sm_80
 
 
 @pytest.mark.nvcc

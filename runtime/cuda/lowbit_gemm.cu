@@ -33,6 +33,7 @@
 #include <utility>
 
 #include "qvit_lowbit_format.h"
+#include "qvit_mma_int4.h"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 720)
 #define QVIT_DEVICE_HAS_IMMA 1  // WMMA int8 (sm_72+)
@@ -95,6 +96,9 @@ struct Epilogue {
   int m;
   int n;    // weight rows of this launch
   int ldy;  // output row stride
+  // Adjacent columns may be written as one 4/8-byte store: no col_map, even ldy and y itself
+  // aligned to the pair (a TensorRT / torch view may start at an odd element).  Set by the host.
+  bool pairs;
 };
 
 // y[row, col(r)] from the exact accumulator of weight row r.
@@ -875,12 +879,6 @@ __global__ void __launch_bounds__(256)
   float alpha[4][2];
   float beta[4][2];
   int cols[4][2];
-  bool pair_ok[4];
-  // One 4/8-byte store per column pair needs even row strides AND y itself aligned to the pair
-  // (a TensorRT / torch view may start at an odd element); col is always even.
-  const unsigned pair_bytes = epi.y_dtype == QVIT_DTYPE_F16 ? 4u : 8u;
-  const bool y_pairs = epi.col_map == nullptr && (epi.ldy & 1) == 0 &&
-                       (reinterpret_cast<uintptr_t>(epi.y) & (pair_bytes - 1)) == 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -890,7 +888,6 @@ __global__ void __launch_bounds__(256)
       alpha[j][c] = epi.act_scale * __ldg(epi.weight_scale + cols[j][c]);
       beta[j][c] = epi.bias != nullptr ? __ldg(epi.bias + cols[j][c]) : 0.0f;
     }
-    pair_ok[j] = y_pairs && n0 + wn + j * 8 + t2 + 1 < epi.n;
   }
 #pragma unroll
   for (int i = 0; i < C::kMI; ++i) {
@@ -904,12 +901,195 @@ __global__ void __launch_bounds__(256)
         const int col = n0 + wn + j * 8 + t2;
         if (col >= epi.n) continue;
         const int v[2] = {acc[i][j][2 * h] - corr, acc[i][j][2 * h + 1] - corr};
-        store_pair(epi, row, col, v, alpha[j], beta[j], cols[j], pair_ok[j]);
+        store_pair(epi, row, col, v, alpha[j], beta[j], cols[j], epi.pairs && col + 1 < epi.n);  // col is even
       }
     }
   }
 #else
   __trap();  // never selected below sm_80
+#endif
+}
+
+// ------------------------------------------------------------------ MMA INT4 (activations <= 4 bits, sm_80+)
+//
+// mma.sync m16n8k64 with s4 activation codes and u4 weight codes (exact int32), the offset
+// correction as everywhere: acc - 2^(b-1) * rowsum(xq).  Activations: quantize_rows_s4_kernel
+// (one warp per row) writes s4 codes in natural nibble order [m, nib_k(k) / 8 words] and the row
+// sums.  Weights: the nibble-order layout (qvit_mma_int4.h), kept at 2/3/4 bits in memory and
+// widened to u4 registers with a shift and a mask or two.  64 x 128 tiles, 8 warps (2 x 4) of
+// 32 x 32, one 128-element K block per stage, kInt4Stages stages of cp.async.  Every fragment
+// index comes from int4_frag_a / int4_frag_b / int4_frag_c, the functions tests/test_mma_int4.py
+// checks against the PTX tables and emulates lane by lane.
+constexpr int kInt4Stages = 3;
+
+template <int BITS>
+struct Int4Cfg {
+  static constexpr int kBM = 64;
+  static constexpr int kBN = 128;
+  static constexpr int kThreads = 256;
+  static constexpr int kBlockWords = nib_block_words(BITS);  // packed weight words per row per K block
+  static constexpr int kAStride = kNibBlockK / 8 + 4;        // words per A row in smem (+16 bytes: no bank conflicts)
+  static constexpr int kBStride = kBlockWords + 4;           // words per B row in smem
+  static constexpr int kAWords = kBM * kAStride;
+  static constexpr int kBWords = kBN * kBStride;
+  static constexpr int kSmemBytes = kInt4Stages * (kAWords + kBWords) * 4;
+  static_assert(kSmemBytes <= 48 * 1024, "static shared-memory limit");
+  static_assert(kBlockWords % 4 == 0 && kAStride % 4 == 0 && kBStride % 4 == 0, "16-byte smem rows");
+};
+
+constexpr int kQuantS4RowsPerBlock = 8;
+
+__global__ void __launch_bounds__(kQuantS4RowsPerBlock * 32)
+    quantize_rows_s4_kernel(const void* __restrict__ x, int x_dtype, int m, int k, int ldw, float scale, int lo,
+                            int hi, uint32_t* __restrict__ xs4, int* __restrict__ row_sum) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * kQuantS4RowsPerBlock + (threadIdx.x >> 5);
+  if (row >= m) return;
+  const size_t base = static_cast<size_t>(row) * k;
+  uint32_t* out = xs4 + static_cast<size_t>(row) * ldw;
+  int sum = 0;
+  for (int c = lane; c < ldw; c += 32) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int kk = 8 * c + j;
+      const int v = kk < k ? quantize_act(x, x_dtype, base + kk, scale, lo, hi) : 0;  // in [-8, 7]
+      sum += v;
+      word |= (static_cast<uint32_t>(v) & 0xFu) << (4 * j);
+    }
+    out[c] = word;
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) row_sum[row] = sum;
+}
+
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+__device__ __forceinline__ void mma_s4u4(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k64.row.col.s32.s4.u4.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// One K block: A (s4 words, rows past m zero-filled) and packed B (rows past n: the last valid row).
+template <int BITS>
+__device__ __forceinline__ void int4_load_tile(const uint32_t* __restrict__ xs4, int lda, int m, int m0,
+                                               const uint32_t* __restrict__ w, int ldw, int n, int n0, int kt,
+                                               uint32_t* as, uint32_t* bs) {
+  using C = Int4Cfg<BITS>;
+  constexpr int kAChunks = kNibBlockK / 32;  // 16-byte chunks per A row: 4
+  for (int c = threadIdx.x; c < C::kBM * kAChunks; c += C::kThreads) {
+    const int r = c / kAChunks;
+    const int q = c % kAChunks;
+    const bool valid = m0 + r < m;
+    const uint32_t* src = xs4 + static_cast<size_t>(valid ? m0 + r : 0) * lda + kt * (kNibBlockK / 8) + q * 4;
+    cp_async16(as + r * C::kAStride + q * 4, src, valid);
+  }
+  constexpr int kBChunks = C::kBlockWords / 4;
+  for (int c = threadIdx.x; c < C::kBN * kBChunks; c += C::kThreads) {
+    const int r = c / kBChunks;
+    const int q = c % kBChunks;
+    const uint32_t* src = w + static_cast<size_t>(min(n0 + r, n - 1)) * ldw + kt * C::kBlockWords + q * 4;
+    cp_async16(bs + r * C::kBStride + q * 4, src, true);
+  }
+}
+
+// The tile's two k64 steps: fragments loaded as int4_frag_a / int4_frag_b say, B widened to u4.
+template <int BITS>
+__device__ __forceinline__ void int4_tile_mma(const uint32_t* as, const uint32_t* bs, int wm, int wn, int lane,
+                                              int (&acc)[2][4][4]) {
+  using C = Int4Cfg<BITS>;
+#pragma unroll
+  for (int kk = 0; kk < kNibBlockK / kInt4MmaK; ++kk) {
+    uint32_t a[2][4];
+    uint32_t b[4][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {  // nibbles 8r .. 8r+7 of a lane are one word (consecutive K)
+        int row, col;
+        int4_frag_a(lane, 8 * r, &row, &col);
+        a[i][r] = as[(wm + i * 16 + row) * C::kAStride + (kk * kInt4MmaK + col) / 8];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        int kidx, ncol;
+        int4_frag_b(lane, 8 * r, &kidx, &ncol);
+        b[j][r] = nib_widen(bs + (wn + j * 8 + ncol) * C::kBStride, BITS, (kk * kInt4MmaK + kidx) / 8);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) mma_s4u4(acc[i][j], a[i], b[j]);
+  }
+}
+#endif
+
+template <int BITS>
+__global__ void __launch_bounds__(256)
+    mma_int4_kernel(const uint32_t* __restrict__ xs4, const int* __restrict__ row_sum, int lda,
+                    const uint32_t* __restrict__ w, int ldw, Epilogue epi) {
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+  using C = Int4Cfg<BITS>;
+  __shared__ __align__(16) uint32_t smem[kInt4Stages * (C::kAWords + C::kBWords)];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int wm = (warp >> 2) * 32;
+  const int wn = (warp & 3) * 32;
+  const int m0 = blockIdx.y * C::kBM;
+  const int n0 = blockIdx.x * C::kBN;
+  const int tiles = lda / (kNibBlockK / 8);
+  auto a_tile = [&](int s) { return smem + s * C::kAWords; };
+  auto b_tile = [&](int s) { return smem + kInt4Stages * C::kAWords + s * C::kBWords; };
+
+  int acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+
+#pragma unroll
+  for (int s = 0; s < kInt4Stages - 1; ++s) {
+    if (s < tiles) int4_load_tile<BITS>(xs4, lda, epi.m, m0, w, ldw, epi.n, n0, s, a_tile(s), b_tile(s));
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < tiles; ++kt) {
+    cp_async_wait<kInt4Stages - 2>();
+    __syncthreads();  // tile kt landed; everyone is done with tile kt - 1, whose stage is refilled next
+    const int next = kt + kInt4Stages - 1;
+    if (next < tiles) {
+      const int s = next % kInt4Stages;
+      int4_load_tile<BITS>(xs4, lda, epi.m, m0, w, ldw, epi.n, n0, next, a_tile(s), b_tile(s));
+    }
+    cp_async_commit();
+    int4_tile_mma<BITS>(a_tile(kt % kInt4Stages), b_tile(kt % kInt4Stages), wm, wn, lane, acc);
+  }
+  cp_async_wait<0>();
+
+  constexpr int kOff = 1 << (BITS - 1);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        int row, col;
+        int4_frag_c(lane, c, &row, &col);
+        const int gm = m0 + wm + i * 16 + row;
+        const int gn = n0 + wn + j * 8 + col;
+        if (gm < epi.m && gn < epi.n) store_output(epi, gm, gn, acc[i][j][c] - kOff * __ldg(row_sum + gm));
+      }
+    }
+  }
+#else
+  __trap();  // unreachable: lowbit_gemm refuses mma_int4 below sm_80 (qvit_kernel_supported)
 #endif
 }
 
@@ -934,7 +1114,10 @@ cudaError_t launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cud
 }
 
 Epilogue make_epilogue(const LowBitGemmArgs& a) {
-  return Epilogue{a.y, a.y_dtype, a.weight_scale, a.bias, a.col_map, a.act_scale, a.m, a.n, a.ldy > 0 ? a.ldy : a.n};
+  const int ldy = a.ldy > 0 ? a.ldy : a.n;
+  const uintptr_t pair_bytes = a.y_dtype == QVIT_DTYPE_F16 ? 4u : 8u;
+  const bool pairs = a.col_map == nullptr && (ldy & 1) == 0 && (reinterpret_cast<uintptr_t>(a.y) & (pair_bytes - 1)) == 0;
+  return Epilogue{a.y, a.y_dtype, a.weight_scale, a.bias, a.col_map, a.act_scale, a.m, a.n, ldy, pairs};
 }
 
 template <int BITS, int MT>
@@ -1034,6 +1217,24 @@ cudaError_t launch_mma_sync(const LowBitGemmArgs& a, cudaStream_t stream) {
 }
 
 template <int BITS>
+cudaError_t launch_mma_int4(const LowBitGemmArgs& a, cudaStream_t stream) {
+  const int lda = nib_k(a.k) / 8;  // s4 words per activation row
+  uint32_t* xs4 = static_cast<uint32_t*>(a.workspace);
+  int* row_sum = reinterpret_cast<int*>(static_cast<char*>(a.workspace) +
+                                        (static_cast<size_t>(a.m) * lda * 4 + 255) / 256 * 256);
+  const cudaError_t err = launch(quantize_rows_s4_kernel, dim3(ceil_div(a.m, kQuantS4RowsPerBlock)),
+                                 dim3(kQuantS4RowsPerBlock * 32), 0, stream, a.x, a.x_dtype, a.m, a.k, lda,
+                                 a.act_scale, a.act_lo, a.act_hi, xs4, row_sum);
+  if (err != cudaSuccess) return err;
+  using C = Int4Cfg<BITS>;
+  const dim3 grid(ceil_div(a.n, C::kBN), ceil_div(a.m, C::kBM));
+  const uint32_t* cxs4 = xs4;
+  const int* crow_sum = row_sum;
+  return launch(mma_int4_kernel<BITS>, grid, dim3(C::kThreads), 0, stream, cxs4, crow_sum, lda, a.w, a.ldw,
+                make_epilogue(a));
+}
+
+template <int BITS>
 cudaError_t launch_legacy_a8(const LowBitGemmArgs& a, int kernel, cudaStream_t stream) {
   const int lda = a8_lda(a.k);
   int8_t* xq = static_cast<int8_t*>(a.workspace);
@@ -1062,6 +1263,8 @@ cudaError_t launch_bits(const LowBitGemmArgs& a, int kernel, cudaStream_t stream
       return launch_gemv<BITS, false>(a, stream);
     case QVIT_KERNEL_MMA_SYNC:
       return launch_mma_sync<BITS>(a, stream);
+    case QVIT_KERNEL_MMA_INT4:
+      return launch_mma_int4<BITS>(a, stream);
     case QVIT_KERNEL_A16_TILED: {
       const dim3 tiles(ceil_div(a.n, kTile), ceil_div(a.m, kTile));
       return launch(a16_tiled_kernel<BITS>, tiles, dim3(256), 0, stream, a.x, a.x_dtype, a.w, a.ldw, a.k, a.act_lo,
@@ -1081,7 +1284,8 @@ int rows_per_grid_y(int kernel) {
   switch (kernel) {
     case QVIT_KERNEL_GEMV_DP4A: return 16;
     case QVIT_KERNEL_A16_GEMV: return 8;
-    case QVIT_KERNEL_MMA_SYNC: return 64;
+    case QVIT_KERNEL_MMA_SYNC:
+    case QVIT_KERNEL_MMA_INT4: return 64;
     default: return kTile;
   }
 }
@@ -1110,7 +1314,8 @@ bool device_cc(int* major, int* minor) {
 bool valid_args(const LowBitGemmArgs& a, int kernel) {
   if (a.m < 0 || a.n <= 0 || a.k <= 0 || !is_packed_bits(a.bits)) return false;
   if (a.x == nullptr || a.y == nullptr || a.w == nullptr || a.weight_scale == nullptr) return false;
-  if (a.ldw != repacked_words(a.k, a.bits)) return false;
+  if (a.ldw != qvit_weight_words(a.k, a.bits, kernel)) return false;  // nibble order for mma_int4
+  if (kernel == QVIT_KERNEL_MMA_INT4 && !qvit_act_fits_s4(a.act_lo, a.act_hi)) return false;
   if (a.ldy != 0 && a.ldy < a.n && a.col_map == nullptr) return false;
   if ((reinterpret_cast<uintptr_t>(a.w) & 15u) != 0) return false;  // 16-byte weight vectors
   if (a.x_dtype != QVIT_DTYPE_F32 && a.x_dtype != QVIT_DTYPE_F16 && a.x_dtype != QVIT_DTYPE_I8) return false;

@@ -376,17 +376,33 @@ size_t workspace_bytes(const LowBitLinearParams& p, int64_t max_m) {
 
 // ------------------------------------------------------------------ segments
 
-std::vector<HostSegment> build_segments(const LowBitLinearParams& p) {
+namespace {
+
+// One width's rows (qformat words `src`) -> the kernels' layouts.
+void repack_segment(HostSegment& s, const uint32_t* src, int k, bool int4) {
+  s.words.resize(static_cast<size_t>(qvit_repacked_rows(s.rows)) * qvit_repacked_words(k, s.bits));
+  if (qvit_repack_weights(src, s.rows, k, s.bits, s.words.data()) != 0) throw std::runtime_error("weight repack failed");
+  if (!int4) return;
+  s.nib_words.resize(static_cast<size_t>(qvit_repacked_rows(s.rows)) * qvit_nib_words(k, s.bits));
+  if (qvit_repack_weights_nib(src, s.rows, k, s.bits, s.nib_words.data()) != 0) {
+    throw std::runtime_error("nibble-order weight repack failed");
+  }
+}
+
+}  // namespace
+
+bool int4_worthwhile(const LowBitLinearParams& p, int cc_major) {
+  return cc_major >= 8 && qvit_act_fits_s4(p.act_lo, p.act_hi) != 0;
+}
+
+std::vector<HostSegment> build_segments(const LowBitLinearParams& p, bool int4) {
   std::vector<HostSegment> out;
   const int k = p.in_features;
   if (!p.mixed()) {
     HostSegment s;
     s.bits = p.bits;
     s.rows = p.out_features;
-    s.words.resize(static_cast<size_t>(qvit_repacked_rows(s.rows)) * qvit_repacked_words(k, s.bits));
-    if (qvit_repack_weights(p.weight_packed.data(), s.rows, k, s.bits, s.words.data()) != 0) {
-      throw std::runtime_error("weight repack failed");
-    }
+    repack_segment(s, p.weight_packed.data(), k, int4);
     out.push_back(std::move(s));
     return out;
   }
@@ -409,10 +425,7 @@ std::vector<HostSegment> build_segments(const LowBitLinearParams& p) {
     }
     if (s.col_map.empty()) continue;
     s.rows = static_cast<int>(s.col_map.size());
-    s.words.resize(static_cast<size_t>(qvit_repacked_rows(s.rows)) * qvit_repacked_words(k, bits));
-    if (qvit_repack_weights(rows.data(), s.rows, k, bits, s.words.data()) != 0) {
-      throw std::runtime_error("weight repack failed");
-    }
+    repack_segment(s, rows.data(), k, int4);
     out.push_back(std::move(s));
   }
   return out;
@@ -423,7 +436,8 @@ int path_from_env() {
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return QVIT_PATH_AUTO;
   if (std::strcmp(v, "a8") == 0) return QVIT_PATH_A8;
   if (std::strcmp(v, "a16") == 0) return QVIT_PATH_A16;
-  std::cerr << "[qvit_plugins] QVIT_LOWBIT_PATH='" << v << "' is not auto/a8/a16: using auto" << std::endl;
+  if (std::strcmp(v, "a4") == 0) return QVIT_PATH_A4;
+  std::cerr << "[qvit_plugins] QVIT_LOWBIT_PATH='" << v << "' is not auto/a8/a16/a4: using auto" << std::endl;
   return QVIT_PATH_AUTO;
 }
 

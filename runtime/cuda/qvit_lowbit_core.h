@@ -97,9 +97,13 @@ struct HostSegment {
   int bits = 0;
   int rows = 0;
   std::vector<uint32_t> words;
-  std::vector<int32_t> col_map;  // empty for a uniform layer
+  std::vector<uint32_t> nib_words;  // [repacked_rows(rows), qvit_nib_words(K, bits)] when built with int4
+  std::vector<int32_t> col_map;     // empty for a uniform layer
 };
-std::vector<HostSegment> build_segments(const LowBitLinearParams& p);
+// int4: also the nibble-order layout of the INT4 tensor-core kernel (only worth its memory when the
+// act grid fits s4 on sm_80+: int4_worthwhile).
+std::vector<HostSegment> build_segments(const LowBitLinearParams& p, bool int4 = false);
+bool int4_worthwhile(const LowBitLinearParams& p, int cc_major);
 
 // Device weights (immutable, shared by a plugin's clones) and the enqueue dispatch (CUDA runtime).
 class LowBitLinearRunner {
@@ -120,6 +124,8 @@ class LowBitLinearRunner {
     int rows = 0;
     int ldw = 0;
     uint32_t* w = nullptr;
+    int ldw_nib = 0;
+    uint32_t* w_nib = nullptr;  // nibble order (mma_int4), or null
     int32_t* col_map = nullptr;
   };
   LowBitLinearRunner() = default;
@@ -130,7 +136,7 @@ class LowBitLinearRunner {
   int cc_minor_ = 0;
 };
 
-// QVIT_LOWBIT_PATH=auto|a8|a16 (bench / debugging); unknown values fall back to auto with a warning.
+// QVIT_LOWBIT_PATH=auto|a8|a16|a4 (bench / debugging); unknown values fall back to auto with a warning.
 int path_from_env();
 
 }  // namespace qvit

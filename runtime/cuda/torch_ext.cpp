@@ -66,7 +66,8 @@ void gemm_into(torch::Tensor y, const torch::Tensor& x2d, const torch::Tensor& w
   const int64_t k = x2d.size(1);
   TORCH_CHECK(m <= INT32_MAX && k <= INT32_MAX && n <= INT32_MAX && n > 0, "problem too large or empty");
   const int rows = qvit_repacked_rows(static_cast<int>(n));
-  const int ldw = qvit_repacked_words(static_cast<int>(k), static_cast<int>(bits));
+  // mma_int4 reads the nibble-order layout (qvit_repack_weights_nib), every other kernel the expand order.
+  const int ldw = qvit_weight_words(static_cast<int>(k), static_cast<int>(bits), static_cast<int>(kernel));
   TORCH_CHECK(ldw > 0, "bits must be 2, 3 or 4, got " + num(bits));
   check_operand(w, x2d, torch::kInt32, -1, "w (repacked words)");
   const std::string want = "w must be repacked [" + num(rows) + ", " + num(ldw) + "] for N=" + num(n) + " K=" +
@@ -138,10 +139,10 @@ torch::Tensor gemm(const torch::Tensor& x2d, const torch::Tensor& w, const torch
 }
 
 int64_t select_kernel(int64_t m, int64_t n, int64_t k, int64_t bits, int64_t x_dtype, int64_t path, int64_t cc_major,
-                      int64_t cc_minor) {
-  return qvit_select_kernel(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(bits),
-                            static_cast<int>(x_dtype), static_cast<int>(path), static_cast<int>(cc_major),
-                            static_cast<int>(cc_minor));
+                      int64_t cc_minor, int64_t act_lo, int64_t act_hi) {
+  return qvit_select_kernel_act(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(bits),
+                                static_cast<int>(x_dtype), static_cast<int>(path), static_cast<int>(cc_major),
+                                static_cast<int>(cc_minor), static_cast<int>(act_lo), static_cast<int>(act_hi));
 }
 
 int64_t workspace_size(int64_t m, int64_t k, int64_t bits, int64_t kernel) {
@@ -157,7 +158,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qvit-edge packed 2/3/4-bit GEMM kernels (QvitLowBitLinear)";
   m.def("gemm", &gemm, "QvitLowBitLinear on [M, K] with an explicit kernel id");
   m.def("gemm_into", &gemm_into, "QvitLowBitLinear into a preallocated y (optional col_map, workspace)");
-  m.def("select_kernel", &select_kernel, "kernel id for (m, n, k, bits, x_dtype, path, cc_major, cc_minor)");
+  m.def("select_kernel", &select_kernel,
+        "kernel id for (m, n, k, bits, x_dtype, path, cc_major, cc_minor, act_lo, act_hi)");
   m.def("workspace_size", &workspace_size, "workspace bytes for (m, k, bits, kernel)");
   m.def("kernel_name", &kernel_name, "short kernel name");
 }
