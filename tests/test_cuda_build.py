@@ -275,6 +275,7 @@ def test_kernel_selection_rejects_bad_args(host_lib):
 @pytest.mark.parametrize("kernel,cc_ok,cc_not", [
     ("mma_sync", (8, 0), (7, 5)), ("mma_sync", (8, 7), (7, 2)), ("a8_mma", (7, 2), (7, 0)),
     ("a8_dp4a", (6, 1), (5, 3)), ("gemv_dp4a", (7, 0), (5, 3)), ("a16_tiled", (5, 3), (4, 0)),
+    ("mma_int4", (8, 7), (7, 5)), ("gemv_ring", (8, 0), (7, 5)),
 ])
 def test_kernel_supported_per_arch(host_lib, kernel, cc_ok, cc_not):
     """lowbit_gemm refuses a kernel forced onto a device without its instructions (cudaErrorNotSupported,
@@ -483,6 +484,19 @@ def test_int4_kernel_sass(nvcc_build):
             assert ops["CALL.REL.NOINC"] >= 16, (name, ops["CALL.REL.NOINC"])  # one emulation call per mma
         else:
             assert not imma, (name, imma)  # __trap() body: lowbit_gemm refuses the kernel below sm_80
+
+
+@pytest.mark.nvcc
+def test_gemv_ring_has_no_barrier(nvcc_build):
+    """gemv_ring (sm_80+): the weight stream goes through cp.async (LDGSTS) and the kernel has no block
+    barrier anywhere (each lane consumes only the ring slots it filled)."""
+    if int(nvcc_build["arch"]) < 80:
+        pytest.skip("gemv_ring is an sm_80+ kernel")
+    kernels = {n: ops for n, ops in _sass_ops(nvcc_build["obj"]).items() if "gemv_ring_kernel" in n}
+    assert len(kernels) == 9  # BITS 2/3/4 x MT 1/2/4
+    for name, ops in kernels.items():
+        assert not [op for op in ops if op.startswith("BAR")], name
+        assert any(op.startswith("LDGSTS") for op in ops) and any(op.startswith("IDP") for op in ops), name
 
 
 @pytest.mark.nvcc

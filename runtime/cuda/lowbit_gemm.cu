@@ -6,6 +6,9 @@
 //              with one shift + AND into int8x4 lanes and accumulates with __dp4a.
 //   MMA SYNC   large M, sm_80+: mma.sync m16n8k32 s8 x u8 tensor cores, 128x128 tiles, cp.async
 //              multi-stage pipeline for the int8 activations, weights expanded once per tile.
+//   MMA INT4   activations within [-8, 7], sm_80+: mma.sync m16n8k64 s4 x u4 on nibble-order weights
+//              (qvit_mma_int4.h); native on sm_80..89, emulated by the compiler on sm_90.
+//   GEMV RING  small M, sm_80+: x quantized once, persistent grid, per-lane cp.async ring, no barrier.
 //   A16 GEMV   fp16/fp32 activations, small M, no fast int8 (TX2 sm_62, sm_53): fp32 FMA.
 //   A16 tiled  large M on TX2 / sm_53: SIMT fp32 FMA.
 //   A8  MMA    WMMA int8 16x16x16 (sm_72 / sm_75: Xavier, Turing).
@@ -1093,6 +1096,113 @@ __global__ void __launch_bounds__(256)
 #endif
 }
 
+// ------------------------------------------------------------------ GEMV RING (small M, sm_80+)
+//
+// x is quantized ONCE (quantize_rows_kernel: int8 codes [m, repacked_k] + row sums, the same
+// workspace as mma_sync) instead of by every block.  Then a persistent grid (about two blocks per
+// SM): every warp owns whole weight rows (r = warp, warp + W, ...); each lane streams its 16-byte
+// weight vectors through its own kGemvRingStages-deep cp.async ring in shared memory and consumes
+// only the slots it filled itself, so the loop has no barrier at all (cp.async.wait_group is
+// per thread).  Vectors expand to int8x4 codes (expand_word / expand_pair3) and meet the int8 x
+// codes in __dp4a; a warp reduction per row, then the offset correction and the epilogue.
+constexpr int kGemvRingWarps = 8;
+constexpr int kGemvRingStages = 8;
+constexpr int kGemvRingMaxMT = 4;
+static_assert(kGemvRingWarps * kGemvRingStages * 32 * 16 <= 48 * 1024, "static shared-memory limit");
+
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+// The dot products of one 16-byte weight vector (4 repacked words from element e0) with MT rows of x.
+// xrow[i]: row i of the group's int8 x codes (rows past m alias the last valid row; their sums are dropped).
+template <int BITS, int MT>
+__device__ __forceinline__ void ring_consume(const uint4 v, const int8_t* const (&xrow)[MT], int e0, int (&acc)[MT]) {
+  constexpr int kPer = 32 / BITS;
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  if (BITS == 3) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {  // a word pair = 20 codes = 5 int8x4, starting at a multiple of 4
+      uint32_t u[5];
+      expand_pair3(w[2 * p], w[2 * p + 1], u);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int* xr = reinterpret_cast<const int*>(xrow[i] + e0 + 20 * p);
+#pragma unroll
+        for (int t = 0; t < 5; ++t) acc[i] = __dp4a(__ldg(xr + t), static_cast<int>(u[t]), acc[i]);
+      }
+    }
+  } else {
+    constexpr int kE = Expand<BITS>::kE;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      int e[kE];
+      Expand<BITS>::run(w[q], e);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int* xr = reinterpret_cast<const int*>(xrow[i] + e0 + q * kPer);
+#pragma unroll
+        for (int t = 0; t < kE; ++t) acc[i] = __dp4a(__ldg(xr + t), e[t], acc[i]);
+      }
+    }
+  }
+}
+#endif
+
+template <int BITS, int MT>
+__global__ void __launch_bounds__(kGemvRingWarps * 32)
+    gemv_ring_kernel(const int8_t* __restrict__ xq, const int* __restrict__ row_sum, int lda,
+                     const uint32_t* __restrict__ w, int ldw, Epilogue epi) {
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+  __shared__ __align__(16) uint4 ring[kGemvRingWarps][kGemvRingStages][32];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int gwarp = blockIdx.x * kGemvRingWarps + warp;
+  const int nwarps = gridDim.x * kGemvRingWarps;
+  const int m0 = blockIdx.y * MT;
+  const int mt = min(MT, epi.m - m0);
+  const int8_t* xrow[MT];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) xrow[i] = xq + static_cast<size_t>(m0 + min(i, mt - 1)) * lda;  // stay inside xq
+  const int vecs = ldw / 4;                                  // 16-byte vectors per weight row
+  const int per_row = (vecs + 31) / 32;                      // ring steps per row (uniform across lanes)
+  const int rows = gwarp < epi.n ? (epi.n - 1 - gwarp) / nwarps + 1 : 0;
+  const int steps = rows * per_row;
+  uint4* slots = ring[warp][0] + lane;
+  auto issue = [&](int s) {  // step s -> row gwarp + (s / per_row) * nwarps, vector lane + 32 * (s % per_row)
+    const int r = gwarp + (s / per_row) * nwarps;
+    const int vec = lane + 32 * (s % per_row);
+    const bool valid = s < steps && vec < vecs;
+    const uint32_t* src = w + (valid ? static_cast<size_t>(r) * ldw + 4 * vec : 0);
+    cp_async16(slots + (s % kGemvRingStages) * 32, src, valid);
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kGemvRingStages; ++s) issue(s);
+  int acc[MT];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) acc[i] = 0;
+  constexpr int kPer = 32 / BITS;
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait<kGemvRingStages - 1>();  // this lane's step s landed (its own slot: no barrier)
+    const int vec = lane + 32 * (s % per_row);
+    if (vec < vecs) ring_consume<BITS, MT>(slots[(s % kGemvRingStages) * 32], xrow, 4 * vec * kPer, acc);
+    issue(s + kGemvRingStages);  // refill the slot just read (in this thread's program order)
+    if (s % per_row == per_row - 1) {  // row done: reduce across the warp, lane 0 stores
+      const int r = gwarp + (s / per_row) * nwarps;
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int total = warp_sum(acc[i]);
+        acc[i] = 0;
+        if (lane == 0 && i < mt) {
+          store_output(epi, m0 + i, r, total - (1 << (BITS - 1)) * __ldg(row_sum + m0 + i));
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+#else
+  __trap();  // unreachable: lowbit_gemm refuses gemv_ring below sm_80 (qvit_kernel_supported)
+#endif
+}
+
 // ------------------------------------------------------------------ launchers
 //
 // Kernels are launched through cudaLaunchKernel, so each launch reports its OWN status
@@ -1216,6 +1326,32 @@ cudaError_t launch_mma_sync(const LowBitGemmArgs& a, cudaStream_t stream) {
   return launch_mma_tiles<BITS, 128>(a, xq, row_sum, lda, stream);
 }
 
+template <int BITS, int MT>
+cudaError_t launch_gemv_ring_mt(const LowBitGemmArgs& a, const int8_t* xq, const int* row_sum, int lda,
+                                cudaStream_t stream) {
+  // Persistent: about two blocks per SM (or fewer when the layer has fewer rows than warps).
+  const int blocks = min(static_cast<int>(ceil_div(a.n, kGemvRingWarps)), max(2 * sm_count(), 1));
+  const dim3 grid(static_cast<unsigned>(blocks), ceil_div(a.m, MT));
+  return launch(gemv_ring_kernel<BITS, MT>, grid, dim3(kGemvRingWarps * 32), 0, stream, xq, row_sum, lda, a.w,
+                a.ldw, make_epilogue(a));
+}
+
+template <int BITS>
+cudaError_t launch_gemv_ring(const LowBitGemmArgs& a, cudaStream_t stream) {
+  const int lda = repacked_k(a.k, BITS);  // x quantized once: the mma_sync workspace layout
+  int8_t* xq = static_cast<int8_t*>(a.workspace);
+  int* row_sum = reinterpret_cast<int*>(xq + (static_cast<size_t>(a.m) * lda + 255) / 256 * 256);
+  const cudaError_t err = launch(quantize_rows_kernel, dim3(ceil_div(a.m, kQuantRowsPerBlock)),
+                                 dim3(kQuantRowsPerBlock * 32), 0, stream, a.x, a.x_dtype, a.m, a.k, lda, a.act_scale,
+                                 a.act_lo, a.act_hi, xq, row_sum);
+  if (err != cudaSuccess) return err;
+  const int8_t* cxq = xq;
+  const int* crs = row_sum;
+  if (a.m <= 1) return launch_gemv_ring_mt<BITS, 1>(a, cxq, crs, lda, stream);
+  if (a.m <= 2) return launch_gemv_ring_mt<BITS, 2>(a, cxq, crs, lda, stream);
+  return launch_gemv_ring_mt<BITS, kGemvRingMaxMT>(a, cxq, crs, lda, stream);
+}
+
 template <int BITS>
 cudaError_t launch_mma_int4(const LowBitGemmArgs& a, cudaStream_t stream) {
   const int lda = nib_k(a.k) / 8;  // s4 words per activation row
@@ -1265,6 +1401,8 @@ cudaError_t launch_bits(const LowBitGemmArgs& a, int kernel, cudaStream_t stream
       return launch_mma_sync<BITS>(a, stream);
     case QVIT_KERNEL_MMA_INT4:
       return launch_mma_int4<BITS>(a, stream);
+    case QVIT_KERNEL_GEMV_RING:
+      return launch_gemv_ring<BITS>(a, stream);
     case QVIT_KERNEL_A16_TILED: {
       const dim3 tiles(ceil_div(a.n, kTile), ceil_div(a.m, kTile));
       return launch(a16_tiled_kernel<BITS>, tiles, dim3(256), 0, stream, a.x, a.x_dtype, a.w, a.ldw, a.k, a.act_lo,
@@ -1286,6 +1424,7 @@ int rows_per_grid_y(int kernel) {
     case QVIT_KERNEL_A16_GEMV: return 8;
     case QVIT_KERNEL_MMA_SYNC:
     case QVIT_KERNEL_MMA_INT4: return 64;
+    case QVIT_KERNEL_GEMV_RING: return kGemvRingMaxMT;
     default: return kTile;
   }
 }

@@ -70,6 +70,7 @@ size_t qvit_workspace_size(int m, int k, int bits, int kernel) {
       // int8 activations [m, a8_lda(k)], zero-padded.
       return round256(static_cast<size_t>(m) * static_cast<size_t>(qvit::a8_lda(k)));
     case QVIT_KERNEL_MMA_SYNC:
+    case QVIT_KERNEL_GEMV_RING:
       // int8 activations [m, repacked_k(k, bits)] + int32 row sums [m].
       return round256(static_cast<size_t>(m) * static_cast<size_t>(qvit::repacked_k(k, bits))) +
              round256(static_cast<size_t>(m) * sizeof(int));
@@ -86,7 +87,8 @@ int qvit_kernel_supported(int kernel, int cc_major, int cc_minor) {
   const int cc = cc_of(cc_major, cc_minor);
   switch (kernel) {
     case QVIT_KERNEL_MMA_SYNC:
-    case QVIT_KERNEL_MMA_INT4: return cc >= 80;
+    case QVIT_KERNEL_MMA_INT4:
+    case QVIT_KERNEL_GEMV_RING: return cc >= 80;
     case QVIT_KERNEL_A8_MMA: return cc >= 72;
     case QVIT_KERNEL_A8_DP4A:
     case QVIT_KERNEL_GEMV_DP4A: return cc >= 61;
@@ -107,6 +109,7 @@ const char* qvit_kernel_name(int kernel) {
     case QVIT_KERNEL_GEMV_DP4A: return "gemv_dp4a";
     case QVIT_KERNEL_MMA_SYNC: return "mma_sync";
     case QVIT_KERNEL_MMA_INT4: return "mma_int4";
+    case QVIT_KERNEL_GEMV_RING: return "gemv_ring";
     default: return "invalid";
   }
 }

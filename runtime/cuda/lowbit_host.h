@@ -30,7 +30,8 @@
 #define QVIT_KERNEL_GEMV_DP4A 6  // small M: activations quantized once per block, __dp4a on expanded words (sm_61, sm_70+)
 #define QVIT_KERNEL_MMA_SYNC 7   // large M: mma.sync m16n8k32 s8.u8, cp.async pipeline (sm_80+: Ampere, Orin, Ada, Hopper)
 #define QVIT_KERNEL_MMA_INT4 8   // activations <= 4 bits: mma.sync m16n8k64 s4.u4 on nibble-order weights (sm_80+)
-#define QVIT_NUM_KERNELS 9
+#define QVIT_KERNEL_GEMV_RING 9   // small M: x quantized once, persistent grid, per-lane cp.async ring, no barrier (sm_80+)
+#define QVIT_NUM_KERNELS 10
 
 // Largest M the GEMV kernel is chosen for under "auto".
 #define QVIT_GEMV_MAX_M 16

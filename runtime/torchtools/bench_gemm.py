@@ -248,6 +248,8 @@ def _lowbit_rows(torch, gemm_ext, timer, shape, m, x, args, l2):
             variants.append(("a8", x8, gemm_ext.select_kernel(m, n, k, bits, torch.int8)))
         if int4:  # 4-bit activations on the INT4 tensor cores (native sm_80..89, emulated on sm_90)
             variants.append(("a4", x, "mma_int4"))
+        if m <= 16 and torch.cuda.get_device_capability() >= (8, 0):  # persistent cp.async-ring GEMV (W4A8 math)
+            variants.append(("ring", x, "gemv_ring"))
         if args.legacy:
             variants.append(("legacy", x, "a16_gemv" if m <= 16 else "a8_mma"))
         for tag, xin, kernel in variants:

@@ -36,7 +36,7 @@ DTYPE_F32, DTYPE_F16, DTYPE_I8, DTYPE_I32 = 0, 1, 2, 3
 PATHS = {"auto": 0, "a8": 1, "a16": 2, "a4": 3}
 #: Kernels (QVIT_KERNEL_*).
 KERNELS = {"a16_gemv": 1, "a16_tiled": 2, "a8_mma": 3, "a8_dp4a": 4, "a8_int": 5, "gemv_dp4a": 6, "mma_sync": 7,
-           "mma_int4": 8}
+           "mma_int4": 8, "gemv_ring": 9}
 #: Kernels that read the nibble-order weight layout (int4_emu.repack_nib) instead of the expand order.
 NIB_KERNELS = frozenset({"mma_int4"})
 KERNEL_NAMES = {v: k for k, v in KERNELS.items()}
