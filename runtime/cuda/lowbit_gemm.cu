@@ -181,6 +181,51 @@ __global__ void __launch_bounds__(kQuantRowsPerBlock * 32)
   if (lane == 0) row_sum[row] = sum;
 }
 
+// ------------------------------------------------------------------ fused producer: LayerNorm + quantize
+//
+// One warp per row: mean, then the variance around it (two passes over the row: no cancellation),
+// then y = (x - mean) * rstd * gamma + beta quantized like quantize_act (IEEE division, rint,
+// clip) straight into int8 codes and the row sum.  fp32 throughout, like torch's LayerNorm.
+constexpr int kLnRowsPerBlock = 8;
+
+__global__ void __launch_bounds__(kLnRowsPerBlock * 32)
+    layernorm_quant_kernel(const void* __restrict__ x, int x_dtype, int m, int k, const float* __restrict__ gamma,
+                           const float* __restrict__ beta, float eps, float scale, int lo, int hi,
+                           int8_t* __restrict__ codes, int ldq, int* __restrict__ row_sum) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * kLnRowsPerBlock + (threadIdx.x >> 5);
+  if (row >= m) return;
+  const size_t base = static_cast<size_t>(row) * k;
+  float s = 0.0f;
+  for (int c = lane; c < k; c += 32) s += load_float(x, x_dtype, base + c);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  const float mean = s / static_cast<float>(k);
+  float v = 0.0f;
+  for (int c = lane; c < k; c += 32) {
+    const float d = load_float(x, x_dtype, base + c) - mean;
+    v = fmaf(d, d, v);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const float rstd = rsqrtf(v / static_cast<float>(k) + eps);
+  int sum = 0;
+  int8_t* out = codes + static_cast<size_t>(row) * ldq;
+  for (int c = lane; c < ldq; c += 32) {
+    int q = 0;
+    if (c < k) {
+      const float y = fmaf((load_float(x, x_dtype, base + c) - mean) * rstd, gamma != nullptr ? __ldg(gamma + c) : 1.0f,
+                           beta != nullptr ? __ldg(beta + c) : 0.0f);
+      const float r = rintf(__fdiv_rn(y, scale));
+      q = static_cast<int>(fminf(fmaxf(r, static_cast<float>(lo)), static_cast<float>(hi)));
+    }
+    out[c] = static_cast<int8_t>(q);
+    sum += q;
+  }
+  sum = warp_sum(sum);
+  if (lane == 0 && row_sum != nullptr) row_sum[row] = sum;
+}
+
 // ------------------------------------------------------------------ A16 GEMV (small M, no fast int8)
 //
 // Block = 4 warps = 4 output channels, grid.y = groups of MT rows.  Activations are
@@ -1471,6 +1516,20 @@ bool valid_args(const LowBitGemmArgs& a, int kernel) {
 }
 
 }  // namespace
+
+cudaError_t layernorm_quantize(const LayerNormQuantArgs& a, cudaStream_t stream) {
+  if (a.m == 0) return cudaSuccess;
+  if (a.m < 0 || a.k <= 0 || a.x == nullptr || a.codes == nullptr || a.ldq < a.k || (a.ldq & 3) != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.x_dtype != QVIT_DTYPE_F32 && a.x_dtype != QVIT_DTYPE_F16) return cudaErrorInvalidValue;
+  if (a.act_lo > a.act_hi || a.act_lo < -128 || a.act_hi > 127 || !(a.act_scale > 0.0f) || !(a.eps >= 0.0f)) {
+    return cudaErrorInvalidValue;
+  }
+  return launch(layernorm_quant_kernel, dim3(ceil_div(a.m, kLnRowsPerBlock)), dim3(kLnRowsPerBlock * 32), 0, stream,
+                a.x, a.x_dtype, a.m, a.k, a.gamma, a.beta, a.eps, a.act_scale, a.act_lo, a.act_hi, a.codes, a.ldq,
+                a.row_sum);
+}
 
 cudaError_t lowbit_gemm(const LowBitGemmArgs& args, int kernel, cudaStream_t stream) {
   if (args.m == 0) return cudaSuccess;  // before the pointer checks: empty tensors may have null data

@@ -492,6 +492,41 @@ def lowbit_linear_acc(x: Any, packed: Any, bits: Any, act_scale: float, act_lo: 
     return _run(x, prep, act_scale, act_lo, act_hi, path, kernel, DTYPE_I32)
 
 
+# ----------------------------------------------------------------------------- fused producer
+
+def layernorm_quantize_reference(x: Any, weight: Any, bias: Any, eps: float, act_scale: float, act_lo: int,
+                                 act_hi: int) -> tuple:
+    """numpy reference of the fused producer: (int8 codes of clip(rint(LayerNorm(x) / act_scale)), row sums)."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = ((x - mean) / np.sqrt(var + eps) * np.asarray(weight, np.float64) + np.asarray(bias, np.float64))
+    codes = np.clip(qformat.round_half_even((y / np.float64(act_scale)).astype(np.float32)), act_lo, act_hi)
+    return codes.astype(np.int8), codes.astype(np.int64).sum(axis=-1)
+
+
+def layernorm_quantize(x: Any, weight: Any, bias: Any, eps: float, act_scale: float, act_lo: int, act_hi: int) -> tuple:
+    """LayerNorm and the next node's activation quantizer in ONE kernel: ``(codes int8 [..., K], row_sum int32 [...])``.
+
+    The codes feed :func:`lowbit_linear` as an int8 ``x`` (already on the node's grid) -- no separate
+    quantize kernel between the LayerNorm and the low-bit Linear.  K must be a multiple of 4.
+    """
+    check_act_params(act_scale, act_lo, act_hi)
+    if torch is None or not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] % 4:
+        raise LowBitArgumentError("x must be a torch.Tensor [..., K] with K a multiple of 4")
+    if not (eps >= 0):
+        raise LowBitArgumentError("eps must be >= 0, got {}".format(eps))
+    require_cuda()
+    if not x.is_cuda:
+        raise LowBitArgumentError("x must be a CUDA tensor (got device {})".format(x.device))
+    k = x.shape[-1]
+    g = torch.as_tensor(weight, dtype=torch.float32, device=x.device).reshape(k).contiguous()
+    b = torch.as_tensor(bias, dtype=torch.float32, device=x.device).reshape(k).contiguous()
+    codes, sums = load_extension().layernorm_quantize(x.reshape(-1, k).contiguous(), g, b, float(eps),
+                                                      float(act_scale), int(act_lo), int(act_hi))
+    return codes.reshape(x.shape), sums.reshape(x.shape[:-1])
+
+
 # ----------------------------------------------------------------------------- nn.Module
 
 if nn is not None:

@@ -51,7 +51,7 @@ TOOL_UNAVAILABLE = ("Device not supported", "LibraryNotLoaded", "Target applicat
                     "error while loading shared libraries", "No such file or directory")
 #: The cuda-marked test files (bit-exactness of every kernel, the INT4 path, its CPU emulation).
 CUDA_TESTS = ("tests/test_cuda_kernels.py", "tests/test_cuda_int4.py", "tests/test_cuda_gemv_ring.py",
-              "tests/test_mma_int4.py")
+              "tests/test_cuda_producer.py", "tests/test_mma_int4.py")
 #: bench_gemm rows: batch-1 GEMV sizes, M = 197 (DeiT-S batch 1), 197 x 8 and 197 x 32.
 BENCH_M = ("1", "16", "197", "1576", "6304")
 #: End-to-end DeiT-S variants (weight bits x activation bits) next to FP16.
