@@ -87,20 +87,21 @@ def repack_nib(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
     blocks = -(-k // NIB_BLOCK_K)
     full = np.full((-(-n // 64) * 64, blocks * NIB_BLOCK_K), -qformat.qrange(bits)[0], np.int64)
     full[:n, :k] = codes
-    bw = NIB_BLOCK_WORDS[bits]
-    out = np.zeros((full.shape[0], blocks * bw), np.uint64)
-    for e in range(full.shape[1]):
-        blk, q, j = e // NIB_BLOCK_K, (e % NIB_BLOCK_K) >> 3, e & 7
-        code = full[:, e].astype(np.uint64)
-        base = blk * bw
-        if bits == 4:
-            out[:, base + q] |= code << np.uint64(4 * j)
-        elif bits == 2:
-            out[:, base + (q >> 1)] |= code << np.uint64(4 * j + 2 * (q & 1))
-        else:
-            g, r = q >> 2, q & 3
-            out[:, base + 3 * g + (r >> 1)] |= (code & np.uint64(3)) << np.uint64(4 * j + 2 * (r & 1))
-            out[:, base + 3 * g + 2] |= ((code >> np.uint64(2)) & np.uint64(1)) << np.uint64(4 * j + r)
+    rows = full.shape[0]
+    c = full.astype(np.uint64)
+    j4 = np.uint64(4) * np.arange(8, dtype=np.uint64)  # nibble j of a u4 register
+    if bits == 4:  # word q = elements 8q .. 8q+7, element j in nibble j
+        out = (c.reshape(rows, -1, 8) << j4).sum(axis=2)
+    elif bits == 2:  # word p of a block: element 16p + 8h + j at bits 4j + 2h
+        shift = j4[None, :] + np.uint64(2) * np.arange(2, dtype=np.uint64)[:, None]
+        out = (c.reshape(rows, blocks, 8, 2, 8) << shift).sum(axis=(3, 4)).reshape(rows, -1)
+    else:  # per 32 elements g (q = 4g + r): low 2 bits in words 3g + r // 2 at 4j + 2 (r % 2), high bit in 3g + 2
+        c5 = c.reshape(rows, blocks, 4, 2, 2, 8)
+        shift = j4[None, :] + np.uint64(2) * np.arange(2, dtype=np.uint64)[:, None]
+        lo = ((c5 & np.uint64(3)) << shift).sum(axis=(4, 5))
+        hbit = ((c.reshape(rows, blocks, 4, 4, 8) >> np.uint64(2)) & np.uint64(1))
+        hi = (hbit << (j4[None, :] + np.arange(4, dtype=np.uint64)[:, None])).sum(axis=(3, 4))
+        out = np.concatenate([lo, hi[..., None]], axis=3).reshape(rows, -1)
     return out.astype(np.uint32)
 
 
