@@ -40,6 +40,7 @@ def test_summary_has_steps_tables_and_e2e(tmp_path):
     check.record("sanitizer racecheck", "FAILED", 3.0, "exit 3 (see tools.log)")
     (tmp_path / "bench_gemm.json").write_text(json.dumps({"markdown": "| layer | M |", "copy_gbps": 3000.0}))
     e2e = {"model": "deit_s", "modes": ["w4a8", "w4a4"], "logit_cosine": {"w4a8": 0.99, "w4a4": 0.9},
+           "int4_path_identical": {"w4a4": True},
            "batches": {"1": {"fp16": {"eager": 500.0, "graph": 900.0}, "w4a8": {"eager": 400.0, "graph": 950.0},
                              "w4a4": {"eager": 300.0, "graph": 450.0}}}}
     (tmp_path / "bench_e2e.json").write_text(json.dumps({"e2e": e2e}))
@@ -47,7 +48,7 @@ def test_summary_has_steps_tables_and_e2e(tmp_path):
     assert "| sanitizer racecheck | FAILED | 3.0 | exit 3 (see tools.log) |" in text
     assert "| layer | M |" in text and "3000 GB/s" in text
     assert "| 1 | 500 | 900 | 400 | 950 (1.06x) | 300 | 450 (0.50x) |" in text
-    assert "PROJECTION" in text and "IMMA.16864" in text
+    assert "PROJECTION" in text and "IMMA.16864" in text and "identical to auto: w4a4 yes" in text
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["steps"][1]["status"] == "FAILED"
     assert saved["e2e"]["modes"] == ["w4a8", "w4a4"] and all(r["projection"] for r in saved["orin_projection"])

@@ -192,3 +192,64 @@ def test_int4_kernel_selection_and_workspace(host_lib):
     kid = sel(197, 384, 384, 4, 1, 3, 9, 0, -8, 7)
     assert host_lib.qvit_workspace_size(197, 390, 4, kid) == -(-197 * 256 // 256) * 256 + -(-197 * 4 // 256) * 256
     assert host_lib.qvit_weight_words(390, 3, kid) == 4 * 12 and host_lib.qvit_weight_words(390, 4, 7) == 56
+
+
+RING_SRC = r"""
+#include <cstdio>
+#include <vector>
+#include "qvit_gemv_ring.h"
+using namespace qvit;
+int main() {
+  // (n rows, vecs per row, grid warps): tails, fewer rows than warps, many rows per warp
+  const int cases[][3] = {{1, 1, 16}, {37, 5, 16}, {8192, 256, 2112}, {130, 33, 64}, {5, 64, 8}, {1536, 24, 2112}};
+  int bad = 0, stores = 0, rows_total = 0;
+  for (const auto& c : cases) {
+    const int n = c[0], vecs = c[1], nwarps = c[2];
+    std::vector<int> seen(static_cast<size_t>(n) * vecs, 0);
+    const int per_row = ring_steps_per_row(vecs);
+    for (int gw = 0; gw < nwarps; ++gw) {
+      const int steps = ring_rows(n, gw, nwarps) * per_row;
+      for (int s = 0; s < steps; ++s) stores += ring_row_done(s, per_row);  // one reduction + store per row
+      for (int s = 0; s < steps + 8; ++s) {  // + the ring's prefetch past the end (must read nothing)
+        for (int lane = 0; lane < 32; ++lane) {
+          const RingPos p = ring_step(s, steps, per_row, vecs, gw, nwarps, lane);
+          if (p.valid) {
+            const bool inside = p.row >= 0 && p.row < n && p.vec >= 0 && p.vec < vecs;
+            if (inside) ++seen[static_cast<size_t>(p.row) * vecs + p.vec]; else ++bad;
+          }
+        }
+      }
+    }
+    for (int v : seen) bad += v != 1;
+    rows_total += n;
+  }
+  std::printf("{\"bad\": %d, \"stores\": %d, \"rows\": %d}\n", bad, stores, rows_total);
+  return 0;
+}
+"""
+
+
+def test_gemv_ring_reads_every_weight_vector_exactly_once(tmp_path):
+    """gemv_ring's work assignment (qvit_gemv_ring.h, what the kernel calls): across all warps and lanes,
+    every (row, 16-byte vector) is read exactly once, the prefetch past a warp's last step reads nothing."""
+    if GXX is None:
+        pytest.skip("needs g++")
+    (tmp_path / "ring.cpp").write_text(RING_SRC)
+    _run([GXX, "-std=c++14", "-O1", "-Wall", "-Wextra", "-Werror", "-I", CUDA_DIR, str(tmp_path / "ring.cpp"), "-o",
+          str(tmp_path / "ring")])
+    res = json.loads(_run([str(tmp_path / "ring")]))
+    assert res["bad"] == 0 and res["stores"] == res["rows"]
+
+
+def test_gemv_ring_kernel_uses_the_tested_assignment():
+    """The kernel's inline work assignment is, expression for expression, the one tested above."""
+    with open(os.path.join(CUDA_DIR, "lowbit_gemm.cu")) as f:
+        kernel = f.read()
+    kernel = kernel[kernel.index("gemv_ring_kernel("):]
+    with open(os.path.join(CUDA_DIR, "qvit_gemv_ring.h")) as f:
+        header = f.read()
+    for expr in ("(vecs + 31) / 32", "(n - 1 - gwarp) / nwarps + 1", "gwarp + (s / per_row) * nwarps",
+                 "lane + 32 * (s % per_row)", "s % per_row == per_row - 1"):
+        assert expr in header, expr
+        assert expr.replace("(n - 1", "(epi.n - 1") in kernel, expr
+    assert "s < steps && vec < vecs" in kernel and "s < steps && vec < vecs" in header

@@ -1211,7 +1211,7 @@ __global__ void __launch_bounds__(kGemvRingWarps * 32)
   const int rows = gwarp < epi.n ? (epi.n - 1 - gwarp) / nwarps + 1 : 0;
   const int steps = rows * per_row;
   uint4* slots = ring[warp][0] + lane;
-  auto issue = [&](int s) {  // step s -> row gwarp + (s / per_row) * nwarps, vector lane + 32 * (s % per_row)
+  auto issue = [&](int s) {  // qvit_gemv_ring.h ring_step: step s -> row and vector of this lane
     const int r = gwarp + (s / per_row) * nwarps;
     const int vec = lane + 32 * (s % per_row);
     const bool valid = s < steps && vec < vecs;

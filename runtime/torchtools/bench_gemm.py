@@ -382,6 +382,20 @@ def _img_per_s(torch, model, batch, timer):
     return {"eager": batch / (eager * 1e-3), "graph": batch / (graph * 1e-3) if graph else None}
 
 
+def _int4_identical(torch, gemm_ext, model, sample, y_auto):
+    """Every low-bit Linear forced onto mma_int4 (path a4): bit-identical logits to the auto kernels (both exact,
+    same epilogue) -- W4A4 / W2A2 end to end on the INT4 path, also where it is emulated (sm_90)."""
+    mods = [m for m in model.modules() if isinstance(m, gemm_ext.LowBitLinearCUDA)]
+    saved = [m.path for m in mods]
+    for m in mods:
+        m.path = "a4"
+    try:
+        return bool(torch.equal(model(sample), y_auto))
+    finally:
+        for m, p in zip(mods, saved):
+            m.path = p
+
+
 def run_model_e2e(torch, args):
     """img/s of a timm DeiT in FP16 and with its block Linears on the low-bit kernels, per WxAy mode."""
     try:
@@ -405,7 +419,10 @@ def run_model_e2e(torch, args):
         low.load_state_dict(fp16.state_dict())
         low = _calibrated_lowbit(torch, gemm_ext, low, wb, sample, ab)
         with torch.no_grad():
-            out["logit_cosine"][name] = float(torch.nn.functional.cosine_similarity(ref, low(sample).float()).mean())
+            y_low = low(sample)
+            out["logit_cosine"][name] = float(torch.nn.functional.cosine_similarity(ref, y_low.float()).mean())
+            if ab <= 4 and torch.cuda.get_device_capability() >= (8, 0):  # the whole model on the INT4 kernels:
+                out.setdefault("int4_path_identical", {})[name] = _int4_identical(torch, gemm_ext, low, sample, y_low)
         hi = (1 << (ab - 1)) - 1
         out["kernels"][name] = gemm_ext.select_kernel(197, 384, 384, wb, torch.float16, act_lo=-hi - 1, act_hi=hi)
         for b in (1, 32):
@@ -418,8 +435,11 @@ def format_e2e(e2e):
     """Markdown table: img/s per batch, FP16 and every mode (eager / CUDA graph), x = mode graph / FP16 graph."""
     modes = e2e.get("modes") or ["lowbit"]
     cos = e2e["logit_cosine"] if isinstance(e2e["logit_cosine"], dict) else {"lowbit": e2e["logit_cosine"]}
-    lines = ["{} end to end, img/s, random weights (structure and speed only); logits cosine vs FP16: {}".format(
-        e2e["model"], ", ".join("{} {:.3f}".format(md, cos.get(md, float("nan"))) for md in modes)), "",
+    same = e2e.get("int4_path_identical") or {}
+    lines = ["{} end to end, img/s, random weights (structure and speed only); logits cosine vs FP16: {}{}".format(
+        e2e["model"], ", ".join("{} {:.3f}".format(md, cos.get(md, float("nan"))) for md in modes),
+        "; logits on the INT4 kernels identical to auto: " + ", ".join(
+            "{} {}".format(md, "yes" if v else "NO") for md, v in sorted(same.items())) if same else ""), "",
         "| batch | FP16 eager | FP16 graph | " + " | ".join("{m} eager | {m} graph".format(m=md) for md in modes)
         + " |",
         "|---" * (3 + 2 * len(modes)) + "|"]
