@@ -88,6 +88,46 @@ def project(device, model, bits, batch=1):
             "img_s": batch / t, "bound": "compute" if batch * t_compute >= t_weights else "weights"}
 
 
+#: Tensor-core math per precision on Orin (sm_87, Ampere-class): dense rate relative to the INT8 peak in
+#: DEVICES, the weight / activation bits, and the instructions per m16n8k64 step the kernels issue there
+#: (SASS of lowbit_gemm.cu for sm_87, tests/test_cuda_build.py::test_int4_kernel_sass: one native
+#: IMMA.16864.S4.U4 for W4A4 -- sm_90 would emulate it; two IMMA.16832.S8.U8 for INT8; FP16 HMMA at half
+#: the INT8 rate).  W4A4 also stands for W3A3 / W2A2 (same INT4 instruction, codes widened in registers).
+PRECISIONS = (
+    ("W4A4 (INT4 mma, this project)", 2.0, 4, "1 x IMMA.16864.S4.U4 per m16n8k64"),
+    ("W8A8 (INT8, TensorRT)", 1.0, 8, "2 x IMMA.16832.S8.U8 per m16n8k64"),
+    ("FP16 (TensorRT)", 0.5, 16, "4 x HMMA.16816.F32.F16 per m16n8k64"),
+)
+
+
+def precision_rows(devices=("orin_nano_8gb", "orin_agx_64gb"), model="deit_s", batches=(1, 32)):
+    """PROJECTION: DeiT roofline img/s on Orin per tensor-core precision (W4A4 vs INT8 vs FP16)."""
+    rows = []
+    for dev in devices:
+        d = DEVICES[dev]
+        for name, rate, bits, mix in PRECISIONS:
+            macs, wbytes, _ = footprint(model, bits, edge_bits=min(bits, 8) if bits < 16 else 16)
+            t_compute = 2.0 * macs / (d["ops"] * rate)
+            t_weights = wbytes / d["bw"]
+            for batch in batches:
+                t = max(batch * t_compute, t_weights)
+                rows.append({"device": dev, "model": model, "precision": name, "instructions": mix, "batch": batch,
+                             "img_s": batch / t, "bound": "compute" if batch * t_compute >= t_weights else "weights",
+                             "projection": True})
+    return rows
+
+
+def precision_markdown(rows=None):
+    rows = rows if rows is not None else precision_rows()
+    lines = ["PROJECTION (roofline from datasheet peaks and the kernels' instruction mix, NOT measured; GEMM "
+             "math only, kernel efficiency, attention, LayerNorm and activation traffic ignored):", "",
+             "| device | precision | instructions | batch | img/s (bound) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| {} | {} | {} | {} | {:.0f} ({}) |".format(DEVICES[r["device"]]["name"], r["precision"],
+                                                                r["instructions"], r["batch"], r["img_s"], r["bound"]))
+    return "\n".join(lines) + "\n"
+
+
 def table(batches=(1, 8)):
     return [project(dev, m, b, bs) for dev in DEVICES for m in MODELS for b in BITS for bs in batches]
 

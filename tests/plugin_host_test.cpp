@@ -75,9 +75,15 @@ struct FakeBuilder : nvinfer1::IExprBuilder {};
 
 namespace {
 int g_mallocs = 0;
+int g_memcpys = 0;
+// Set while onShapeChange / enqueue run: any cudaMalloc / cudaMemcpy then is a call that a CUDA
+// graph capture would reject (counted, checked to stay 0).
+bool g_in_hot_path = false;
+int g_hot_path_calls = 0;
 std::map<void*, size_t> g_live;
+int g_cc_major = 8, g_cc_minor = 7;  // Orin unless a check says otherwise
 struct Call {
-  int m, n, k, bits, x_dtype, y_dtype, ldy, kernel;
+  int m, n, k, bits, x_dtype, y_dtype, ldy, kernel, ldw;
   std::vector<int> col_map;
 };
 std::vector<Call> g_calls;
@@ -89,13 +95,14 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrComputeCapabilityMajor ? 8 : 7;  // Orin
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? g_cc_major : g_cc_minor;
   return cudaSuccess;
 }
 cudaError_t cudaMalloc(void** p, size_t bytes) {
   *p = std::malloc(bytes ? bytes : 1);
   g_live[*p] = bytes;
   ++g_mallocs;
+  g_hot_path_calls += g_in_hot_path;
   return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
@@ -107,6 +114,8 @@ cudaError_t cudaFree(void* p) {
 }
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
   std::memcpy(dst, src, bytes);
+  ++g_memcpys;
+  g_hot_path_calls += g_in_hot_path;
   return cudaSuccess;
 }
 const char* cudaGetErrorString(cudaError_t) { return "fake cuda error"; }
@@ -114,7 +123,7 @@ const char* cudaGetErrorString(cudaError_t) { return "fake cuda error"; }
 
 namespace qvit {
 cudaError_t lowbit_gemm(const LowBitGemmArgs& a, int kernel, cudaStream_t) {
-  Call c{a.m, a.n, a.k, a.bits, a.x_dtype, a.y_dtype, a.ldy, kernel, {}};
+  Call c{a.m, a.n, a.k, a.bits, a.x_dtype, a.y_dtype, a.ldy, kernel, a.ldw, {}};
   if (a.col_map != nullptr) c.col_map.assign(a.col_map, a.col_map + a.n);
   g_calls.push_back(c);
   return cudaSuccess;
@@ -297,7 +306,7 @@ int main() {
   check("output_shape", rc == 0 && out.nbDims == 3 && out.d[1] == in.d[1] &&
                             static_cast<FakeExpr const*>(out.d[2])->value == node.n);
 
-  // Workspace for the profile's largest shape, enqueue only after onShapeChange, one launch per width.
+  // Workspace for the profile's largest shape.
   nvinfer1::DynamicPluginTensorDesc din = dyn(desc(DT::kHALF, {2, 197, 70}));
   nvinfer1::DynamicPluginTensorDesc dout = dyn(desc(DT::kHALF, {2, 197, 10}));
   const size_t ws = build->getWorkspaceSize(&din, 1, &dout, 1);
@@ -306,9 +315,21 @@ int main() {
   std::vector<char> buf(1 << 16);
   const void* ins[1] = {buf.data()};
   void* outs[1] = {buf.data()};
+
+  // Build phase: a build-phase plugin has no device weights until configurePlugin; onShapeChange
+  // and enqueue never create them (they fail instead, allocating nothing).
   const int before = g_mallocs;
-  check("enqueue_before_shape_change_fails", run->enqueue(&tin, &tout, ins, outs, buf.data(), nullptr) != 0 &&
-                                                 g_mallocs == before);
+  g_in_hot_path = true;
+  check("enqueue_before_weights_fails", run->enqueue(&tin, &tout, ins, outs, buf.data(), nullptr) != 0);
+  check("shape_change_before_weights_fails", run->onShapeChange(&tin, 1, &tout, 1) != 0);
+  g_in_hot_path = false;
+  check("enqueue_before_shape_change_fails", g_mallocs == before);
+  nvinfer1::IPluginV3* early_clone = plugin->clone();  // cloned before configurePlugin: shares the slot
+  check("configure_creates_weights", build->configurePlugin(&din, 1, &dout, 1) == 0 && g_mallocs > before);
+  const int build_allocs = g_mallocs;
+  check("configure_twice_allocates_nothing", build->configurePlugin(&din, 1, &dout, 1) == 0 && g_mallocs == build_allocs);
+  const int copies = g_memcpys;
+  g_in_hot_path = true;
   check("on_shape_change", run->onShapeChange(&tin, 1, &tout, 1) == 0);
   g_calls.clear();
   check("enqueue", run->enqueue(&tin, &tout, ins, outs, buf.data(), nullptr) == 0);
@@ -316,13 +337,131 @@ int main() {
   nvinfer1::IPluginV3* clone = plugin->clone();
   auto* crun = static_cast<nvinfer1::IPluginV3OneRuntime*>(clone->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
   g_calls.clear();
-  const int allocs = g_mallocs;
-  check("clone_shares_device_weights", crun->enqueue(&tin, &tout, ins, outs, buf.data(), nullptr) == 0 &&
-                                           g_calls.size() == 3 && g_mallocs == allocs);
+  check("clone_shares_device_weights", crun->onShapeChange(&tin, 1, &tout, 1) == 0 &&
+                                           crun->enqueue(&tin, &tout, ins, outs, buf.data(), nullptr) == 0 &&
+                                           g_calls.size() == 3);
   nvinfer1::PluginTensorDesc one = desc(DT::kFLOAT, {1, 70}), one_out = desc(DT::kFLOAT, {1, 10});
   g_calls.clear();
-  check("m1_uses_gemv", run->enqueue(&one, &one_out, ins, outs, buf.data(), nullptr) == 0 && g_calls.size() == 3 &&
+  check("m1_uses_gemv", run->onShapeChange(&one, 1, &one_out, 1) == 0 &&
+                            run->enqueue(&one, &one_out, ins, outs, buf.data(), nullptr) == 0 && g_calls.size() == 3 &&
                             g_calls[0].kernel == QVIT_KERNEL_GEMV_DP4A);
+  auto* erun = static_cast<nvinfer1::IPluginV3OneRuntime*>(early_clone->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
+  nvinfer1::IPluginV3* early_ctx = erun->attachToContext(nullptr);  // the early clone sees the same weights
+  g_in_hot_path = false;
+  check("early_clone_shares_device_weights", early_ctx != nullptr && g_mallocs == build_allocs);
+  check("no_alloc_or_copy_in_shape_change_or_enqueue", g_hot_path_calls == 0 && g_mallocs == build_allocs &&
+                                                           g_memcpys == copies);
+
+  // Runtime phase (deserialization): the weights are created once in createPlugin(kRUNTIME);
+  // every execution context's attachToContext clone shares them and allocates nothing.
+  const int before_runtime = g_mallocs;
+  nvinfer1::IPluginV3* engine_layer = creator->createPlugin("qkv", sfc, nvinfer1::TensorRTPhase::kRUNTIME);
+  const int runtime_allocs = g_mallocs;
+  check("deserialize_creates_weights_once", engine_layer != nullptr && runtime_allocs > before_runtime);
+  auto* lrun = static_cast<nvinfer1::IPluginV3OneRuntime*>(engine_layer->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
+  std::vector<nvinfer1::IPluginV3*> contexts;
+  for (int c = 0; c < 3; ++c) contexts.push_back(lrun->attachToContext(nullptr));
+  bool ctx_ok = g_mallocs == runtime_allocs;
+  g_in_hot_path = true;
+  for (nvinfer1::IPluginV3* ctx : contexts) {
+    auto* r = ctx != nullptr ? static_cast<nvinfer1::IPluginV3OneRuntime*>(ctx->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME)) : nullptr;
+    g_calls.clear();
+    ctx_ok = ctx_ok && r != nullptr && r->onShapeChange(&tin, 1, &tout, 1) == 0 &&
+             r->enqueue(&tin, &tout, ins, outs, buf.data(), nullptr) == 0 && g_calls.size() == 3;
+  }
+  g_in_hot_path = false;
+  check("contexts_share_engine_weights", ctx_ok && g_mallocs == runtime_allocs && g_hot_path_calls == 0);
+  value("device_allocations_per_engine_layer", runtime_allocs - before_runtime);
+  const size_t live_with_engine = g_live.size();
+  for (nvinfer1::IPluginV3* ctx : contexts) delete ctx;
+  delete engine_layer;
+  check("weights_freed_with_last_owner", g_live.size() < live_with_engine);
+
+  // The serialized fields carry a format version; a version this plugin cannot read is refused.
+  const nvinfer1::PluginField* vf = nullptr;
+  for (int i = 0; i < sfc->nbFields; ++i) {
+    if (std::strcmp(sfc->fields[i].name, "qvit_fields_version") == 0) vf = &sfc->fields[i];
+  }
+  check("fields_carry_version", vf != nullptr && vf->type == nvinfer1::PluginFieldType::kINT32 &&
+                                    *static_cast<const int32_t*>(vf->data) == 1);
+  std::vector<nvinfer1::PluginField> vfields(sfc->fields, sfc->fields + sfc->nbFields);
+  auto with_version = [&](const int32_t* v) {
+    std::vector<nvinfer1::PluginField> f;
+    for (const nvinfer1::PluginField& x : vfields) {
+      if (std::strcmp(x.name, "qvit_fields_version") != 0) f.push_back(x);
+    }
+    if (v != nullptr) f.push_back({"qvit_fields_version", v, nvinfer1::PluginFieldType::kINT32, 1});
+    nvinfer1::PluginFieldCollection c{static_cast<int32_t>(f.size()), f.data()};
+    nvinfer1::IPluginV3* p = creator->createPlugin("qkv", &c, nvinfer1::TensorRTPhase::kRUNTIME);
+    const bool made = p != nullptr;
+    delete p;
+    return made;
+  };
+  const int32_t v0 = 0, v1 = 1, v2 = 2;
+  check("fields_version_checked", with_version(&v1) && !with_version(&v2) && !with_version(&v0));
+  check("unversioned_fields_read_as_version_1", with_version(nullptr));
+
+  // Hostile sizes: rejected before any size arithmetic or allocation (no overflow, no 8 GB bias).
+  const int32_t huge = 2147483647, neg = -5;
+  auto hostile = [&](int attr, const int32_t* v) {
+    Node h(false);
+    h.fields[static_cast<size_t>(attr)].data = v;
+    nvinfer1::PluginFieldCollection c = h.collection();
+    const int allocs = g_mallocs;
+    nvinfer1::IPluginV3* p = creator->createPlugin("h", &c, nvinfer1::TensorRTPhase::kBUILD);
+    const bool refused = p == nullptr && g_mallocs == allocs;
+    delete p;
+    return refused;
+  };
+  check("hostile_sizes_rejected", hostile(qvit::kAttrInFeatures, &huge) && hostile(qvit::kAttrOutFeatures, &huge) &&
+                                      hostile(qvit::kAttrInFeatures, &neg) && hostile(qvit::kAttrOutFeatures, &neg));
+  Node hb(false);
+  hb.fields.erase(hb.fields.begin() + qvit::kAttrBias);  // bias defaults to out_features zeros...
+  hb.fields[qvit::kAttrOutFeatures].data = &huge;         // ...which must not be sized by a hostile value
+  nvinfer1::PluginFieldCollection hbc = hb.collection();
+  check("hostile_out_features_without_bias_rejected",
+        creator->createPlugin("h", &hbc, nvinfer1::TensorRTPhase::kBUILD) == nullptr);
+  Node hg(true);
+  hg.group_size = huge;
+  nvinfer1::PluginFieldCollection hgc = hg.collection();
+  check("hostile_group_size_rejected", creator->createPlugin("h", &hgc, nvinfer1::TensorRTPhase::kBUILD) == nullptr);
+
+  // A4 grid ([-8, 7]) on Orin: the INT4 tensor-core kernel on the nibble-order weights (built once
+  // with the others); on Hopper (INT4 emulated) and for M <= 16 the int8 kernels.
+  auto int4_dispatch = [&](int cc_major, int cc_minor, int m) {
+    g_cc_major = cc_major;
+    g_cc_minor = cc_minor;
+    Node a4(true);
+    a4.lo = -8;
+    a4.hi = 7;
+    a4.act_bits = 4;
+    nvinfer1::PluginFieldCollection c = a4.collection();
+    nvinfer1::IPluginV3* p = creator->createPlugin("a4", &c, nvinfer1::TensorRTPhase::kBUILD);
+    auto* b = static_cast<nvinfer1::IPluginV3OneBuild*>(p->getCapabilityInterface(nvinfer1::PluginCapabilityType::kBUILD));
+    auto* r = static_cast<nvinfer1::IPluginV3OneRuntime*>(p->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
+    nvinfer1::PluginTensorDesc i4 = desc(DT::kHALF, {m, 70}), o4 = desc(DT::kHALF, {m, 10});
+    g_calls.clear();
+    const bool ran = b->configurePlugin(&din, 1, &dout, 1) == 0 && r->onShapeChange(&i4, 1, &o4, 1) == 0 &&
+                     r->enqueue(&i4, &o4, ins, outs, buf.data(), nullptr) == 0 && g_calls.size() == 3;
+    std::vector<Call> calls = g_calls;
+    delete p;
+    g_cc_major = 8;
+    g_cc_minor = 7;
+    return ran ? calls : std::vector<Call>();
+  };
+  bool int4_ok = true;
+  for (const Call& c : int4_dispatch(8, 7, 197)) {
+    int4_ok = int4_ok && c.kernel == QVIT_KERNEL_MMA_INT4 && c.ldw == qvit_nib_words(70, c.bits);
+  }
+  check("a4_grid_on_orin_uses_int4_tensor_cores", int4_ok && int4_dispatch(8, 7, 197).size() == 3);
+  const std::vector<Call> hopper = int4_dispatch(9, 0, 197);
+  check("a4_grid_on_hopper_keeps_mma_sync", hopper.size() == 3 && hopper[0].kernel == QVIT_KERNEL_MMA_SYNC &&
+                                                hopper[0].ldw == qvit_repacked_words(70, hopper[0].bits));
+  const std::vector<Call> small = int4_dispatch(8, 7, 4);
+  check("a4_grid_small_m_uses_gemv", small.size() == 3 && small[0].kernel == QVIT_KERNEL_GEMV_DP4A);
+
+  delete early_ctx;
+  delete early_clone;
   delete clone;
   delete again;
   delete alt_plugin;

@@ -81,6 +81,7 @@ int main() {
               repack_word_align(2), repack_word_align(3), repack_word_align(4));
   std::printf("\"dtypes\": [%d, %d, %d, %d], \"paths\": [%d, %d, %d],", QVIT_DTYPE_F32, QVIT_DTYPE_F16,
               QVIT_DTYPE_I8, QVIT_DTYPE_I32, QVIT_PATH_AUTO, QVIT_PATH_A8, QVIT_PATH_A16);
+  std::printf("\"path_a4\": %d,", QVIT_PATH_A4);
   std::printf("\"kernels\": {");
   for (int k = 1; k < QVIT_NUM_KERNELS; ++k) std::printf("%s\"%s\": %d", k > 1 ? ", " : "", qvit_kernel_name(k), k);
   std::printf("}}\n");
@@ -118,6 +119,7 @@ def test_python_codes_match_host_header(format_dump):
     assert f["kernels"] == gemm_ext.KERNELS
     assert f["dtypes"] == [gemm_ext.DTYPE_F32, gemm_ext.DTYPE_F16, gemm_ext.DTYPE_I8, gemm_ext.DTYPE_I32]
     assert f["paths"] == [gemm_ext.PATHS["auto"], gemm_ext.PATHS["a8"], gemm_ext.PATHS["a16"]]
+    assert f["path_a4"] == gemm_ext.PATHS["a4"]
     assert f["repack"][:2] == [gemm_ext.REPACK_ROW_ALIGN, gemm_ext.REPACK_K_ALIGN]
     assert {int(b): a for b, a in f["repack"][2].items()} == gemm_ext.REPACK_WORD_ALIGN
 
@@ -273,6 +275,30 @@ def test_kernel_selection_rejects_bad_args(host_lib):
     assert host_lib.qvit_kernel_name(0).decode() == "invalid"
 
 
+@pytest.mark.parametrize("kernel,cc_ok,cc_not", [
+    ("mma_sync", (8, 0), (7, 5)), ("mma_sync", (8, 7), (7, 2)), ("a8_mma", (7, 2), (7, 0)),
+    ("a8_dp4a", (6, 1), (5, 3)), ("gemv_dp4a", (7, 0), (5, 3)), ("a16_tiled", (5, 3), (4, 0)),
+    ("mma_int4", (8, 7), (7, 5)), ("gemv_ring", (8, 0), (7, 5)),
+])
+def test_kernel_supported_per_arch(host_lib, kernel, cc_ok, cc_not):
+    """lowbit_gemm refuses a kernel forced onto a device without its instructions (cudaErrorNotSupported,
+    nothing launched) instead of a device-side __trap()."""
+    kid = gemm_ext.KERNELS[kernel]
+    assert host_lib.qvit_kernel_supported(kid, *cc_ok) == 1
+    assert host_lib.qvit_kernel_supported(kid, *cc_not) == 0
+    assert host_lib.qvit_kernel_supported(0, 9, 0) == 0
+
+
+def test_lowbit_gemm_checks_arch_and_pair_alignment():
+    """The launcher asks the device's compute capability before launching, and the paired epilogue
+    stores check y's own alignment, not only the row stride."""
+    with open(KERNELS_CU) as f:
+        src = f.read()
+    body = src[src.index("cudaError_t lowbit_gemm("):]
+    assert "qvit_kernel_supported(kernel, cc_major, cc_minor)" in body and "cudaErrorNotSupported" in body
+    assert "reinterpret_cast<uintptr_t>(a.y) & (pair_bytes - 1)" in src and "epi.pairs && col + 1 < epi.n" in src
+
+
 def test_workspace_size(host_lib):
     a8 = gemm_ext.KERNELS["a8_mma"]
     assert host_lib.qvit_workspace_size(197, 384, 4, a8) == 296 * 256  # 197 * 384 = 75648 -> multiple of 256
@@ -321,6 +347,18 @@ def test_plugin_front_end_runs_on_the_host(tmp_path, trt_major):
         assert res[key] is True, key
     if trt_major >= 10:
         assert res["create_from_int64_float64_fields"] and res["enqueue_before_shape_change_fails"]
+        # the lifecycle TensorRT can capture: weights once per engine layer, nothing allocated or
+        # copied in onShapeChange / enqueue, clones and contexts share; versioned, bounded fields
+        for key in ("configure_creates_weights", "no_alloc_or_copy_in_shape_change_or_enqueue",
+                    "early_clone_shares_device_weights", "deserialize_creates_weights_once",
+                    "contexts_share_engine_weights", "weights_freed_with_last_owner", "fields_carry_version",
+                    "fields_version_checked", "unversioned_fields_read_as_version_1", "hostile_sizes_rejected",
+                    "hostile_out_features_without_bias_rejected", "hostile_group_size_rejected",
+                    "a4_grid_on_orin_uses_int4_tensor_cores", "a4_grid_on_hopper_keeps_mma_sync",
+                    "a4_grid_small_m_uses_gemv"):
+            assert res[key] is True, key
+        # every attribute but the informational plugin_version / plugin_namespace, + the format version
+        assert res["serialized_fields"] == len(qformat.LOWBIT_ATTRS) - 2 + 1
     else:
         assert res["version1_blob_accepted"] and res["enqueue_before_initialize_fails"]
 
@@ -382,7 +420,7 @@ def test_shim_is_labelled_and_unused_by_real_build():
 
 # ----------------------------------------------------------------------------- nvcc
 
-NVCC_ARCHS = ("75", "87", "90", "110")  # 110: Jetson Thor (CUDA 13 spelling; sm_101 before)
+NVCC_ARCHS = ("75", "87", "90", "110")  # Turing (no INT4 mma), Orin (native INT4), Hopper (INT4 emulated), Thor
 
 
 @pytest.fixture(scope="session", params=NVCC_ARCHS)
@@ -417,6 +455,76 @@ def test_int8_tensor_core_and_dp4a_emitted(nvcc_build):
     assert has_mma == (int(nvcc_build["arch"]) >= 80)
     if has_mma:
         assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in ptx and "cp.async.cg.shared.global" in ptx
+    assert ("mma.sync.aligned.m16n8k64.row.col.s32.s4.u4.s32" in ptx) == has_mma  # the INT4 path
+
+
+def _sass_tools():
+    """cuobjdump (+ the nvdisasm it runs for -sass): on PATH, or from the pip packages nvidia-cuda-cuobjdump /
+    nvidia-cuda-nvdisasm (the dev extra).  (path, env) or a skip with the reason."""
+    dirs = [os.path.dirname(p) for p in (shutil.which("cuobjdump"),) if p]
+    try:
+        import nvidia
+
+        dirs += [os.path.join(d, sub, "bin") for d in nvidia.__path__ for sub in ("cu13", "cu12", "cuda_cuobjdump")]
+    except ImportError:
+        pass
+    for d in dirs:
+        exe = os.path.join(d, "cuobjdump")
+        if os.path.isfile(exe):
+            env = dict(os.environ, PATH=os.pathsep.join([d] + os.environ.get("PATH", "").split(os.pathsep)))
+            if shutil.which("nvdisasm", path=env["PATH"]) is None:
+                pytest.skip("cuobjdump found but not nvdisasm (pip install nvidia-cuda-nvdisasm)")
+            return exe, env
+    pytest.skip("needs cuobjdump (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, or a CUDA toolkit)")
+
+
+def _sass_ops(obj):
+    """{kernel function name: Counter of SASS opcodes} of an object file (cuobjdump -sass)."""
+    import collections
+
+    exe, env = _sass_tools()
+    p = subprocess.run([exe, "-sass", str(obj)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert p.returncode == 0, p.stdout[-2000:]
+    out = {}
+    for chunk in re.split(r"\n\s*Function : ", p.stdout)[1:]:
+        name = chunk.split("\n", 1)[0].strip()
+        ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", chunk)
+        out[name] = collections.Counter(ops)
+    return out
+
+
+@pytest.mark.nvcc
+def test_int4_kernel_sass(nvcc_build):
+    """sm_87 (Orin; also sm_80/86/89): every m16n8k64 s4.u4 of mma_int4 is ONE native IMMA.16864.S4.U4
+    (2 k64 steps x 2 x 4 warp fragments = 16 per kernel), no int8 IMMA or emulation call in it.  sm_90
+    (Hopper) documents the emulated form: no IMMA.16864; each mma becomes a CALL into a routine that
+    unpacks to int8 and issues IMMA.16832.S8.U8 (exact, not fast).  sm_75: no INT4 path at all."""
+    arch = int(nvcc_build["arch"])
+    kernels = {name: ops for name, ops in _sass_ops(nvcc_build["obj"]).items() if "mma_int4_kernel" in name}
+    assert len(kernels) == 3  # BITS = 2, 3, 4
+    for name, ops in kernels.items():
+        imma = {op: n for op, n in ops.items() if op.startswith("IMMA")}
+        if arch in (80, 86, 87, 89):
+            assert imma == {"IMMA.16864.S4.U4": 16}, (name, imma)
+            assert ops["CALL.REL.NOINC"] <= 1, (name, ops["CALL.REL.NOINC"])  # not one per mma
+        elif arch >= 90:
+            assert "IMMA.16864.S4.U4" not in imma and imma.get("IMMA.16832.S8.U8", 0) > 0, (name, imma)
+            assert ops["CALL.REL.NOINC"] >= 16, (name, ops["CALL.REL.NOINC"])  # one emulation call per mma
+        else:
+            assert not imma, (name, imma)  # __trap() body: lowbit_gemm refuses the kernel below sm_80
+
+
+@pytest.mark.nvcc
+def test_gemv_ring_has_no_barrier(nvcc_build):
+    """gemv_ring (sm_80+): the weight stream goes through cp.async (LDGSTS) and the kernel has no block
+    barrier anywhere (each lane consumes only the ring slots it filled)."""
+    if int(nvcc_build["arch"]) < 80:
+        pytest.skip("gemv_ring is an sm_80+ kernel")
+    kernels = {n: ops for n, ops in _sass_ops(nvcc_build["obj"]).items() if "gemv_ring_kernel" in n}
+    assert len(kernels) == 9  # BITS 2/3/4 x MT 1/2/4
+    for name, ops in kernels.items():
+        assert not [op for op in ops if op.startswith("BAR")], name
+        assert any(op.startswith("LDGSTS") for op in ops) and any(op.startswith("IDP") for op in ops), name
 
 
 @pytest.mark.nvcc

@@ -6,6 +6,9 @@
 //              with one shift + AND into int8x4 lanes and accumulates with __dp4a.
 //   MMA SYNC   large M, sm_80+: mma.sync m16n8k32 s8 x u8 tensor cores, 128x128 tiles, cp.async
 //              multi-stage pipeline for the int8 activations, weights expanded once per tile.
+//   MMA INT4   activations within [-8, 7], sm_80+: mma.sync m16n8k64 s4 x u4 on nibble-order weights
+//              (qvit_mma_int4.h); native on sm_80..89, emulated by the compiler on sm_90.
+//   GEMV RING  small M, sm_80+: x quantized once, persistent grid, per-lane cp.async ring, no barrier.
 //   A16 GEMV   fp16/fp32 activations, small M, no fast int8 (TX2 sm_62, sm_53): fp32 FMA.
 //   A16 tiled  large M on TX2 / sm_53: SIMT fp32 FMA.
 //   A8  MMA    WMMA int8 16x16x16 (sm_72 / sm_75: Xavier, Turing).
@@ -33,6 +36,7 @@
 #include <utility>
 
 #include "qvit_lowbit_format.h"
+#include "qvit_mma_int4.h"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 720)
 #define QVIT_DEVICE_HAS_IMMA 1  // WMMA int8 (sm_72+)
@@ -95,6 +99,9 @@ struct Epilogue {
   int m;
   int n;    // weight rows of this launch
   int ldy;  // output row stride
+  // Adjacent columns may be written as one 4/8-byte store: no col_map, even ldy and y itself
+  // aligned to the pair (a TensorRT / torch view may start at an odd element).  Set by the host.
+  bool pairs;
 };
 
 // y[row, col(r)] from the exact accumulator of weight row r.
@@ -172,6 +179,51 @@ __global__ void __launch_bounds__(kQuantRowsPerBlock * 32)
   for (int c = lane; c < lda / 4; c += 32) out[c] = quantize4(x, x_dtype, base, 4 * c, k, scale, lo, hi, &sum);
   sum = warp_sum(sum);
   if (lane == 0) row_sum[row] = sum;
+}
+
+// ------------------------------------------------------------------ fused producer: LayerNorm + quantize
+//
+// One warp per row: mean, then the variance around it (two passes over the row: no cancellation),
+// then y = (x - mean) * rstd * gamma + beta quantized like quantize_act (IEEE division, rint,
+// clip) straight into int8 codes and the row sum.  fp32 throughout, like torch's LayerNorm.
+constexpr int kLnRowsPerBlock = 8;
+
+__global__ void __launch_bounds__(kLnRowsPerBlock * 32)
+    layernorm_quant_kernel(const void* __restrict__ x, int x_dtype, int m, int k, const float* __restrict__ gamma,
+                           const float* __restrict__ beta, float eps, float scale, int lo, int hi,
+                           int8_t* __restrict__ codes, int ldq, int* __restrict__ row_sum) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * kLnRowsPerBlock + (threadIdx.x >> 5);
+  if (row >= m) return;
+  const size_t base = static_cast<size_t>(row) * k;
+  float s = 0.0f;
+  for (int c = lane; c < k; c += 32) s += load_float(x, x_dtype, base + c);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  const float mean = s / static_cast<float>(k);
+  float v = 0.0f;
+  for (int c = lane; c < k; c += 32) {
+    const float d = load_float(x, x_dtype, base + c) - mean;
+    v = fmaf(d, d, v);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const float rstd = rsqrtf(v / static_cast<float>(k) + eps);
+  int sum = 0;
+  int8_t* out = codes + static_cast<size_t>(row) * ldq;
+  for (int c = lane; c < ldq; c += 32) {
+    int q = 0;
+    if (c < k) {
+      const float y = fmaf((load_float(x, x_dtype, base + c) - mean) * rstd, gamma != nullptr ? __ldg(gamma + c) : 1.0f,
+                           beta != nullptr ? __ldg(beta + c) : 0.0f);
+      const float r = rintf(__fdiv_rn(y, scale));
+      q = static_cast<int>(fminf(fmaxf(r, static_cast<float>(lo)), static_cast<float>(hi)));
+    }
+    out[c] = static_cast<int8_t>(q);
+    sum += q;
+  }
+  sum = warp_sum(sum);
+  if (lane == 0 && row_sum != nullptr) row_sum[row] = sum;
 }
 
 // ------------------------------------------------------------------ A16 GEMV (small M, no fast int8)
@@ -881,7 +933,6 @@ __global__ void __launch_bounds__(256)
   float alpha[4][2];
   float beta[4][2];
   int cols[4][2];
-  bool pair_ok[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -891,7 +942,6 @@ __global__ void __launch_bounds__(256)
       alpha[j][c] = epi.act_scale * __ldg(epi.weight_scale + cols[j][c]);
       beta[j][c] = epi.bias != nullptr ? __ldg(epi.bias + cols[j][c]) : 0.0f;
     }
-    pair_ok[j] = epi.col_map == nullptr && n0 + wn + j * 8 + t2 + 1 < epi.n && (epi.ldy & 1) == 0;
   }
 #pragma unroll
   for (int i = 0; i < C::kMI; ++i) {
@@ -905,12 +955,302 @@ __global__ void __launch_bounds__(256)
         const int col = n0 + wn + j * 8 + t2;
         if (col >= epi.n) continue;
         const int v[2] = {acc[i][j][2 * h] - corr, acc[i][j][2 * h + 1] - corr};
-        store_pair(epi, row, col, v, alpha[j], beta[j], cols[j], pair_ok[j]);
+        store_pair(epi, row, col, v, alpha[j], beta[j], cols[j], epi.pairs && col + 1 < epi.n);  // col is even
       }
     }
   }
 #else
   __trap();  // never selected below sm_80
+#endif
+}
+
+// ------------------------------------------------------------------ MMA INT4 (activations <= 4 bits, sm_80+)
+//
+// mma.sync m16n8k64 with s4 activation codes and u4 weight codes (exact int32), the offset
+// correction as everywhere: acc - 2^(b-1) * rowsum(xq).  Activations: quantize_rows_s4_kernel
+// (one warp per row) writes s4 codes in natural nibble order [m, nib_k(k) / 8 words] and the row
+// sums.  Weights: the nibble-order layout (qvit_mma_int4.h), kept at 2/3/4 bits in memory and
+// widened to u4 registers with a shift and a mask or two.  64 x 128 tiles, 8 warps (2 x 4) of
+// 32 x 32, one 128-element K block per stage, kInt4Stages stages of cp.async.  Every fragment
+// index comes from int4_frag_a / int4_frag_b / int4_frag_c, the functions tests/test_mma_int4.py
+// checks against the PTX tables and emulates lane by lane.
+constexpr int kInt4Stages = 3;
+
+template <int BITS>
+struct Int4Cfg {
+  static constexpr int kBM = 64;
+  static constexpr int kBN = 128;
+  static constexpr int kThreads = 256;
+  static constexpr int kBlockWords = nib_block_words(BITS);  // packed weight words per row per K block
+  static constexpr int kAStride = kNibBlockK / 8 + 4;        // words per A row in smem (+16 bytes: no bank conflicts)
+  static constexpr int kBStride = kBlockWords + 4;           // words per B row in smem
+  static constexpr int kAWords = kBM * kAStride;
+  static constexpr int kBWords = kBN * kBStride;
+  static constexpr int kSmemBytes = kInt4Stages * (kAWords + kBWords) * 4;
+  static_assert(kSmemBytes <= 48 * 1024, "static shared-memory limit");
+  static_assert(kBlockWords % 4 == 0 && kAStride % 4 == 0 && kBStride % 4 == 0, "16-byte smem rows");
+};
+
+constexpr int kQuantS4RowsPerBlock = 8;
+
+__global__ void __launch_bounds__(kQuantS4RowsPerBlock * 32)
+    quantize_rows_s4_kernel(const void* __restrict__ x, int x_dtype, int m, int k, int ldw, float scale, int lo,
+                            int hi, uint32_t* __restrict__ xs4, int* __restrict__ row_sum) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * kQuantS4RowsPerBlock + (threadIdx.x >> 5);
+  if (row >= m) return;
+  const size_t base = static_cast<size_t>(row) * k;
+  uint32_t* out = xs4 + static_cast<size_t>(row) * ldw;
+  int sum = 0;
+  for (int c = lane; c < ldw; c += 32) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int kk = 8 * c + j;
+      const int v = kk < k ? quantize_act(x, x_dtype, base + kk, scale, lo, hi) : 0;  // in [-8, 7]
+      sum += v;
+      word |= (static_cast<uint32_t>(v) & 0xFu) << (4 * j);
+    }
+    out[c] = word;
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) row_sum[row] = sum;
+}
+
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+__device__ __forceinline__ void mma_s4u4(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k64.row.col.s32.s4.u4.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// One K block: A (s4 words, rows past m zero-filled) and packed B (rows past n: the last valid row).
+template <int BITS>
+__device__ __forceinline__ void int4_load_tile(const uint32_t* __restrict__ xs4, int lda, int m, int m0,
+                                               const uint32_t* __restrict__ w, int ldw, int n, int n0, int kt,
+                                               uint32_t* as, uint32_t* bs) {
+  using C = Int4Cfg<BITS>;
+  constexpr int kAChunks = kNibBlockK / 32;  // 16-byte chunks per A row: 4
+  for (int c = threadIdx.x; c < C::kBM * kAChunks; c += C::kThreads) {
+    const int r = c / kAChunks;
+    const int q = c % kAChunks;
+    const bool valid = m0 + r < m;
+    const uint32_t* src = xs4 + static_cast<size_t>(valid ? m0 + r : 0) * lda + kt * (kNibBlockK / 8) + q * 4;
+    cp_async16(as + r * C::kAStride + q * 4, src, valid);
+  }
+  constexpr int kBChunks = C::kBlockWords / 4;
+  for (int c = threadIdx.x; c < C::kBN * kBChunks; c += C::kThreads) {
+    const int r = c / kBChunks;
+    const int q = c % kBChunks;
+    const uint32_t* src = w + static_cast<size_t>(min(n0 + r, n - 1)) * ldw + kt * C::kBlockWords + q * 4;
+    cp_async16(bs + r * C::kBStride + q * 4, src, true);
+  }
+}
+
+// The tile's two k64 steps: fragments loaded as int4_frag_a / int4_frag_b say, B widened to u4.
+template <int BITS>
+__device__ __forceinline__ void int4_tile_mma(const uint32_t* as, const uint32_t* bs, int wm, int wn, int lane,
+                                              int (&acc)[2][4][4]) {
+  using C = Int4Cfg<BITS>;
+#pragma unroll
+  for (int kk = 0; kk < kNibBlockK / kInt4MmaK; ++kk) {
+    uint32_t a[2][4];
+    uint32_t b[4][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {  // nibbles 8r .. 8r+7 of a lane are one word (consecutive K)
+        int row, col;
+        int4_frag_a(lane, 8 * r, &row, &col);
+        a[i][r] = as[(wm + i * 16 + row) * C::kAStride + (kk * kInt4MmaK + col) / 8];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        int kidx, ncol;
+        int4_frag_b(lane, 8 * r, &kidx, &ncol);
+        b[j][r] = nib_widen(bs + (wn + j * 8 + ncol) * C::kBStride, BITS, (kk * kInt4MmaK + kidx) / 8);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) mma_s4u4(acc[i][j], a[i], b[j]);
+  }
+}
+#endif
+
+template <int BITS>
+__global__ void __launch_bounds__(256)
+    mma_int4_kernel(const uint32_t* __restrict__ xs4, const int* __restrict__ row_sum, int lda,
+                    const uint32_t* __restrict__ w, int ldw, Epilogue epi) {
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+  using C = Int4Cfg<BITS>;
+  __shared__ __align__(16) uint32_t smem[kInt4Stages * (C::kAWords + C::kBWords)];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int wm = (warp >> 2) * 32;
+  const int wn = (warp & 3) * 32;
+  const int m0 = blockIdx.y * C::kBM;
+  const int n0 = blockIdx.x * C::kBN;
+  const int tiles = lda / (kNibBlockK / 8);
+  auto a_tile = [&](int s) { return smem + s * C::kAWords; };
+  auto b_tile = [&](int s) { return smem + kInt4Stages * C::kAWords + s * C::kBWords; };
+
+  int acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+
+#pragma unroll
+  for (int s = 0; s < kInt4Stages - 1; ++s) {
+    if (s < tiles) int4_load_tile<BITS>(xs4, lda, epi.m, m0, w, ldw, epi.n, n0, s, a_tile(s), b_tile(s));
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < tiles; ++kt) {
+    cp_async_wait<kInt4Stages - 2>();
+    __syncthreads();  // tile kt landed; everyone is done with tile kt - 1, whose stage is refilled next
+    const int next = kt + kInt4Stages - 1;
+    if (next < tiles) {
+      const int s = next % kInt4Stages;
+      int4_load_tile<BITS>(xs4, lda, epi.m, m0, w, ldw, epi.n, n0, next, a_tile(s), b_tile(s));
+    }
+    cp_async_commit();
+    int4_tile_mma<BITS>(a_tile(kt % kInt4Stages), b_tile(kt % kInt4Stages), wm, wn, lane, acc);
+  }
+  cp_async_wait<0>();
+
+  constexpr int kOff = 1 << (BITS - 1);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        int row, col;
+        int4_frag_c(lane, c, &row, &col);
+        const int gm = m0 + wm + i * 16 + row;
+        const int gn = n0 + wn + j * 8 + col;
+        if (gm < epi.m && gn < epi.n) store_output(epi, gm, gn, acc[i][j][c] - kOff * __ldg(row_sum + gm));
+      }
+    }
+  }
+#else
+  __trap();  // unreachable: lowbit_gemm refuses mma_int4 below sm_80 (qvit_kernel_supported)
+#endif
+}
+
+// ------------------------------------------------------------------ GEMV RING (small M, sm_80+)
+//
+// x is quantized ONCE (quantize_rows_kernel: int8 codes [m, repacked_k] + row sums, the same
+// workspace as mma_sync) instead of by every block.  Then a persistent grid (about two blocks per
+// SM): every warp owns whole weight rows (r = warp, warp + W, ...); each lane streams its 16-byte
+// weight vectors through its own kGemvRingStages-deep cp.async ring in shared memory and consumes
+// only the slots it filled itself, so the loop has no barrier at all (cp.async.wait_group is
+// per thread).  Vectors expand to int8x4 codes (expand_word / expand_pair3) and meet the int8 x
+// codes in __dp4a; a warp reduction per row, then the offset correction and the epilogue.
+constexpr int kGemvRingWarps = 8;
+constexpr int kGemvRingStages = 8;
+constexpr int kGemvRingMaxMT = 4;
+static_assert(kGemvRingWarps * kGemvRingStages * 32 * 16 <= 48 * 1024, "static shared-memory limit");
+
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+// The dot products of one 16-byte weight vector (4 repacked words from element e0) with MT rows of x.
+// xrow[i]: row i of the group's int8 x codes (rows past m alias the last valid row; their sums are dropped).
+template <int BITS, int MT>
+__device__ __forceinline__ void ring_consume(const uint4 v, const int8_t* const (&xrow)[MT], int e0, int (&acc)[MT]) {
+  constexpr int kPer = 32 / BITS;
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  if (BITS == 3) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {  // a word pair = 20 codes = 5 int8x4, starting at a multiple of 4
+      uint32_t u[5];
+      expand_pair3(w[2 * p], w[2 * p + 1], u);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int* xr = reinterpret_cast<const int*>(xrow[i] + e0 + 20 * p);
+#pragma unroll
+        for (int t = 0; t < 5; ++t) acc[i] = __dp4a(__ldg(xr + t), static_cast<int>(u[t]), acc[i]);
+      }
+    }
+  } else {
+    constexpr int kE = Expand<BITS>::kE;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      int e[kE];
+      Expand<BITS>::run(w[q], e);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int* xr = reinterpret_cast<const int*>(xrow[i] + e0 + q * kPer);
+#pragma unroll
+        for (int t = 0; t < kE; ++t) acc[i] = __dp4a(__ldg(xr + t), e[t], acc[i]);
+      }
+    }
+  }
+}
+#endif
+
+template <int BITS, int MT>
+__global__ void __launch_bounds__(kGemvRingWarps * 32)
+    gemv_ring_kernel(const int8_t* __restrict__ xq, const int* __restrict__ row_sum, int lda,
+                     const uint32_t* __restrict__ w, int ldw, Epilogue epi) {
+#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+  __shared__ __align__(16) uint4 ring[kGemvRingWarps][kGemvRingStages][32];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int gwarp = blockIdx.x * kGemvRingWarps + warp;
+  const int nwarps = gridDim.x * kGemvRingWarps;
+  const int m0 = blockIdx.y * MT;
+  const int mt = min(MT, epi.m - m0);
+  const int8_t* xrow[MT];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) xrow[i] = xq + static_cast<size_t>(m0 + min(i, mt - 1)) * lda;  // stay inside xq
+  const int vecs = ldw / 4;                                  // 16-byte vectors per weight row
+  const int per_row = (vecs + 31) / 32;                      // ring steps per row (uniform across lanes)
+  const int rows = gwarp < epi.n ? (epi.n - 1 - gwarp) / nwarps + 1 : 0;
+  const int steps = rows * per_row;
+  uint4* slots = ring[warp][0] + lane;
+  auto issue = [&](int s) {  // qvit_gemv_ring.h ring_step: step s -> row and vector of this lane
+    const int r = gwarp + (s / per_row) * nwarps;
+    const int vec = lane + 32 * (s % per_row);
+    const bool valid = s < steps && vec < vecs;
+    const uint32_t* src = w + (valid ? static_cast<size_t>(r) * ldw + 4 * vec : 0);
+    cp_async16(slots + (s % kGemvRingStages) * 32, src, valid);
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kGemvRingStages; ++s) issue(s);
+  int acc[MT];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) acc[i] = 0;
+  constexpr int kPer = 32 / BITS;
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait<kGemvRingStages - 1>();  // this lane's step s landed (its own slot: no barrier)
+    const int vec = lane + 32 * (s % per_row);
+    if (vec < vecs) ring_consume<BITS, MT>(slots[(s % kGemvRingStages) * 32], xrow, 4 * vec * kPer, acc);
+    issue(s + kGemvRingStages);  // refill the slot just read (in this thread's program order)
+    if (s % per_row == per_row - 1) {  // row done: reduce across the warp, lane 0 stores
+      const int r = gwarp + (s / per_row) * nwarps;
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int total = warp_sum(acc[i]);
+        acc[i] = 0;
+        if (lane == 0 && i < mt) {
+          store_output(epi, m0 + i, r, total - (1 << (BITS - 1)) * __ldg(row_sum + m0 + i));
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+#else
+  __trap();  // unreachable: lowbit_gemm refuses gemv_ring below sm_80 (qvit_kernel_supported)
 #endif
 }
 
@@ -935,7 +1275,10 @@ cudaError_t launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cud
 }
 
 Epilogue make_epilogue(const LowBitGemmArgs& a) {
-  return Epilogue{a.y, a.y_dtype, a.weight_scale, a.bias, a.col_map, a.act_scale, a.m, a.n, a.ldy > 0 ? a.ldy : a.n};
+  const int ldy = a.ldy > 0 ? a.ldy : a.n;
+  const uintptr_t pair_bytes = a.y_dtype == QVIT_DTYPE_F16 ? 4u : 8u;
+  const bool pairs = a.col_map == nullptr && (ldy & 1) == 0 && (reinterpret_cast<uintptr_t>(a.y) & (pair_bytes - 1)) == 0;
+  return Epilogue{a.y, a.y_dtype, a.weight_scale, a.bias, a.col_map, a.act_scale, a.m, a.n, ldy, pairs};
 }
 
 template <int BITS, int MT>
@@ -1034,6 +1377,50 @@ cudaError_t launch_mma_sync(const LowBitGemmArgs& a, cudaStream_t stream) {
   return launch_mma_tiles<BITS, 128>(a, xq, row_sum, lda, stream);
 }
 
+template <int BITS, int MT>
+cudaError_t launch_gemv_ring_mt(const LowBitGemmArgs& a, const int8_t* xq, const int* row_sum, int lda,
+                                cudaStream_t stream) {
+  // Persistent: about two blocks per SM (or fewer when the layer has fewer rows than warps).
+  const int blocks = min(static_cast<int>(ceil_div(a.n, kGemvRingWarps)), max(2 * sm_count(), 1));
+  const dim3 grid(static_cast<unsigned>(blocks), ceil_div(a.m, MT));
+  return launch(gemv_ring_kernel<BITS, MT>, grid, dim3(kGemvRingWarps * 32), 0, stream, xq, row_sum, lda, a.w,
+                a.ldw, make_epilogue(a));
+}
+
+template <int BITS>
+cudaError_t launch_gemv_ring(const LowBitGemmArgs& a, cudaStream_t stream) {
+  const int lda = repacked_k(a.k, BITS);  // x quantized once: the mma_sync workspace layout
+  int8_t* xq = static_cast<int8_t*>(a.workspace);
+  int* row_sum = reinterpret_cast<int*>(xq + (static_cast<size_t>(a.m) * lda + 255) / 256 * 256);
+  const cudaError_t err = launch(quantize_rows_kernel, dim3(ceil_div(a.m, kQuantRowsPerBlock)),
+                                 dim3(kQuantRowsPerBlock * 32), 0, stream, a.x, a.x_dtype, a.m, a.k, lda, a.act_scale,
+                                 a.act_lo, a.act_hi, xq, row_sum);
+  if (err != cudaSuccess) return err;
+  const int8_t* cxq = xq;
+  const int* crs = row_sum;
+  if (a.m <= 1) return launch_gemv_ring_mt<BITS, 1>(a, cxq, crs, lda, stream);
+  if (a.m <= 2) return launch_gemv_ring_mt<BITS, 2>(a, cxq, crs, lda, stream);
+  return launch_gemv_ring_mt<BITS, kGemvRingMaxMT>(a, cxq, crs, lda, stream);
+}
+
+template <int BITS>
+cudaError_t launch_mma_int4(const LowBitGemmArgs& a, cudaStream_t stream) {
+  const int lda = nib_k(a.k) / 8;  // s4 words per activation row
+  uint32_t* xs4 = static_cast<uint32_t*>(a.workspace);
+  int* row_sum = reinterpret_cast<int*>(static_cast<char*>(a.workspace) +
+                                        (static_cast<size_t>(a.m) * lda * 4 + 255) / 256 * 256);
+  const cudaError_t err = launch(quantize_rows_s4_kernel, dim3(ceil_div(a.m, kQuantS4RowsPerBlock)),
+                                 dim3(kQuantS4RowsPerBlock * 32), 0, stream, a.x, a.x_dtype, a.m, a.k, lda,
+                                 a.act_scale, a.act_lo, a.act_hi, xs4, row_sum);
+  if (err != cudaSuccess) return err;
+  using C = Int4Cfg<BITS>;
+  const dim3 grid(ceil_div(a.n, C::kBN), ceil_div(a.m, C::kBM));
+  const uint32_t* cxs4 = xs4;
+  const int* crow_sum = row_sum;
+  return launch(mma_int4_kernel<BITS>, grid, dim3(C::kThreads), 0, stream, cxs4, crow_sum, lda, a.w, a.ldw,
+                make_epilogue(a));
+}
+
 template <int BITS>
 cudaError_t launch_legacy_a8(const LowBitGemmArgs& a, int kernel, cudaStream_t stream) {
   const int lda = a8_lda(a.k);
@@ -1063,6 +1450,10 @@ cudaError_t launch_bits(const LowBitGemmArgs& a, int kernel, cudaStream_t stream
       return launch_gemv<BITS, false>(a, stream);
     case QVIT_KERNEL_MMA_SYNC:
       return launch_mma_sync<BITS>(a, stream);
+    case QVIT_KERNEL_MMA_INT4:
+      return launch_mma_int4<BITS>(a, stream);
+    case QVIT_KERNEL_GEMV_RING:
+      return launch_gemv_ring<BITS>(a, stream);
     case QVIT_KERNEL_A16_TILED: {
       const dim3 tiles(ceil_div(a.n, kTile), ceil_div(a.m, kTile));
       return launch(a16_tiled_kernel<BITS>, tiles, dim3(256), 0, stream, a.x, a.x_dtype, a.w, a.ldw, a.k, a.act_lo,
@@ -1082,15 +1473,39 @@ int rows_per_grid_y(int kernel) {
   switch (kernel) {
     case QVIT_KERNEL_GEMV_DP4A: return 16;
     case QVIT_KERNEL_A16_GEMV: return 8;
-    case QVIT_KERNEL_MMA_SYNC: return 64;
+    case QVIT_KERNEL_MMA_SYNC:
+    case QVIT_KERNEL_MMA_INT4: return 64;
+    case QVIT_KERNEL_GEMV_RING: return kGemvRingMaxMT;
     default: return kTile;
   }
+}
+
+// Compute capability of the current device (cached per device; legal under stream capture).
+bool device_cc(int* major, int* minor) {
+  static std::atomic<int> cache[16];  // major * 16 + minor + 1, 0 = unknown
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return false;
+  int v = dev < 16 ? cache[dev].load() : 0;
+  if (v == 0) {
+    int ma = 0;
+    int mi = 0;
+    if (cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&mi, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+      return false;
+    }
+    v = ma * 16 + mi + 1;
+    if (dev < 16) cache[dev].store(v);
+  }
+  *major = (v - 1) / 16;
+  *minor = (v - 1) % 16;
+  return true;
 }
 
 bool valid_args(const LowBitGemmArgs& a, int kernel) {
   if (a.m < 0 || a.n <= 0 || a.k <= 0 || !is_packed_bits(a.bits)) return false;
   if (a.x == nullptr || a.y == nullptr || a.w == nullptr || a.weight_scale == nullptr) return false;
-  if (a.ldw != repacked_words(a.k, a.bits)) return false;
+  if (a.ldw != qvit_weight_words(a.k, a.bits, kernel)) return false;  // nibble order for mma_int4
+  if (kernel == QVIT_KERNEL_MMA_INT4 && !qvit_act_fits_s4(a.act_lo, a.act_hi)) return false;
   if (a.ldy != 0 && a.ldy < a.n && a.col_map == nullptr) return false;
   if ((reinterpret_cast<uintptr_t>(a.w) & 15u) != 0) return false;  // 16-byte weight vectors
   if (a.x_dtype != QVIT_DTYPE_F32 && a.x_dtype != QVIT_DTYPE_F16 && a.x_dtype != QVIT_DTYPE_I8) return false;
@@ -1108,9 +1523,29 @@ bool valid_args(const LowBitGemmArgs& a, int kernel) {
 
 }  // namespace
 
+cudaError_t layernorm_quantize(const LayerNormQuantArgs& a, cudaStream_t stream) {
+  if (a.m == 0) return cudaSuccess;
+  if (a.m < 0 || a.k <= 0 || a.x == nullptr || a.codes == nullptr || a.ldq < a.k || (a.ldq & 3) != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.x_dtype != QVIT_DTYPE_F32 && a.x_dtype != QVIT_DTYPE_F16) return cudaErrorInvalidValue;
+  if (a.act_lo > a.act_hi || a.act_lo < -128 || a.act_hi > 127 || !(a.act_scale > 0.0f) || !(a.eps >= 0.0f)) {
+    return cudaErrorInvalidValue;
+  }
+  return launch(layernorm_quant_kernel, dim3(ceil_div(a.m, kLnRowsPerBlock)), dim3(kLnRowsPerBlock * 32), 0, stream,
+                a.x, a.x_dtype, a.m, a.k, a.gamma, a.beta, a.eps, a.act_scale, a.act_lo, a.act_hi, a.codes, a.ldq,
+                a.row_sum);
+}
+
 cudaError_t lowbit_gemm(const LowBitGemmArgs& args, int kernel, cudaStream_t stream) {
   if (args.m == 0) return cudaSuccess;  // before the pointer checks: empty tensors may have null data
   if (!valid_args(args, kernel)) return cudaErrorInvalidValue;
+  // A kernel forced onto a device without its instructions is refused here (the device code's
+  // __trap() guards are then unreachable): "operation not supported", nothing launched.
+  int cc_major = 0;
+  int cc_minor = 0;
+  if (!device_cc(&cc_major, &cc_minor)) return cudaErrorNoDevice;
+  if (!qvit_kernel_supported(kernel, cc_major, cc_minor)) return cudaErrorNotSupported;
   switch (args.bits) {
     case 2:
       return launch_bits<2>(args, kernel, stream);

@@ -47,6 +47,28 @@ struct LowBitGemmArgs {
 // otherwise the status of this call's own launches (cudaLaunchKernel), not an earlier error.
 cudaError_t lowbit_gemm(const LowBitGemmArgs& args, int kernel, cudaStream_t stream);
 
+// Fused quantization producer: y = LayerNorm(x) * gamma + beta (fp32 statistics), quantized with the
+// consuming node's quantizer in the same pass: codes[r, c] = clip(rint(y / act_scale), act_lo, act_hi)
+// as int8 [m, ldq] (zero past k) and row_sum[r] = sum of the row's codes -- what the quantize-once
+// kernels (mma_sync, gemv_ring) read from their workspace, and an int8 x for lowbit_gemm
+// (x_dtype I8: codes on the node's grid).  One warp per row; no separate quantize kernel.
+struct LayerNormQuantArgs {
+  int m = 0;
+  int k = 0;
+  const void* x = nullptr;  // [m, k] F32 / F16
+  int x_dtype = QVIT_DTYPE_F16;
+  const float* gamma = nullptr;  // [k] or nullptr (1)
+  const float* beta = nullptr;   // [k] or nullptr (0)
+  float eps = 1e-6f;
+  float act_scale = 1.0f;
+  int act_lo = -128;
+  int act_hi = 127;
+  int8_t* codes = nullptr;  // [m, ldq], 4-byte aligned rows
+  int ldq = 0;              // >= k, a multiple of 4
+  int* row_sum = nullptr;   // [m] or nullptr
+};
+cudaError_t layernorm_quantize(const LayerNormQuantArgs& args, cudaStream_t stream);
+
 }  // namespace qvit
 
 #endif  // QVIT_LOWBIT_GEMM_H

@@ -2,6 +2,7 @@
 #include "lowbit_host.h"
 
 #include "qvit_lowbit_format.h"
+#include "qvit_mma_int4.h"
 
 namespace {
 
@@ -26,6 +27,20 @@ size_t round256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 }  // namespace
 
 extern "C" {
+
+int qvit_act_fits_s4(int act_lo, int act_hi) { return act_lo >= -8 && act_hi <= 7 && act_lo <= act_hi; }
+
+int qvit_select_kernel_act(int m, int n, int k, int bits, int x_dtype, int path, int cc_major, int cc_minor,
+                           int act_lo, int act_hi) {
+  const int base = qvit_select_kernel(m, n, k, bits, x_dtype, path == QVIT_PATH_A4 ? QVIT_PATH_AUTO : path,
+                                      cc_major, cc_minor);
+  if (base == QVIT_KERNEL_INVALID) return base;
+  const int cc = cc_of(cc_major, cc_minor);
+  const bool fits = qvit_act_fits_s4(act_lo, act_hi) != 0;
+  if (path == QVIT_PATH_A4) return fits && cc >= 80 ? QVIT_KERNEL_MMA_INT4 : QVIT_KERNEL_INVALID;
+  if (path == QVIT_PATH_AUTO && fits && m > QVIT_GEMV_MAX_M && cc >= 80 && cc < 90) return QVIT_KERNEL_MMA_INT4;
+  return base;
+}
 
 int qvit_select_kernel(int m, int n, int k, int bits, int x_dtype, int path, int cc_major, int cc_minor) {
   if (!valid_dims(m, n, k) || !qvit::is_packed_bits(bits)) return QVIT_KERNEL_INVALID;
@@ -55,11 +70,32 @@ size_t qvit_workspace_size(int m, int k, int bits, int kernel) {
       // int8 activations [m, a8_lda(k)], zero-padded.
       return round256(static_cast<size_t>(m) * static_cast<size_t>(qvit::a8_lda(k)));
     case QVIT_KERNEL_MMA_SYNC:
+    case QVIT_KERNEL_GEMV_RING:
       // int8 activations [m, repacked_k(k, bits)] + int32 row sums [m].
       return round256(static_cast<size_t>(m) * static_cast<size_t>(qvit::repacked_k(k, bits))) +
              round256(static_cast<size_t>(m) * sizeof(int));
+    case QVIT_KERNEL_MMA_INT4:
+      // s4 activation codes [m, nib_k(k) / 2 bytes] + int32 row sums [m].
+      return round256(static_cast<size_t>(m) * static_cast<size_t>(qvit::nib_k(k) / 2)) +
+             round256(static_cast<size_t>(m) * sizeof(int));
     default:
       return 0;
+  }
+}
+
+int qvit_kernel_supported(int kernel, int cc_major, int cc_minor) {
+  const int cc = cc_of(cc_major, cc_minor);
+  switch (kernel) {
+    case QVIT_KERNEL_MMA_SYNC:
+    case QVIT_KERNEL_MMA_INT4:
+    case QVIT_KERNEL_GEMV_RING: return cc >= 80;
+    case QVIT_KERNEL_A8_MMA: return cc >= 72;
+    case QVIT_KERNEL_A8_DP4A:
+    case QVIT_KERNEL_GEMV_DP4A: return cc >= 61;
+    case QVIT_KERNEL_A16_GEMV:
+    case QVIT_KERNEL_A16_TILED:
+    case QVIT_KERNEL_A8_INT: return cc_major >= 5;
+    default: return 0;
   }
 }
 
@@ -72,6 +108,8 @@ const char* qvit_kernel_name(int kernel) {
     case QVIT_KERNEL_A8_INT: return "a8_int";
     case QVIT_KERNEL_GEMV_DP4A: return "gemv_dp4a";
     case QVIT_KERNEL_MMA_SYNC: return "mma_sync";
+    case QVIT_KERNEL_MMA_INT4: return "mma_int4";
+    case QVIT_KERNEL_GEMV_RING: return "gemv_ring";
     default: return "invalid";
   }
 }
@@ -104,6 +142,36 @@ int qvit_repack_weights(const uint32_t* src, int n, int k, int bits, uint32_t* d
         codes[j] = (in[c] >> (bits * j)) & mask;
       }
       out[c] = qvit::slot_word(codes, bits);
+    }
+  }
+  return 0;
+}
+
+int qvit_nib_words(int k, int bits) {
+  return (k > 0 && k <= (1 << 30) && qvit::is_packed_bits(bits)) ? qvit::nib_words(k, bits) : 0;
+}
+
+int qvit_weight_words(int k, int bits, int kernel) {
+  return kernel == QVIT_KERNEL_MMA_INT4 ? qvit_nib_words(k, bits) : qvit_repacked_words(k, bits);
+}
+
+int qvit_repack_weights_nib(const uint32_t* src, int n, int k, int bits, uint32_t* dst) {
+  if (src == nullptr || dst == nullptr || n <= 0 || k <= 0 || !qvit::is_packed_bits(bits)) return -1;
+  const int per = qvit::values_per_word(bits);
+  const int words = qvit::packed_words(k, bits);
+  const int rows = qvit::repacked_rows(n);
+  const int ldw = qvit::nib_words(k, bits);
+  const int bw = qvit::nib_block_words(bits);
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int r = 0; r < rows; ++r) {
+    uint32_t* out = dst + static_cast<size_t>(r) * ldw;
+    const uint32_t* in = src + static_cast<size_t>(r) * words;
+    for (int c = 0; c < ldw; ++c) out[c] = 0u;
+    for (int e = 0; e < ldw / bw * qvit::kNibBlockK; ++e) {
+      // Past K and past N: the code of zero (the qformat word's own padding inside the last word).
+      const uint32_t code = (r < n && e < words * per) ? (in[e / per] >> (bits * (e % per))) & mask
+                                                       : qvit::code_of_zero(bits);
+      qvit::nib_place(out + (e / qvit::kNibBlockK) * bw, bits, e % qvit::kNibBlockK, code);
     }
   }
   return 0;

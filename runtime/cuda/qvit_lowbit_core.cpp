@@ -169,10 +169,27 @@ size_t LowBitLinearParams::expected_words() const {
   return words;
 }
 
+namespace {
+
+// The bounds every size computation relies on (before expected_words, the group count, the bias default).
+std::string dims_error(const LowBitLinearParams& p) {
+  if (!is_packed_bits(p.bits)) return "bits=" + std::to_string(p.bits) + " (packed weights exist for 2/3/4)";
+  if (p.in_features <= 0 || p.out_features <= 0 || p.in_features > kMaxLowbitFeatures ||
+      p.out_features > kMaxLowbitFeatures) {
+    return "in_features and out_features must be in 1.." + std::to_string(kMaxLowbitFeatures) + " (got " +
+           std::to_string(p.in_features) + ", " + std::to_string(p.out_features) + ")";
+  }
+  if (p.group_size < 0 || p.group_size > kMaxLowbitFeatures) {
+    return "group_size must be in 0.." + std::to_string(kMaxLowbitFeatures);
+  }
+  return std::string();
+}
+
+}  // namespace
+
 std::string LowBitLinearParams::validate() const {
-  if (!is_packed_bits(bits)) return "bits=" + std::to_string(bits) + " (packed weights exist for 2/3/4)";
-  if (in_features <= 0 || out_features <= 0) return "in_features and out_features must be positive";
-  if (group_size < 0) return "group_size must be >= 0";
+  const std::string dims = dims_error(*this);
+  if (!dims.empty()) return dims;
   if (mixed()) {
     const size_t groups = static_cast<size_t>((out_features + group_size - 1) / group_size);
     if (group_bits.size() != groups) {
@@ -238,10 +255,27 @@ LowBitLinearParams parse_fields(const FieldRef* fields, int32_t count) {
   if (seen[kAttrGroupSize] != seen[kAttrGroupBits]) {
     throw std::invalid_argument("group_size and group_bits come together");
   }
-  if (!seen[kAttrBias]) p.bias.assign(static_cast<size_t>(p.out_features > 0 ? p.out_features : 0), 0.0f);
+  const std::string dims = dims_error(p);  // before the bias default sizes a vector by out_features
+  if (!dims.empty()) throw std::invalid_argument(dims);
+  if (!seen[kAttrBias]) p.bias.assign(static_cast<size_t>(p.out_features), 0.0f);
   const std::string err = p.validate();
   if (!err.empty()) throw std::invalid_argument(err);
   return p;
+}
+
+LowBitLinearParams parse_serialized_fields(const FieldRef* fields, int32_t count) {
+  int32_t version = 1;  // absent: fields serialized before the version field existed
+  for (int32_t i = 0; fields != nullptr && i < count; ++i) {
+    if (fields[i].name != nullptr && std::strcmp(fields[i].name, kFieldsVersionName) == 0) {
+      version = field_int(fields[i]);
+    }
+  }
+  if (version < 1 || version > kFieldsVersion) {
+    throw std::invalid_argument(std::string(kFieldsVersionName) + " " + std::to_string(version) +
+                                " is not readable by this plugin (1.." + std::to_string(kFieldsVersion) +
+                                "): rebuild the engine or update the plugin");
+  }
+  return parse_fields(fields, count);
 }
 
 std::vector<FieldRef> to_fields(const LowBitLinearParams& p) {
@@ -342,17 +376,33 @@ size_t workspace_bytes(const LowBitLinearParams& p, int64_t max_m) {
 
 // ------------------------------------------------------------------ segments
 
-std::vector<HostSegment> build_segments(const LowBitLinearParams& p) {
+namespace {
+
+// One width's rows (qformat words `src`) -> the kernels' layouts.
+void repack_segment(HostSegment& s, const uint32_t* src, int k, bool int4) {
+  s.words.resize(static_cast<size_t>(qvit_repacked_rows(s.rows)) * qvit_repacked_words(k, s.bits));
+  if (qvit_repack_weights(src, s.rows, k, s.bits, s.words.data()) != 0) throw std::runtime_error("weight repack failed");
+  if (!int4) return;
+  s.nib_words.resize(static_cast<size_t>(qvit_repacked_rows(s.rows)) * qvit_nib_words(k, s.bits));
+  if (qvit_repack_weights_nib(src, s.rows, k, s.bits, s.nib_words.data()) != 0) {
+    throw std::runtime_error("nibble-order weight repack failed");
+  }
+}
+
+}  // namespace
+
+bool int4_worthwhile(const LowBitLinearParams& p, int cc_major) {
+  return cc_major >= 8 && qvit_act_fits_s4(p.act_lo, p.act_hi) != 0;
+}
+
+std::vector<HostSegment> build_segments(const LowBitLinearParams& p, bool int4) {
   std::vector<HostSegment> out;
   const int k = p.in_features;
   if (!p.mixed()) {
     HostSegment s;
     s.bits = p.bits;
     s.rows = p.out_features;
-    s.words.resize(static_cast<size_t>(qvit_repacked_rows(s.rows)) * qvit_repacked_words(k, s.bits));
-    if (qvit_repack_weights(p.weight_packed.data(), s.rows, k, s.bits, s.words.data()) != 0) {
-      throw std::runtime_error("weight repack failed");
-    }
+    repack_segment(s, p.weight_packed.data(), k, int4);
     out.push_back(std::move(s));
     return out;
   }
@@ -375,10 +425,7 @@ std::vector<HostSegment> build_segments(const LowBitLinearParams& p) {
     }
     if (s.col_map.empty()) continue;
     s.rows = static_cast<int>(s.col_map.size());
-    s.words.resize(static_cast<size_t>(qvit_repacked_rows(s.rows)) * qvit_repacked_words(k, bits));
-    if (qvit_repack_weights(rows.data(), s.rows, k, bits, s.words.data()) != 0) {
-      throw std::runtime_error("weight repack failed");
-    }
+    repack_segment(s, rows.data(), k, int4);
     out.push_back(std::move(s));
   }
   return out;
@@ -389,7 +436,8 @@ int path_from_env() {
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return QVIT_PATH_AUTO;
   if (std::strcmp(v, "a8") == 0) return QVIT_PATH_A8;
   if (std::strcmp(v, "a16") == 0) return QVIT_PATH_A16;
-  std::cerr << "[qvit_plugins] QVIT_LOWBIT_PATH='" << v << "' is not auto/a8/a16: using auto" << std::endl;
+  if (std::strcmp(v, "a4") == 0) return QVIT_PATH_A4;
+  std::cerr << "[qvit_plugins] QVIT_LOWBIT_PATH='" << v << "' is not auto/a8/a16/a4: using auto" << std::endl;
   return QVIT_PATH_AUTO;
 }
 

@@ -22,6 +22,18 @@
 
 namespace qvit {
 
+// Largest in_features / out_features / group_size a node may declare.  Checked before any size
+// arithmetic (hostile or corrupted fields near INT32_MAX would overflow `int` products and make
+// the bias default / repack allocate gigabytes); far above any ViT / LLM projection width.
+constexpr int32_t kMaxLowbitFeatures = 1 << 20;
+
+// Format version of the IPluginV3 serialized fields (the V2 blob has its own, kSerialVersion in
+// qvit_lowbit_core.cpp): written as the int32 field kFieldsVersionName by getFieldsToSerialize.
+// 1: the node attributes as exported (uniform or mixed widths).  Serialized fields without the
+// version field come from the plugin before it was added and are read as version 1.
+constexpr int32_t kFieldsVersion = 1;
+constexpr const char* kFieldsVersionName = "qvit_fields_version";
+
 // The node's attributes.  Uniform layers: group_size == 0, weight_packed [N, packed_words(K, bits)].
 // Mixed widths (qformat FORMAT_VERSION 2): row r has group_bits[r / group_size] bits and
 // weight_packed holds the rows concatenated at their own widths; `bits` is the widest.
@@ -64,6 +76,9 @@ LowBitLinearParams parse_fields(const FieldRef* fields, int32_t count);
 std::vector<FieldRef> to_fields(const LowBitLinearParams& p);
 // The kind of each attribute a creator announces (getFieldNames).
 FieldKind attr_kind(int attr);
+// Serialized V3 fields (TensorRTPhase::kRUNTIME): the format version checked first (throws
+// std::invalid_argument for a version this plugin cannot read), then parse_fields.
+LowBitLinearParams parse_serialized_fields(const FieldRef* fields, int32_t count);
 
 // V2 engine blob: magic, version, fields.  deserialize_params throws std::runtime_error on anything wrong;
 // it reads version 1 blobs (uniform layers) too.
@@ -82,9 +97,13 @@ struct HostSegment {
   int bits = 0;
   int rows = 0;
   std::vector<uint32_t> words;
-  std::vector<int32_t> col_map;  // empty for a uniform layer
+  std::vector<uint32_t> nib_words;  // [repacked_rows(rows), qvit_nib_words(K, bits)] when built with int4
+  std::vector<int32_t> col_map;     // empty for a uniform layer
 };
-std::vector<HostSegment> build_segments(const LowBitLinearParams& p);
+// int4: also the nibble-order layout of the INT4 tensor-core kernel (only worth its memory when the
+// act grid fits s4 on sm_80+: int4_worthwhile).
+std::vector<HostSegment> build_segments(const LowBitLinearParams& p, bool int4 = false);
+bool int4_worthwhile(const LowBitLinearParams& p, int cc_major);
 
 // Device weights (immutable, shared by a plugin's clones) and the enqueue dispatch (CUDA runtime).
 class LowBitLinearRunner {
@@ -105,6 +124,8 @@ class LowBitLinearRunner {
     int rows = 0;
     int ldw = 0;
     uint32_t* w = nullptr;
+    int ldw_nib = 0;
+    uint32_t* w_nib = nullptr;  // nibble order (mma_int4), or null
     int32_t* col_map = nullptr;
   };
   LowBitLinearRunner() = default;
@@ -115,7 +136,7 @@ class LowBitLinearRunner {
   int cc_minor_ = 0;
 };
 
-// QVIT_LOWBIT_PATH=auto|a8|a16 (bench / debugging); unknown values fall back to auto with a warning.
+// QVIT_LOWBIT_PATH=auto|a8|a16|a4 (bench / debugging); unknown values fall back to auto with a warning.
 int path_from_env();
 
 }  // namespace qvit

@@ -37,7 +37,7 @@ std::shared_ptr<LowBitLinearRunner> LowBitLinearRunner::create(const LowBitLinea
   }
   std::vector<HostSegment> host;
   try {
-    host = build_segments(p);
+    host = build_segments(p, int4_worthwhile(p, r->cc_major_));
   } catch (const std::exception& e) {
     if (error != nullptr) *error = e.what();
     return nullptr;
@@ -50,6 +50,10 @@ std::shared_ptr<LowBitLinearRunner> LowBitLinearRunner::create(const LowBitLinea
     r->segments_.push_back(s);  // owned by r from here on: freed by its destructor on failure too
     Segment& d = r->segments_.back();
     if (!upload(&d.w, h.words.data(), h.words.size(), "weights", error)) return nullptr;
+    if (!h.nib_words.empty()) {
+      d.ldw_nib = qvit_nib_words(p.in_features, h.bits);
+      if (!upload(&d.w_nib, h.nib_words.data(), h.nib_words.size(), "int4 weights", error)) return nullptr;
+    }
     if (!h.col_map.empty() && !upload(&d.col_map, h.col_map.data(), h.col_map.size(), "col_map", error)) {
       return nullptr;
     }
@@ -65,6 +69,7 @@ std::shared_ptr<LowBitLinearRunner> LowBitLinearRunner::create(const LowBitLinea
 LowBitLinearRunner::~LowBitLinearRunner() {
   for (Segment& s : segments_) {
     cudaFree(s.w);
+    cudaFree(s.w_nib);
     cudaFree(s.col_map);
   }
   cudaFree(weight_scale_);
@@ -79,8 +84,9 @@ int LowBitLinearRunner::enqueue(const LowBitLinearParams& p, int64_t m, const vo
     return -1;
   }
   for (const Segment& s : segments_) {
-    const int kernel = qvit_select_kernel(static_cast<int>(m), s.rows, p.in_features, s.bits, x_dtype, path,
-                                          cc_major_, cc_minor_);
+    int kernel = qvit_select_kernel_act(static_cast<int>(m), s.rows, p.in_features, s.bits, x_dtype, path, cc_major_,
+                                        cc_minor_, p.act_lo, p.act_hi);
+    if (kernel == QVIT_KERNEL_MMA_INT4 && s.w_nib == nullptr) kernel = QVIT_KERNEL_INVALID;  // not built: refuse
     LowBitGemmArgs a;
     a.m = static_cast<int>(m);
     a.n = s.rows;
@@ -90,8 +96,9 @@ int LowBitLinearRunner::enqueue(const LowBitLinearParams& p, int64_t m, const vo
     a.x_dtype = x_dtype;
     a.y = y;
     a.y_dtype = y_dtype;
-    a.w = s.w;
-    a.ldw = s.ldw;
+    const bool nib = kernel == QVIT_KERNEL_MMA_INT4;
+    a.w = nib ? s.w_nib : s.w;
+    a.ldw = nib ? s.ldw_nib : s.ldw;
     a.col_map = s.col_map;
     a.ldy = p.out_features;
     a.weight_scale = weight_scale_;

@@ -1,8 +1,9 @@
 // qvit_lowbit_plugin_v3.cpp -- QvitLowBitLinear as a TensorRT >= 10 IPluginV3 (adapter over the core).
 //
-// Phases: the creator parses the node's fields (build) or the serialized fields (runtime); device
-// weights are created in onShapeChange (called before enqueue at build-time profiling and at
-// runtime), never in enqueue, which may run under CUDA-graph capture.
+// Phases: the creator parses the node's fields (build) or the serialized, versioned fields (runtime).
+// Device weights: created once per engine layer (deserialization / configurePlugin / attachToContext,
+// see the header), shared by clones; onShapeChange and enqueue only read them, so enqueue is legal
+// under CUDA-graph stream capture.
 #include "qvit_lowbit_plugin_v3.h"
 
 #if QVIT_PLUGIN_V3
@@ -26,7 +27,30 @@ void log_error(const std::string& where, const std::string& what) {
 // ------------------------------------------------------------------ plugin
 
 LowBitLinearPluginV3::LowBitLinearPluginV3(const std::string& name, LowBitLinearParams params)
-    : name_(name), namespace_(kLowbitPluginNamespace), params_(std::move(params)), path_(path_from_env()) {}
+    : name_(name),
+      namespace_(kLowbitPluginNamespace),
+      params_(std::move(params)),
+      weights_(std::make_shared<DeviceWeights>()),
+      path_(path_from_env()) {}
+
+int32_t LowBitLinearPluginV3::ensure_device_weights() noexcept {
+  try {
+    std::lock_guard<std::mutex> lock(weights_->mutex);
+    if (!weights_->runner) {
+      std::string err;
+      weights_->runner = LowBitLinearRunner::create(params_, &err);
+      if (!weights_->runner) {
+        log_error(name_ + " weights", err);
+        return -1;
+      }
+    }
+    runner_ = weights_->runner;
+    return 0;
+  } catch (const std::exception& e) {
+    log_error(name_ + " weights", e.what());
+    return -1;
+  }
+}
 
 nvinfer1::IPluginCapability* LowBitLinearPluginV3::getCapabilityInterface(
     nvinfer1::PluginCapabilityType type) noexcept {
@@ -42,7 +66,8 @@ nvinfer1::IPluginV3* LowBitLinearPluginV3::clone() noexcept {
   try {
     LowBitLinearPluginV3* p = new LowBitLinearPluginV3(name_, params_);
     p->namespace_ = namespace_;
-    p->runner_ = runner_;  // immutable device weights, ref-counted
+    p->weights_ = weights_;  // one set of immutable device weights per engine layer, ref-counted
+    p->runner_ = runner_;
     p->path_ = path_;
     return p;
   } catch (const std::exception& e) {
@@ -65,7 +90,7 @@ int32_t LowBitLinearPluginV3::configurePlugin(const nvinfer1::DynamicPluginTenso
     log_error(name_, "input last dim " + std::to_string(k) + " != in_features " + std::to_string(params_.in_features));
     return -1;
   }
-  return 0;
+  return ensure_device_weights();  // build phase: before TensorRT profiles enqueue
 }
 
 int32_t LowBitLinearPluginV3::getOutputDataTypes(nvinfer1::DataType* output_types, int32_t nb_outputs,
@@ -109,18 +134,18 @@ int32_t LowBitLinearPluginV3::onShapeChange(const nvinfer1::PluginTensorDesc* in
     log_error(name_, "input last dimension != in_features");
     return -1;
   }
-  if (runner_) return 0;
-  std::string err;
-  runner_ = LowBitLinearRunner::create(params_, &err);
-  if (!runner_) log_error(name_ + " weights", err);
-  return runner_ ? 0 : -1;
+  if (!runner_) {  // created at deserialization / configurePlugin / attachToContext, never here
+    log_error(name_, "onShapeChange() before the device weights were created");
+    return -1;
+  }
+  return 0;
 }
 
 int32_t LowBitLinearPluginV3::enqueue(const nvinfer1::PluginTensorDesc* input_desc,
                                       const nvinfer1::PluginTensorDesc* output_desc, const void* const* inputs,
                                       void* const* outputs, void* workspace, cudaStream_t stream) noexcept {
   if (!runner_) {  // never allocate here: enqueue may be running under CUDA-graph capture
-    log_error(name_, "enqueue before onShapeChange()");
+    log_error(name_, "enqueue() before the device weights were created");
     return -1;
   }
   const int64_t m = rows_of(input_desc[0].dims);
@@ -133,6 +158,7 @@ int32_t LowBitLinearPluginV3::enqueue(const nvinfer1::PluginTensorDesc* input_de
 }
 
 nvinfer1::IPluginV3* LowBitLinearPluginV3::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept {
+  if (ensure_device_weights() != 0) return nullptr;  // a no-op after deserialization created them
   return clone();
 }
 
@@ -141,6 +167,7 @@ const nvinfer1::PluginFieldCollection* LowBitLinearPluginV3::getFieldsToSerializ
   for (const FieldRef& f : to_fields(params_)) {
     serial_fields_.emplace_back(f.name, f.data, trt_field_type(f.kind), f.length);
   }
+  serial_fields_.emplace_back(kFieldsVersionName, &kFieldsVersion, nvinfer1::PluginFieldType::kINT32, 1);
   serial_collection_.nbFields = static_cast<int32_t>(serial_fields_.size());
   serial_collection_.fields = serial_fields_.data();
   return &serial_collection_;
@@ -158,11 +185,15 @@ LowBitLinearPluginCreatorV3::LowBitLinearPluginCreatorV3() : namespace_(kLowbitP
 
 nvinfer1::IPluginV3* LowBitLinearPluginCreatorV3::createPlugin(const char* name,
                                                                const nvinfer1::PluginFieldCollection* fc,
-                                                               nvinfer1::TensorRTPhase /*phase*/) noexcept {
-  try {  // the same fields at build (from the ONNX node) and at runtime (from getFieldsToSerialize)
-    LowBitLinearPluginV3* plugin = new LowBitLinearPluginV3(name != nullptr ? name : "", params_from(fc));
+                                                               nvinfer1::TensorRTPhase phase) noexcept {
+  try {  // build: the ONNX node's fields; runtime: getFieldsToSerialize's, format version checked first
+    const bool runtime = phase == nvinfer1::TensorRTPhase::kRUNTIME;
+    std::unique_ptr<LowBitLinearPluginV3> plugin(
+        new LowBitLinearPluginV3(name != nullptr ? name : "", runtime ? serialized_params_from(fc) : params_from(fc)));
     plugin->setPluginNamespace(namespace_.c_str());
-    return plugin;
+    // Deserialization: the engine layer's one set of device weights, before any context exists.
+    if (runtime && plugin->ensure_device_weights() != 0) return nullptr;
+    return plugin.release();
   } catch (const std::exception& e) {
     log_error(std::string("createPlugin ") + (name != nullptr ? name : ""), e.what());
     return nullptr;

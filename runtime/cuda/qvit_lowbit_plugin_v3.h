@@ -4,7 +4,14 @@
 // name / version / namespace as the exporter writes (qvit_lowbit_format.h).  A thin adapter over
 // qvit_lowbit_core.h, like the TensorRT 8.x IPluginV2DynamicExt front-end (qvit_lowbit_plugin.h);
 // qvit_trt_compat.h decides which one a build gets.  Serialization is TensorRT's: the plugin hands
-// over its node attributes (getFieldsToSerialize) and is re-created from them at runtime.
+// over its node attributes plus a format version (getFieldsToSerialize) and is re-created from
+// them at runtime.
+//
+// Lifecycle (what makes enqueue capturable into a CUDA graph): the device weights live in one
+// DeviceWeights object per engine layer, shared (shared_ptr) by the plugin and every clone.  They
+// are created once -- at deserialization (createPlugin, TensorRTPhase::kRUNTIME), at build time in
+// configurePlugin, or at the latest in attachToContext -- and never in onShapeChange or enqueue,
+// which allocate, copy and repack nothing.
 #ifndef QVIT_LOWBIT_PLUGIN_V3_H
 #define QVIT_LOWBIT_PLUGIN_V3_H
 
@@ -13,10 +20,17 @@
 #if QVIT_PLUGIN_V3
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 namespace qvit {
+
+// The device weights of one engine layer, shared by a plugin and all its clones; created once.
+struct DeviceWeights {
+  std::mutex mutex;
+  std::shared_ptr<LowBitLinearRunner> runner;
+};
 
 class LowBitLinearPluginV3 final : public nvinfer1::IPluginV3,
                                    public nvinfer1::IPluginV3OneCore,
@@ -59,6 +73,9 @@ class LowBitLinearPluginV3 final : public nvinfer1::IPluginV3,
   const nvinfer1::PluginFieldCollection* getFieldsToSerialize() noexcept override;
 
   void setPluginNamespace(const char* plugin_namespace) { namespace_ = plugin_namespace ? plugin_namespace : ""; }
+  // Repack + upload the device weights unless this plugin's lineage already has them (thread-safe).
+  // 0 on success, else -1 with one logged line.  Never called from onShapeChange / enqueue.
+  int32_t ensure_device_weights() noexcept;
 
  private:
   std::string name_;
@@ -66,7 +83,8 @@ class LowBitLinearPluginV3 final : public nvinfer1::IPluginV3,
   LowBitLinearParams params_;
   std::vector<nvinfer1::PluginField> serial_fields_;
   nvinfer1::PluginFieldCollection serial_collection_{};
-  std::shared_ptr<LowBitLinearRunner> runner_;  // device weights, shared by clones
+  std::shared_ptr<DeviceWeights> weights_;  // shared by clones; filled once by ensure_device_weights
+  std::shared_ptr<LowBitLinearRunner> runner_;  // this object's view of weights_->runner (read-only)
   int path_ = 0;                                 // QVIT_PATH_*, from QVIT_LOWBIT_PATH
 };
 

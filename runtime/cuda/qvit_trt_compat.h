@@ -70,15 +70,26 @@ inline nvinfer1::PluginFieldType trt_field_type(FieldKind k) {
   }
 }
 
-// Parser / serialized fields -> params (throws std::invalid_argument).
-inline LowBitLinearParams params_from(const nvinfer1::PluginFieldCollection* fc) {
-  if (fc == nullptr) throw std::invalid_argument("no plugin fields");
+inline std::vector<FieldRef> field_refs(const nvinfer1::PluginFieldCollection* fc) {
+  if (fc == nullptr || fc->nbFields < 0) throw std::invalid_argument("no plugin fields");
   std::vector<FieldRef> refs;
   for (int32_t i = 0; i < fc->nbFields; ++i) {
     const nvinfer1::PluginField& f = fc->fields[i];
     refs.push_back(FieldRef{f.name, field_kind(f.type), f.data, f.length});
   }
+  return refs;
+}
+
+// Parser fields -> params (throws std::invalid_argument).
+inline LowBitLinearParams params_from(const nvinfer1::PluginFieldCollection* fc) {
+  const std::vector<FieldRef> refs = field_refs(fc);
   return parse_fields(refs.data(), static_cast<int32_t>(refs.size()));
+}
+
+// V3 serialized fields -> params: the fields' format version is checked first (throws std::invalid_argument).
+inline LowBitLinearParams serialized_params_from(const nvinfer1::PluginFieldCollection* fc) {
+  const std::vector<FieldRef> refs = field_refs(fc);
+  return parse_serialized_fields(refs.data(), static_cast<int32_t>(refs.size()));
 }
 
 inline int dtype_of(nvinfer1::DataType t) {

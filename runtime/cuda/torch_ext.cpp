@@ -9,6 +9,8 @@
 
 #include <string>
 
+#include <tuple>
+
 #include "lowbit_gemm.h"
 #include "lowbit_host.h"
 #include "qvit_lowbit_format.h"
@@ -66,7 +68,8 @@ void gemm_into(torch::Tensor y, const torch::Tensor& x2d, const torch::Tensor& w
   const int64_t k = x2d.size(1);
   TORCH_CHECK(m <= INT32_MAX && k <= INT32_MAX && n <= INT32_MAX && n > 0, "problem too large or empty");
   const int rows = qvit_repacked_rows(static_cast<int>(n));
-  const int ldw = qvit_repacked_words(static_cast<int>(k), static_cast<int>(bits));
+  // mma_int4 reads the nibble-order layout (qvit_repack_weights_nib), every other kernel the expand order.
+  const int ldw = qvit_weight_words(static_cast<int>(k), static_cast<int>(bits), static_cast<int>(kernel));
   TORCH_CHECK(ldw > 0, "bits must be 2, 3 or 4, got " + num(bits));
   check_operand(w, x2d, torch::kInt32, -1, "w (repacked words)");
   const std::string want = "w must be repacked [" + num(rows) + ", " + num(ldw) + "] for N=" + num(n) + " K=" +
@@ -138,10 +141,44 @@ torch::Tensor gemm(const torch::Tensor& x2d, const torch::Tensor& w, const torch
 }
 
 int64_t select_kernel(int64_t m, int64_t n, int64_t k, int64_t bits, int64_t x_dtype, int64_t path, int64_t cc_major,
-                      int64_t cc_minor) {
-  return qvit_select_kernel(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(bits),
-                            static_cast<int>(x_dtype), static_cast<int>(path), static_cast<int>(cc_major),
-                            static_cast<int>(cc_minor));
+                      int64_t cc_minor, int64_t act_lo, int64_t act_hi) {
+  return qvit_select_kernel_act(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(bits),
+                                static_cast<int>(x_dtype), static_cast<int>(path), static_cast<int>(cc_major),
+                                static_cast<int>(cc_minor), static_cast<int>(act_lo), static_cast<int>(act_hi));
+}
+
+// Fused LayerNorm + quantize (the producer side): (codes int8 [M, K], row_sum int32 [M]).
+std::tuple<torch::Tensor, torch::Tensor> layernorm_quantize(const torch::Tensor& x2d, const torch::Tensor& gamma,
+                                                            const torch::Tensor& beta, double eps, double act_scale,
+                                                            int64_t act_lo, int64_t act_hi) {
+  TORCH_CHECK(x2d.is_cuda() && x2d.dim() == 2 && x2d.is_contiguous(), "x must be a contiguous CUDA [M, K] tensor");
+  const int x_dtype = dtype_code(x2d);
+  TORCH_CHECK(x_dtype == QVIT_DTYPE_F32 || x_dtype == QVIT_DTYPE_F16, "x must be float32 or float16");
+  const int64_t m = x2d.size(0);
+  const int64_t k = x2d.size(1);
+  TORCH_CHECK(m <= INT32_MAX && k > 0 && k % 4 == 0 && k <= INT32_MAX, "K must be a positive multiple of 4");
+  check_operand(gamma, x2d, torch::kFloat32, k, "gamma");
+  check_operand(beta, x2d, torch::kFloat32, k, "beta");
+  const c10::cuda::CUDAGuard guard(x2d.device());
+  torch::Tensor codes = torch::empty({m, k}, x2d.options().dtype(torch::kInt8));
+  torch::Tensor sums = torch::empty({m}, x2d.options().dtype(torch::kInt32));
+  qvit::LayerNormQuantArgs a;
+  a.m = static_cast<int>(m);
+  a.k = static_cast<int>(k);
+  a.x = x2d.data_ptr();
+  a.x_dtype = x_dtype;
+  a.gamma = gamma.data_ptr<float>();
+  a.beta = beta.data_ptr<float>();
+  a.eps = static_cast<float>(eps);
+  a.act_scale = static_cast<float>(act_scale);
+  a.act_lo = static_cast<int>(act_lo);
+  a.act_hi = static_cast<int>(act_hi);
+  a.codes = codes.data_ptr<int8_t>();
+  a.ldq = static_cast<int>(k);
+  a.row_sum = sums.data_ptr<int>();
+  const cudaError_t err = qvit::layernorm_quantize(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, std::string("layernorm_quantize failed: ") + cudaGetErrorString(err));
+  return std::make_tuple(codes, sums);
 }
 
 int64_t workspace_size(int64_t m, int64_t k, int64_t bits, int64_t kernel) {
@@ -157,7 +194,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qvit-edge packed 2/3/4-bit GEMM kernels (QvitLowBitLinear)";
   m.def("gemm", &gemm, "QvitLowBitLinear on [M, K] with an explicit kernel id");
   m.def("gemm_into", &gemm_into, "QvitLowBitLinear into a preallocated y (optional col_map, workspace)");
-  m.def("select_kernel", &select_kernel, "kernel id for (m, n, k, bits, x_dtype, path, cc_major, cc_minor)");
+  m.def("layernorm_quantize", &layernorm_quantize, "fused LayerNorm + activation quantizer -> (int8 codes, row sums)");
+  m.def("select_kernel", &select_kernel,
+        "kernel id for (m, n, k, bits, x_dtype, path, cc_major, cc_minor, act_lo, act_hi)");
   m.def("workspace_size", &workspace_size, "workspace bytes for (m, k, bits, kernel)");
   m.def("kernel_name", &kernel_name, "short kernel name");
 }

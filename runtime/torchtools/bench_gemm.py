@@ -82,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--model-e2e", default=None, metavar="MODEL", choices=sorted(MODELS),
                    help="end-to-end mode: img/s of a timm DeiT, FP16 vs low-bit Linears")
     p.add_argument("--e2e-bits", type=int, default=4, help="weight bits of the end-to-end low-bit model")
+    p.add_argument("--e2e-modes", nargs="+", type=parse_mode, default=None, metavar="WxAy",
+                   help="end-to-end variants, e.g. w4a8 w4a4 w2a2 (default: w<e2e-bits>a8)")
     args = p.parse_args(argv)
     for b in args.bits + [args.e2e_bits]:
         if b not in BITS:
@@ -208,15 +210,19 @@ def _dense_rows(torch, timer, shape, m, x, l2):
     return rows
 
 
-def _lowbit_fns(torch, gemm_ext, preps, x, kernel_id, bits, k, n):
+#: Activation grid per variant tag: a4 = signed 4-bit codes (the INT4 tensor-core kernel), else int8.
+ACT_GRID = {"a4": (-8, 7)}
+
+
+def _lowbit_fns(torch, gemm_ext, preps, x, kernel_id, bits, k, n, grid=(-128, 127)):
     """Closures calling the extension with preallocated output and workspace (the timed region = launches)."""
     ext = gemm_ext.load_extension()
     m = x.shape[0]
     y = torch.empty(m, n, device="cuda", dtype=torch.float16)
     ws_bytes = ext.workspace_size(m, k, bits, kernel_id)
     ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device="cuda")
-    return [lambda p=p: ext.gemm_into(y, x, p.segments[0].w, p.weight_scale, p.bias, None, bits, n, 0.05, -128, 127,
-                                      kernel_id, ws) for p in preps]
+    return [lambda p=p: ext.gemm_into(y, x, p.segments[0].words_for(kernel_id), p.weight_scale, p.bias, None, bits, n,
+                                      0.05, grid[0], grid[1], kernel_id, ws) for p in preps]
 
 
 def _lowbit_rows(torch, gemm_ext, timer, shape, m, x, args, l2):
@@ -234,15 +240,21 @@ def _lowbit_rows(torch, gemm_ext, timer, shape, m, x, args, l2):
         # The bandwidth layer must not fit the L2 in low-bit form either.
         own = n * qformat.packed_words(k, bits) * 4
         copies = _copies(own if shape == BANDWIDTH_SHAPE else n * k * 2, l2)
-        preps = [gemm_ext.prepare(packed[i % 2], np.full(n, 0.01, np.float32), np.zeros(n, np.float32), bits, k)
-                 for i in range(copies)]
+        int4 = m > 16 and torch.cuda.get_device_capability() >= (8, 0)  # mma.sync m16n8k64 s4.u4
+        preps = [gemm_ext.prepare(packed[i % 2], np.full(n, 0.01, np.float32), np.zeros(n, np.float32), bits, k,
+                                  int4=int4) for i in range(copies)]
         variants = [("a16", x, gemm_ext.select_kernel(m, n, k, bits, torch.float16))]
         if m > 16:
             variants.append(("a8", x8, gemm_ext.select_kernel(m, n, k, bits, torch.int8)))
+        if int4:  # 4-bit activations on the INT4 tensor cores (native sm_80..89, emulated on sm_90)
+            variants.append(("a4", x, "mma_int4"))
+        if m <= 16 and torch.cuda.get_device_capability() >= (8, 0):  # persistent cp.async-ring GEMV (W4A8 math)
+            variants.append(("ring", x, "gemv_ring"))
         if args.legacy:
             variants.append(("legacy", x, "a16_gemv" if m <= 16 else "a8_mma"))
         for tag, xin, kernel in variants:
-            fns = _lowbit_fns(torch, gemm_ext, preps, xin, gemm_ext.KERNELS[kernel], bits, k, n)
+            fns = _lowbit_fns(torch, gemm_ext, preps, xin, gemm_ext.KERNELS[kernel], bits, k, n,
+                              ACT_GRID.get(tag, (-128, 127)))
             rows.append(_row(model, layer, m, n, k, "lowbit_w{}{}".format(bits, tag), bits, kernel,
                              timer.graph(fns), timer.burst(fns),
                              lowbit_bytes(m, n, k, bits, x_bytes=1 if tag == "a8" else 2)))
@@ -330,12 +342,25 @@ def format_markdown(rows, targets, device):
 
 # ----------------------------------------------------------------------------- end to end
 
-def _calibrated_lowbit(torch, gemm_ext, model, bits, sample):
+def parse_mode(text):
+    """'w4a8' -> (4, 8): weight bits 2..4, activation bits 2..8 (signed grid [-2^(a-1), 2^(a-1) - 1])."""
+    import re
+
+    m = re.fullmatch(r"w([234])a([2-8])", text.strip().lower())
+    if m is None:
+        raise argparse.ArgumentTypeError("mode must look like w4a8 / w4a4 / w2a2 (w 2..4, a 2..8), got {!r}".format(
+            text))
+    return int(m.group(1)), int(m.group(2))
+
+
+def _calibrated_lowbit(torch, gemm_ext, model, bits, sample, act_bits=8):
     """Swap every Linear inside the blocks of an FP16 model for LowBitLinearCUDA (fp16 in/out), with a
-    max-abs input scale per layer from one calibration batch."""
+    max-abs input scale per layer from one calibration batch on a signed ``act_bits`` grid (<= 4 bits: the
+    INT4 tensor-core kernel where auto picks it)."""
     scales = {}
+    hi = (1 << (act_bits - 1)) - 1
     hooks = [mod.register_forward_hook(lambda mod, inp, out, name=name: scales.__setitem__(
-        name, max(float(inp[0].detach().float().abs().max()) / 127.0, 1e-8)))
+        name, max(float(inp[0].detach().float().abs().max()) / hi, 1e-8)))
         for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and name.startswith("blocks.")]
     with torch.no_grad():
         model(sample)
@@ -344,7 +369,8 @@ def _calibrated_lowbit(torch, gemm_ext, model, bits, sample):
     for name, scale in scales.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, gemm_ext.LowBitLinearCUDA.from_linear(getattr(parent, child).float(), bits, scale))
+        setattr(parent, child, gemm_ext.LowBitLinearCUDA.from_linear(getattr(parent, child).float(), bits, scale,
+                                                                      -hi - 1, hi))
     return model
 
 
@@ -356,8 +382,22 @@ def _img_per_s(torch, model, batch, timer):
     return {"eager": batch / (eager * 1e-3), "graph": batch / (graph * 1e-3) if graph else None}
 
 
+def _int4_identical(torch, gemm_ext, model, sample, y_auto):
+    """Every low-bit Linear forced onto mma_int4 (path a4): bit-identical logits to the auto kernels (both exact,
+    same epilogue) -- W4A4 / W2A2 end to end on the INT4 path, also where it is emulated (sm_90)."""
+    mods = [m for m in model.modules() if isinstance(m, gemm_ext.LowBitLinearCUDA)]
+    saved = [m.path for m in mods]
+    for m in mods:
+        m.path = "a4"
+    try:
+        return bool(torch.equal(model(sample), y_auto))
+    finally:
+        for m, p in zip(mods, saved):
+            m.path = p
+
+
 def run_model_e2e(torch, args):
-    """img/s of a timm DeiT in FP16 and with its block Linears on the low-bit kernels."""
+    """img/s of a timm DeiT in FP16 and with its block Linears on the low-bit kernels, per WxAy mode."""
     try:
         import timm
     except ImportError:
@@ -367,28 +407,67 @@ def run_model_e2e(torch, args):
     gemm_ext.load_extension()
     torch.manual_seed(0)
     fp16 = timm.create_model(TIMM_NAMES[args.model_e2e], pretrained=False).cuda().half().eval()
-    low = timm.create_model(TIMM_NAMES[args.model_e2e], pretrained=False).cuda().half().eval()
-    low.load_state_dict(fp16.state_dict())
     sample = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.float16)
-    low = _calibrated_lowbit(torch, gemm_ext, low, args.e2e_bits, sample)
     timer = Timer(torch, 5, args.repeats)
-    out = {"model": args.model_e2e, "bits": args.e2e_bits, "batches": {}}
+    modes = args.e2e_modes or [(args.e2e_bits, 8)]
+    out = {"model": args.model_e2e, "modes": ["w{}a{}".format(*md) for md in modes], "logit_cosine": {},
+           "kernels": {}, "batches": {str(b): {"fp16": _img_per_s(torch, fp16, b, timer)} for b in (1, 32)}}
     with torch.no_grad():
-        a, b = fp16(sample).float(), low(sample).float()
-    out["logit_cosine"] = float(torch.nn.functional.cosine_similarity(a, b).mean())
-    for batch in (1, 32):
-        out["batches"][str(batch)] = {"fp16": _img_per_s(torch, fp16, batch, timer),
-                                      "lowbit": _img_per_s(torch, low, batch, timer)}
+        ref = fp16(sample).float()
+    for (wb, ab), name in zip(modes, out["modes"]):
+        low = timm.create_model(TIMM_NAMES[args.model_e2e], pretrained=False).cuda().half().eval()
+        low.load_state_dict(fp16.state_dict())
+        low = _calibrated_lowbit(torch, gemm_ext, low, wb, sample, ab)
+        with torch.no_grad():
+            y_low = low(sample)
+            out["logit_cosine"][name] = float(torch.nn.functional.cosine_similarity(ref, y_low.float()).mean())
+            if ab <= 4 and torch.cuda.get_device_capability() >= (8, 0):  # the whole model on the INT4 kernels:
+                out.setdefault("int4_path_identical", {})[name] = _int4_identical(torch, gemm_ext, low, sample, y_low)
+        hi = (1 << (ab - 1)) - 1
+        out["kernels"][name] = gemm_ext.select_kernel(197, 384, 384, wb, torch.float16, act_lo=-hi - 1, act_hi=hi)
+        for b in (1, 32):
+            out["batches"][str(b)][name] = _img_per_s(torch, low, b, timer)
+        del low
     return out
 
 
 def format_e2e(e2e):
-    lines = ["{} end to end, FP16 vs W{} Linears (random weights; logits cosine {:.3f}):".format(
-        e2e["model"], e2e["bits"], e2e["logit_cosine"]),
-        "| batch | FP16 eager | W{b} eager | FP16 graph | W{b} graph |".format(b=e2e["bits"]), "|---|---|---|---|---|"]
+    """Markdown table: img/s per batch, FP16 and every mode (eager / CUDA graph), x = mode graph / FP16 graph."""
+    modes = e2e.get("modes") or ["lowbit"]
+    cos = e2e["logit_cosine"] if isinstance(e2e["logit_cosine"], dict) else {"lowbit": e2e["logit_cosine"]}
+    same = e2e.get("int4_path_identical") or {}
+    lines = ["{} end to end, img/s, random weights (structure and speed only); logits cosine vs FP16: {}{}".format(
+        e2e["model"], ", ".join("{} {:.3f}".format(md, cos.get(md, float("nan"))) for md in modes),
+        "; logits on the INT4 kernels identical to auto: " + ", ".join(
+            "{} {}".format(md, "yes" if v else "NO") for md, v in sorted(same.items())) if same else ""), "",
+        "| batch | FP16 eager | FP16 graph | " + " | ".join("{m} eager | {m} graph".format(m=md) for md in modes)
+        + " |",
+        "|---" * (3 + 2 * len(modes)) + "|"]
     for batch, r in e2e["batches"].items():
-        lines.append("| {} | {} | {} | {} | {} |".format(batch, *[_fmt(r[w][mode], ".0f") for mode in ("eager", "graph")
-                                                                   for w in ("fp16", "lowbit")]))
+        g16 = r["fp16"].get("graph")
+        cells = [_fmt(r["fp16"]["eager"], ".0f"), _fmt(g16, ".0f")]
+        for md in modes:
+            g = r.get(md, {}).get("graph")
+            cells += [_fmt(r.get(md, {}).get("eager"), ".0f"),
+                      "{:.0f} ({:.2f}x)".format(g, g / g16) if g and g16 else _fmt(g, ".0f")]
+        lines.append("| {} | {} |".format(batch, " | ".join(cells)))
+    return "\n".join(lines)
+
+
+def format_m197(rows):
+    """Per-layer table at M = 197 (DeiT-S batch 1): every low-bit variant vs cuBLAS FP16, graph microseconds."""
+    t = [r for r in rows if r["m"] == 197 and r["ms"]]
+    backends = sorted({r["backend"] for r in t if r["backend"].startswith("lowbit")})
+    by = {}
+    for r in t:
+        by.setdefault((r["model"], r["layer"], r["n"], r["k"]), {})[r["backend"]] = r["ms"]
+    lines = ["| layer (N x K), M = 197 | cuBLAS FP16 | " + " | ".join(backends) + " |",
+             "|---" * (2 + len(backends)) + "|"]
+    for (model, layer, n, k), ms in by.items():
+        fp16 = ms.get("cublas_fp16")
+        cells = ["{:.1f} ({:.2f}x)".format(ms[b] * 1e3, fp16 / ms[b]) if b in ms and fp16 else "n/a" for b in backends]
+        lines.append("| {}/{} {}x{} | {} | {} |".format(model, layer, n, k, _fmt(fp16 and fp16 * 1e3, ".1f"),
+                                                     " | ".join(cells)))
     return "\n".join(lines)
 
 
@@ -433,6 +512,7 @@ def main(argv=None):
         for t in targets:
             print("{} {} ({})".format("PASS" if t["ok"] else "MISS", t["target"], t["detail"]))
         result["markdown"] = format_markdown(rows, targets, device)
+        result["m197_markdown"] = format_m197(rows)
     qio.write_json(args.out, result)
     print("wrote {}".format(args.out))
     return 0

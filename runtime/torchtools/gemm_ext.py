@@ -33,9 +33,12 @@ except ImportError:  # pragma: no cover - the project pins torch
 #: Element type codes (runtime/cuda/lowbit_host.h QVIT_DTYPE_*).
 DTYPE_F32, DTYPE_F16, DTYPE_I8, DTYPE_I32 = 0, 1, 2, 3
 #: Math paths (QVIT_PATH_*).
-PATHS = {"auto": 0, "a8": 1, "a16": 2}
+PATHS = {"auto": 0, "a8": 1, "a16": 2, "a4": 3}
 #: Kernels (QVIT_KERNEL_*).
-KERNELS = {"a16_gemv": 1, "a16_tiled": 2, "a8_mma": 3, "a8_dp4a": 4, "a8_int": 5, "gemv_dp4a": 6, "mma_sync": 7}
+KERNELS = {"a16_gemv": 1, "a16_tiled": 2, "a8_mma": 3, "a8_dp4a": 4, "a8_int": 5, "gemv_dp4a": 6, "mma_sync": 7,
+           "mma_int4": 8, "gemv_ring": 9}
+#: Kernels that read the nibble-order weight layout (int4_emu.repack_nib) instead of the expand order.
+NIB_KERNELS = frozenset({"mma_int4"})
 KERNEL_NAMES = {v: k for k, v in KERNELS.items()}
 #: Repack padding (qvit_lowbit_format.h kRepackRowAlign / kRepackKAlign / repack_word_align).
 REPACK_ROW_ALIGN = 64
@@ -288,12 +291,13 @@ def _dtype_code(t: Any) -> int:
 
 
 def select_kernel(m: int, n: int, k: int, bits: int, x_dtype: Any = None, path: str = "auto",
-                  device: Any = "cuda") -> str:
-    """Name of the kernel ``lowbit_linear`` runs for this problem on ``device``."""
+                  device: Any = "cuda", act_lo: int = -128, act_hi: int = 127) -> str:
+    """Name of the kernel ``lowbit_linear`` runs for this problem on ``device`` (the act grid decides INT4)."""
     ext = load_extension()
     cc = _capability(device)
     code = DTYPE_F16 if x_dtype is None else _dtype_code(torch.empty(0, dtype=x_dtype))
-    kid = ext.select_kernel(int(m), int(n), int(k), check_bits(bits), code, check_path(path), cc[0], cc[1])
+    kid = ext.select_kernel(int(m), int(n), int(k), check_bits(bits), code, check_path(path), cc[0], cc[1],
+                            int(act_lo), int(act_hi))
     if kid == 0:
         raise LowBitArgumentError("no kernel for m={} n={} k={} bits={} path={}".format(m, n, k, bits, path))
     return KERNEL_NAMES[kid]
@@ -302,11 +306,20 @@ def select_kernel(m: int, n: int, k: int, bits: int, x_dtype: Any = None, path: 
 class Segment:
     """The weight rows of one bit width: repacked words and the output column of each row."""
 
-    def __init__(self, bits: int, w: Any, col_map: Any, rows: int) -> None:
+    def __init__(self, bits: int, w: Any, col_map: Any, rows: int, w_nib: Any = None) -> None:
         self.bits = bits
         self.w = w
         self.col_map = col_map  # None: rows are columns 0..rows-1 (uniform layer)
         self.rows = rows
+        self.w_nib = w_nib  # nibble-order words for mma_int4 (prepare(..., int4=True)), else None
+
+    def words_for(self, kernel_id: int) -> Any:
+        """The weight layout ``kernel_id`` reads."""
+        if KERNEL_NAMES.get(kernel_id) in NIB_KERNELS:
+            if self.w_nib is None:
+                raise LowBitArgumentError("the INT4 kernel needs weights prepared with int4=True")
+            return self.w_nib
+        return self.w
 
 
 class PreparedWeights:
@@ -326,7 +339,7 @@ class PreparedWeights:
 
 
 def prepare_numpy(packed: Any, weight_scale: Any, bias: Any, bits: int, in_features: int,
-                  row_bits: Any = None) -> Dict[str, Any]:
+                  row_bits: Any = None, int4: bool = False) -> Dict[str, Any]:
     """Validated host arrays for the kernels (CPU only): segments of repacked words, float32 scale and bias.
 
     Uniform layers: ``packed`` is ``[N, packed_words(K, bits)]``.  Mixed widths: ``row_bits`` ([N]) gives
@@ -348,23 +361,33 @@ def prepare_numpy(packed: Any, weight_scale: Any, bias: Any, bits: int, in_featu
     ws = _vector(weight_scale, n, "weight_scale")
     if not np.all(np.isfinite(ws)):
         raise LowBitArgumentError("weight_scale must be finite")
+    nib = None
+    if int4:  # the INT4 kernel's layout too (same codes, nibble order; runtime/torchtools/int4_emu.py)
+        from runtime.torchtools import int4_emu
+
+        sources = {b: rows for b, (rows, _) in split_rows(packed, row_bits, k).items()} if row_bits is not None \
+            else {segments[0][0]: _as_packed(packed, segments[0][0], k)}
+        nib = [int4_emu.repack_nib(sources[b], b, k) for b, _, _, _ in segments]
     return {"segments": segments, "weight_scale": ws, "bias": _vector(bias, n, "bias"),
-            "in_features": k, "out_features": n}
+            "in_features": k, "out_features": n, "nib": nib}
 
 
 def _upload(host: Dict[str, Any], device: Any) -> PreparedWeights:
     dev = torch.device(device)
+    nib = host.get("nib") or [None] * len(host["segments"])
     segs = [Segment(b, torch.from_numpy(w.view(np.int32)).to(dev),
-                    None if idx is None else torch.from_numpy(np.ascontiguousarray(idx, np.int32)).to(dev), rows)
-            for b, w, idx, rows in host["segments"]]
+                    None if idx is None else torch.from_numpy(np.ascontiguousarray(idx, np.int32)).to(dev), rows,
+                    None if wn is None else torch.from_numpy(wn.view(np.int32)).to(dev))
+            for (b, w, idx, rows), wn in zip(host["segments"], nib)]
     return PreparedWeights(segs, torch.from_numpy(host["weight_scale"]).to(dev),
                            torch.from_numpy(host["bias"]).to(dev), host["in_features"], host["out_features"])
 
 
 def prepare(packed: Any, weight_scale: Any, bias: Any, bits: int, in_features: int, device: Any = "cuda",
-            row_bits: Any = None) -> PreparedWeights:
-    """Repack once and upload; pass the result as ``packed`` to :func:`lowbit_linear` in loops."""
-    host = prepare_numpy(packed, weight_scale, bias, bits, in_features, row_bits)
+            row_bits: Any = None, int4: bool = False) -> PreparedWeights:
+    """Repack once and upload; pass the result as ``packed`` to :func:`lowbit_linear` in loops.
+    ``int4``: also the nibble-order layout of the INT4 tensor-core kernel (activations within [-8, 7])."""
+    host = prepare_numpy(packed, weight_scale, bias, bits, in_features, row_bits, int4)
     require_cuda()
     return _upload(host, device)
 
@@ -392,20 +415,37 @@ def _run(x: Any, prep: PreparedWeights, act_scale: float, act_lo: int, act_hi: i
     for seg in prep.segments:
         sid = kid
         if sid is None:
-            sid = ext.select_kernel(x2d.shape[0], seg.rows, prep.in_features, seg.bits, xcode, path_code, cc[0], cc[1])
+            sid = ext.select_kernel(x2d.shape[0], seg.rows, prep.in_features, seg.bits, xcode, path_code, cc[0], cc[1],
+                                    int(act_lo), int(act_hi))
             if sid == 0:
                 raise LowBitArgumentError("no kernel for this problem (bits={}, path={})".format(seg.bits, path))
-        ext.gemm_into(y, x2d, seg.w, prep.weight_scale, prep.bias, seg.col_map, seg.bits, seg.rows,
+            if KERNEL_NAMES[sid] in NIB_KERNELS and seg.w_nib is None:
+                sid = ext.select_kernel(x2d.shape[0], seg.rows, prep.in_features, seg.bits, xcode, path_code,
+                                        cc[0], cc[1], -128, 127)  # weights prepared without the INT4 layout
+        ext.gemm_into(y, x2d, seg.words_for(sid), prep.weight_scale, prep.bias, seg.col_map, seg.bits, seg.rows,
                       float(act_scale), int(act_lo), int(act_hi), sid, None)
     return y.reshape(tuple(x.shape[:-1]) + (prep.out_features,))
 
 
-def _prepared(x: Any, packed: Any, weight_scale: Any, bias: Any, bits: Any, row_bits: Any = None) -> PreparedWeights:
+def check_int4_grid(path: str, kernel: Optional[str], act_lo: int, act_hi: int) -> None:
+    """The INT4 kernel multiplies signed 4-bit activation codes: a forced one needs [act_lo, act_hi] in [-8, 7]."""
+    if (kernel in NIB_KERNELS or path == "a4") and not (-8 <= act_lo and act_hi <= 7):
+        raise LowBitArgumentError("the INT4 path needs act_lo >= -8 and act_hi <= 7 (4-bit activations), got "
+                                  "[{}, {}]: use path='auto' or 'a8'".format(act_lo, act_hi))
+
+
+def _wants_int4(path: str, kernel: Optional[str], act_lo: int, act_hi: int) -> bool:
+    """Whether a call may run the INT4 kernel (so raw packed weights get its layout too)."""
+    return kernel in NIB_KERNELS or (kernel is None and path in ("auto", "a4") and -8 <= act_lo and act_hi <= 7)
+
+
+def _prepared(x: Any, packed: Any, weight_scale: Any, bias: Any, bits: Any, row_bits: Any = None,
+              int4: bool = False) -> PreparedWeights:
     if isinstance(packed, PreparedWeights):
         return packed
     if torch is None or not isinstance(x, torch.Tensor):
         raise LowBitArgumentError("x must be a torch.Tensor")
-    host = prepare_numpy(packed, weight_scale, bias, bits, x.shape[-1], row_bits)  # validates on the CPU first
+    host = prepare_numpy(packed, weight_scale, bias, bits, x.shape[-1], row_bits, int4)  # validates on the CPU
     require_cuda()
     return _upload(host, x.device)
 
@@ -423,7 +463,8 @@ def lowbit_linear(x: Any, packed: Any, weight_scale: Any, bias: Any, bits: Any, 
     check_path(path)
     check_kernel(kernel)
     check_act_params(act_scale, act_lo, act_hi)
-    prep = _prepared(x, packed, weight_scale, bias, bits, row_bits)
+    check_int4_grid(path, kernel, act_lo, act_hi)
+    prep = _prepared(x, packed, weight_scale, bias, bits, row_bits, _wants_int4(path, kernel, act_lo, act_hi))
     if out_dtype is None:
         out_dtype = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
     out_codes = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16}
@@ -438,6 +479,7 @@ def lowbit_linear_acc(x: Any, packed: Any, bits: Any, act_scale: float, act_lo: 
     check_path(path)
     check_kernel(kernel)
     check_act_params(act_scale, act_lo, act_hi)
+    check_int4_grid(path, kernel, act_lo, act_hi)
     if isinstance(packed, PreparedWeights):
         prep = packed
     else:
@@ -445,8 +487,44 @@ def lowbit_linear_acc(x: Any, packed: Any, bits: Any, act_scale: float, act_lo: 
             n = _as_packed(packed, check_bits(bits), x.shape[-1]).shape[0]
         else:
             n = int(np.asarray(_numpy(row_bits)).size)
-        prep = _prepared(x, packed, np.ones(n, np.float32), None, bits, row_bits)
+        prep = _prepared(x, packed, np.ones(n, np.float32), None, bits, row_bits,
+                         _wants_int4(path, kernel, act_lo, act_hi))
     return _run(x, prep, act_scale, act_lo, act_hi, path, kernel, DTYPE_I32)
+
+
+# ----------------------------------------------------------------------------- fused producer
+
+def layernorm_quantize_reference(x: Any, weight: Any, bias: Any, eps: float, act_scale: float, act_lo: int,
+                                 act_hi: int) -> tuple:
+    """numpy reference of the fused producer: (int8 codes of clip(rint(LayerNorm(x) / act_scale)), row sums)."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = ((x - mean) / np.sqrt(var + eps) * np.asarray(weight, np.float64) + np.asarray(bias, np.float64))
+    codes = np.clip(qformat.round_half_even((y / np.float64(act_scale)).astype(np.float32)), act_lo, act_hi)
+    return codes.astype(np.int8), codes.astype(np.int64).sum(axis=-1)
+
+
+def layernorm_quantize(x: Any, weight: Any, bias: Any, eps: float, act_scale: float, act_lo: int, act_hi: int) -> tuple:
+    """LayerNorm and the next node's activation quantizer in ONE kernel: ``(codes int8 [..., K], row_sum int32 [...])``.
+
+    The codes feed :func:`lowbit_linear` as an int8 ``x`` (already on the node's grid) -- no separate
+    quantize kernel between the LayerNorm and the low-bit Linear.  K must be a multiple of 4.
+    """
+    check_act_params(act_scale, act_lo, act_hi)
+    if torch is None or not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] % 4:
+        raise LowBitArgumentError("x must be a torch.Tensor [..., K] with K a multiple of 4")
+    if not (eps >= 0):
+        raise LowBitArgumentError("eps must be >= 0, got {}".format(eps))
+    require_cuda()
+    if not x.is_cuda:
+        raise LowBitArgumentError("x must be a CUDA tensor (got device {})".format(x.device))
+    k = x.shape[-1]
+    g = torch.as_tensor(weight, dtype=torch.float32, device=x.device).reshape(k).contiguous()
+    b = torch.as_tensor(bias, dtype=torch.float32, device=x.device).reshape(k).contiguous()
+    codes, sums = load_extension().layernorm_quantize(x.reshape(-1, k).contiguous(), g, b, float(eps),
+                                                      float(act_scale), int(act_lo), int(act_hi))
+    return codes.reshape(x.shape), sums.reshape(x.shape[:-1])
 
 
 # ----------------------------------------------------------------------------- nn.Module
@@ -468,7 +546,9 @@ if nn is not None:
             check_act_params(act_scale, act_lo, act_hi)
             check_path(path)
             check_kernel(kernel)
-            host = prepare_numpy(packed, weight_scale, bias, bits, in_features, row_bits)
+            check_int4_grid(path, kernel, act_lo, act_hi)
+            host = prepare_numpy(packed, weight_scale, bias, bits, in_features, row_bits,
+                                 _wants_int4(path, kernel, act_lo, act_hi))
             self.in_features = host["in_features"]
             self.out_features = host["out_features"]
             self.act_scale = float(act_scale)
@@ -478,9 +558,11 @@ if nn is not None:
             self.kernel = kernel
             self.segment_bits = [b for b, _, _, _ in host["segments"]]
             self.mixed = row_bits is not None
-            for b, w, idx, _ in host["segments"]:
+            for i, (b, w, idx, _) in enumerate(host["segments"]):
                 suffix = "_b{}".format(b) if self.mixed else ""
                 self.register_buffer("weight_repacked" + suffix, torch.from_numpy(w.view(np.int32).copy()))
+                if host["nib"] is not None:  # the INT4 kernel's nibble-order layout (4-bit activation grid)
+                    self.register_buffer("weight_nib" + suffix, torch.from_numpy(host["nib"][i].view(np.int32).copy()))
                 if idx is not None:
                     self.register_buffer("col_map" + suffix, torch.from_numpy(np.array(idx, np.int32)))
             self.register_buffer("weight_scale", torch.from_numpy(host["weight_scale"].copy()))
@@ -511,7 +593,7 @@ if nn is not None:
                 w = getattr(self, "weight_repacked" + suffix)
                 cmap = getattr(self, "col_map" + suffix, None)
                 rows = self.out_features if cmap is None else int(cmap.numel())
-                segs.append(Segment(b, w, cmap, rows))
+                segs.append(Segment(b, w, cmap, rows, getattr(self, "weight_nib" + suffix, None)))
             return PreparedWeights(segs, self.weight_scale, self.bias, self.in_features, self.out_features)
 
         def forward(self, x: Any) -> Any:
