@@ -76,8 +76,8 @@ def test_int4_many_rows_and_worst_case(bits):
 @pytest.mark.cuda
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
 def test_int4_float_output_and_paths_agree(out_dtype):
-    """The y of mma_int4 equals mma_sync's on the same problem (same epilogue), and auto picks INT4 exactly
-    where it is native (sm_80..89), mma_sync on sm_90."""
+    """The y of mma_int4 equals mma_sync's on the same problem (same epilogue); auto keeps mma_sync until INT4
+    is measured (QVIT_AUTO_INT4=0)."""
     _skip_without_int4()
     q, packed, s, x = _problem(197, 384, 384, 4, "A4", seed=7)
     rng = np.random.default_rng(1)
@@ -88,8 +88,8 @@ def test_int4_float_output_and_paths_agree(out_dtype):
     ys = [gemm_ext.lowbit_linear(xt, packed, ws, bias, 4, s, -8, 7, kernel=kn) for kn in ("mma_int4", "mma_sync")]
     torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=0)
     cc = torch.cuda.get_device_capability()
-    want = "mma_int4" if (8, 0) <= cc < (9, 0) else "mma_sync"
-    assert gemm_ext.select_kernel(197, 384, 384, 4, torch.float16, act_lo=-8, act_hi=7) == want
+    assert cc >= (8, 0)
+    assert gemm_ext.select_kernel(197, 384, 384, 4, torch.float16, act_lo=-8, act_hi=7) == "mma_sync"
     y_auto = gemm_ext.lowbit_linear(xt, packed, ws, bias, 4, s, -8, 7)
     torch.testing.assert_close(y_auto, ys[0], rtol=0, atol=0)
 

@@ -177,12 +177,13 @@ def test_emulation_catches_a_wrong_mapping(kernel_dump):
 
 
 def test_int4_kernel_selection_and_workspace(host_lib):
-    """auto: INT4 for M > 16 when the act grid fits s4 on sm_80..89 (native IMMA.16864), never on sm_90
-    (emulated) nor for a wider grid; a4 forces it on sm_80+; workspace = s4 codes + row sums."""
+    """auto keeps mma_sync until INT4 is measured on a GPU (QVIT_AUTO_INT4=0); a4 forces INT4 on sm_80+ when
+    the act grid fits s4, never for a wider grid nor below sm_80; workspace = s4 codes + row sums."""
     sel = host_lib.qvit_select_kernel_act
     name = lambda kid: host_lib.qvit_kernel_name(kid).decode()  # noqa: E731
-    assert name(sel(197, 384, 384, 4, 1, 0, 8, 7, -8, 7)) == "mma_int4"
-    assert name(sel(197, 384, 384, 2, 1, 0, 8, 0, -2, 1)) == "mma_int4"
+    assert name(sel(197, 384, 384, 4, 1, 0, 8, 7, -8, 7)) == "mma_sync"
+    assert name(sel(197, 384, 384, 4, 1, 3, 8, 7, -8, 7)) == "mma_int4"
+    assert name(sel(197, 384, 384, 2, 1, 3, 8, 0, -2, 1)) == "mma_int4"
     assert name(sel(197, 384, 384, 4, 1, 0, 9, 0, -8, 7)) == "mma_sync"
     assert name(sel(197, 384, 384, 4, 1, 0, 8, 7, -128, 127)) == "mma_sync"
     assert name(sel(1, 384, 384, 4, 1, 0, 8, 7, -8, 7)) == "gemv_dp4a"
