@@ -85,7 +85,7 @@ class IRMNorm(nn.Module):
         return min(1.0, float(self.blend_step) / self.blend_steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.init == "std" and not bool(self.data_initialized):
+        if self.init == "std" and not torch.compiler.is_compiling() and not bool(self.data_initialized):
             self.init_from(x)
         if not self.per_head:
             y = F.layer_norm(x, (self.head_dim,), self.weight, self.bias, self.eps)

@@ -268,6 +268,7 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
         say("{}: resumed at epoch {}/{} (best top-1 {:.2f})".format(phase.name, start_epoch, phase.epochs, best),
             dinfo)
     objective_hook(objective, "begin_fit", step, total, (resume_state or {}).get("objective"))
+    fused = _fuse(args, model, total - step, device, dinfo)
     train_obj = objective
     if dinfo.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -302,6 +303,8 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
                                       ev["top1"], top5, ev["loss"], tr["train_img_s"],
                                       (" | " + objective.note() if hasattr(objective, "note") else "") +
                                       "".join(" | {} {:.4g}".format(k, v) for k, v in extra.items())), dinfo)
+            if fused is not None:
+                say("{}: {}".format(phase.name, fused.note()), dinfo)
             if dinfo.is_main:
                 _save_epoch(phase, model, meta, row, best, is_best, o, logger.rows + [row], objective)
                 logger.epoch(row)
@@ -309,6 +312,17 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
     finally:
         logger.close()
     return row
+
+
+def _fuse(args: argparse.Namespace, model: nn.Module, steps: int, device: torch.device, dinfo: dist.DistInfo):
+    """The compiled training forward (train/fastqat.py) for ``--compile``, or None (eager).  ``auto`` compiles
+    phases of at least ``fastqat.AUTO_MIN_STEPS`` steps: compiling costs minutes on a CPU."""
+    from train import fastqat
+
+    mode = getattr(args, "compile", "off")
+    if mode == "auto" and steps < fastqat.AUTO_MIN_STEPS:
+        return None
+    return fastqat.enable(model, mode, device, log=lambda msg: say(msg, dinfo))
 
 
 def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, o: Optim, loaders: Loaders, steps: int,
@@ -613,6 +627,10 @@ def run(args: argparse.Namespace) -> dict:
                        (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
         device = resolve_device(args.device, dinfo)
+        if getattr(args, "compile", "off") == "on":  # refused before the data loads
+            from train.fastqat import require
+
+            require(device)
         loaders = build_loaders(args.data, spec.input_size, spec.mean, spec.std, args.batch_size,
                                 data_dir=args.data_dir, workers=args.workers, seed=args.seed, rank=dinfo.rank,
                                 world_size=dinfo.world_size, pin_memory=device.type == "cuda", holdout=args.holdout)
