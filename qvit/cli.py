@@ -18,6 +18,7 @@ STAGES = (
     ("build", "runtime.build", "ONNX -> TensorRT engine (cached), with the equivalent trtexec line"),
     ("bench", "runtime.bench", "img/s and latency on TensorRT, ONNX Runtime or torch"),
     ("demo", "runtime.demo", "camera / video / image-folder classification demo"),
+    ("bench-qat", "experiments.bench_qat", "QAT step vs FP step of every method, eager vs fused (JSON + table)"),
 )
 
 

@@ -28,7 +28,8 @@ def test_qvit_is_a_project_script():
 def test_help_lists_every_stage(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert [name for name, _, _ in STAGES] == ["train", "softlabels", "study", "export", "build", "bench", "demo"]
+    assert [name for name, _, _ in STAGES] == ["train", "softlabels", "study", "export", "build", "bench", "demo",
+                                               "bench-qat"]
     assert all(f"  {name} " in out for name, _, _ in STAGES)
 
 
@@ -41,6 +42,7 @@ def test_help_lists_every_stage(capsys):
     (["build"], "the following arguments are required: --onnx"),
     (["softlabels", "--out", "s"], "the following arguments are required: --teacher"),
     (["demo", "--onnx", "m.onnx", "--headless"], "--headless needs --out"),
+    (["bench-qat", "--modes", "jit"], "--modes takes"),
 ])
 def test_each_stage_refuses_bad_flags_in_one_line(argv, needle):
     r = _run([sys.executable, "-m", "qvit"] + argv)

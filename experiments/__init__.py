@@ -1,0 +1,1 @@
+"""Experiment drivers: they import the stages as libraries (never the reverse)."""
