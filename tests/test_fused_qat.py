@@ -234,3 +234,21 @@ def test_teacher_inference_mode_and_dgd_only_forward_stops_early():
     loss, _, parts = obj(x, torch.randint(0, 10, (4,)))
     loss.backward()  # teacher tensors from inference mode do not break the student's backward
     assert parts["dgd"] > 0
+
+
+def test_trainer_compiles_by_default_only_phases_long_enough_to_repay_it():
+    import argparse
+
+    from train import dist
+    from train.trainer import _fuse
+
+    model = create_model("vit_fmnist", num_classes=10, depth=1, embed_dim=24, num_heads=2).train()
+    cpu, info = torch.device("cpu"), dist.DistInfo()
+    assert _fuse(argparse.Namespace(compile="auto"), model, fastqat.AUTO_MIN_STEPS - 1, cpu, info) is None
+    assert _fuse(argparse.Namespace(compile="off"), model, 10 ** 6, cpu, info) is None
+    ff = _fuse(argparse.Namespace(compile="auto"), model, fastqat.AUTO_MIN_STEPS, cpu, info)
+    assert isinstance(ff, fastqat.FusedForward)  # compiled lazily, at its first training step
+    ff.remove()
+    from train.cli import parse_args
+
+    assert parse_args([]).compile == "auto"

@@ -269,6 +269,7 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
             dinfo)
     objective_hook(objective, "begin_fit", step, total, (resume_state or {}).get("objective"))
     fused = _fuse(args, model, total - step, device, dinfo)
+    meta = dict(meta, fused=fused is not None)  # which path trained (not a resume key: either path resumes)
     train_obj = objective
     if dinfo.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
