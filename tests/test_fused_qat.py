@@ -112,6 +112,14 @@ def test_every_quantizer_kind_forward_bit_identical_gradients_close():
         for n, ref in ref_g.items():
             tol = GRAD_RTOL * float(ref.abs().max().clamp(min=1e-12))
             assert torch.allclose(g[n], ref, rtol=0, atol=tol), f"{name}: d/d{n} off by {(g[n] - ref).abs().max()}"
+    # the learned-bit search ends (bits frozen): same outputs, no recompilation, no gradient into b~
+    for m in (eager, fused):
+        for q in m.qs:
+            if hasattr(q, "bit"):
+                q.bit.freeze_()
+    (ref_outs, ref_grads), (outs, grads) = _run_all(eager, xs), _run_all(fused, xs)
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs)) and ff.graphs == 1, ff.note()
+    assert all(not g["bit.value"].any() for g in grads + ref_grads if "bit.value" in g)
 
 
 def test_enable_modes_and_readiness():

@@ -294,7 +294,8 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
             final = getattr(objective, "allocation_final", True)
             is_best = ev["top1"] > best and final
             best = max(best, ev["top1"]) if final else best
-            extra = objective_hook(objective, "epoch_metrics") or {}
+            extra = dict(objective_hook(objective, "epoch_metrics") or {},  # fused: graphs compiled so far (1)
+                         **({"compiled_graphs": fused.graphs} if fused is not None else {}))
             row = {"epoch": epoch + 1, "step": step, "lr": o.sched.get_last_lr()[0], **tr,
                    "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"], "val_img_s": ev["img_s"],
                    **extra}
@@ -304,14 +305,14 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
                                       ev["top1"], top5, ev["loss"], tr["train_img_s"],
                                       (" | " + objective.note() if hasattr(objective, "note") else "") +
                                       "".join(" | {} {:.4g}".format(k, v) for k, v in extra.items())), dinfo)
-            if fused is not None:
-                say("{}: {}".format(phase.name, fused.note()), dinfo)
             if dinfo.is_main:
                 _save_epoch(phase, model, meta, row, best, is_best, o, logger.rows + [row], objective)
                 logger.epoch(row)
             dist.barrier()
     finally:
         logger.close()
+        if fused is not None:  # the model leaves fit() a plain module again (copyable, its class's forward)
+            fused.remove()
     return row
 
 
