@@ -268,7 +268,7 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
         say("{}: resumed at epoch {}/{} (best top-1 {:.2f})".format(phase.name, start_epoch, phase.epochs, best),
             dinfo)
     objective_hook(objective, "begin_fit", step, total, (resume_state or {}).get("objective"))
-    fused = _fuse(args, model, total - step, device, dinfo)
+    fused = _fuse(args, model, total, device, dinfo)  # by the phase's length: a resumed run keeps its path
     meta = dict(meta, fused=fused is not None)  # which path trained (not a resume key: either path resumes)
     train_obj = objective
     if dinfo.enabled:
