@@ -135,7 +135,7 @@ class _Replay:
     q/k recorded with them (the teacher's cost is timed on its own)."""
 
     def __init__(self, distiller, images) -> None:
-        self.rec = distiller._t_rec
+        self.rec = distiller.teacher_recorder
         logits = distiller.run_teacher(images)
         self.logits = logits
         self.q, self.k = (list(self.rec.q), list(self.rec.k)) if self.rec is not None else ([], [])
@@ -260,14 +260,15 @@ def teacher_times(teacher, images, opts: BenchOptions, device) -> dict:
     from train.distill import Distiller
 
     d = Distiller(teacher, copy.deepcopy(teacher), DistillConfig.for_method("dgd"))
+    rec = d.teacher_recorder
     out = {}
     for name, need in (("teacher_full_s", True), ("teacher_dgd_only_s", False)):
         d.run_teacher(images, need)
         runs = []
         for _ in range(opts.rounds):
-            runs.append(_timed(lambda n=need: (d._t_rec.clear(), d.run_teacher(images, n)), opts.steps, device))
+            runs.append(_timed(lambda n=need: (rec.clear(), d.run_teacher(images, n)), opts.steps, device))
         out[name] = statistics.median(runs)
-    d._t_rec.remove()
+    rec.remove()
     return out
 
 

@@ -145,6 +145,15 @@ def test_no_compiler_falls_back_with_one_line(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     why = fastqat.availability(torch.device("cpu"))
     assert why is not None and "C++ compiler" in why
+    q = ActQuantizer(4)
+    q(torch.randn(2, 5))
+    notes = []
+    assert fastqat.enable(q, "auto", torch.device("cpu"), log=notes.append) is None
+    assert notes == [f"note: --compile auto: {why}; training runs eager"]
+    from qformat.errors import UserError
+
+    with pytest.raises(UserError, match="C\\+\\+ compiler.*--compile off"):
+        fastqat.enable(q, "on", torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- a whole (tiny) model
@@ -232,13 +241,13 @@ def test_teacher_inference_mode_and_dgd_only_forward_stops_early():
     h = teacher.head.register_forward_hook(lambda *a: head_calls.append(1))
     assert obj.run_teacher(x, need_logits=False) is None
     assert not head_calls, "DGD alone must not run the teacher's head"
-    q_short, k_short = list(obj._t_rec.q), list(obj._t_rec.k)
-    obj._t_rec.clear()
+    q_short, k_short = list(obj.teacher_recorder.q), list(obj.teacher_recorder.k)
+    obj.teacher_recorder.clear()
     t_logits = obj.run_teacher(x, need_logits=True)
     assert head_calls and not t_logits.is_inference() and not t_logits.requires_grad
-    assert all(torch.equal(a, b) for a, b in zip(q_short + k_short, obj._t_rec.q + obj._t_rec.k))
+    assert all(torch.equal(a, b) for a, b in zip(q_short + k_short, obj.teacher_recorder.q + obj.teacher_recorder.k))
     h.remove()
-    obj._t_rec.clear()
+    obj.teacher_recorder.clear()
     loss, _, parts = obj(x, torch.randint(0, 10, (4,)))
     loss.backward()  # teacher tensors from inference mode do not break the student's backward
     assert parts["dgd"] > 0

@@ -138,6 +138,11 @@ class Distiller(nn.Module):
             self._t_rec = QKRecorder(teacher)
             self._s_rec = QKRecorder(student)
 
+    @property
+    def teacher_recorder(self) -> QKRecorder | None:
+        """The recorder of the teacher's q/k (DGD), None without DGD."""
+        return self._t_rec
+
     def run_teacher(self, images: torch.Tensor, need_logits: bool = True) -> torch.Tensor | None:
         """The teacher's logits (``need_logits``) and its recorded q/k (DGD), under ``inference_mode`` (no
         autograd bookkeeping; on CUDA the trainer's autocast makes it bf16, on CPU it stays fp32).  Without
