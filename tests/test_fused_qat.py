@@ -269,3 +269,23 @@ def test_trainer_compiles_by_default_only_phases_long_enough_to_repay_it():
     from train.cli import parse_args
 
     assert parse_args([]).compile == "auto"
+
+
+@pytest.mark.slow
+def test_irm_blend_in_variant_compiles_once_and_matches():
+    from train.quant import calibrate, prepare
+
+    torch.manual_seed(0)
+    model = create_model("vit_fmnist", num_classes=10, depth=1, embed_dim=24, num_heads=2)
+    prepare(model, QuantConfig.for_method("qvit", 3, irm_blend_steps=2))  # t = 0, 0.5, 1, 1
+    x = torch.randn(8, 1, 28, 28)
+    calibrate(model, [x])
+    model.train()
+    fused = copy.deepcopy(model)
+    ff = fastqat.enable(fused, "on", torch.device("cpu"))
+    for _ in range(4):
+        a, b = model(x), fused(x)
+        assert torch.allclose(b, a, rtol=0, atol=MODEL_ATOL)
+    steps = [m.blend_step for m in fused.modules() if hasattr(m, "blend_step")]
+    assert steps and all(int(s) == 4 for s in steps)
+    assert ff.graphs == 1, ff.note()
