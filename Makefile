@@ -18,7 +18,7 @@ STAMP   := .make/installed
 QVIT    := $(PY) -m qvit
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help quickstart test install data train ablation mp-ablation vvtq-ablation study deploy-figure export engine bench bench-ort demo plugins bench-gemm gpu-check lint clean
+.PHONY: help quickstart test install data train ablation mp-ablation vvtq-ablation study deploy-figure export engine bench bench-ort demo plugins bench-gemm bench-qat gpu-check lint clean
 
 help:
 	@echo "qvit --help                every stage, experiment and tool (python -m qvit here); each target below calls one"
@@ -37,6 +37,7 @@ help:
 	@echo "make plugins               build libqvit_plugins.so (CMake, CUDA, TensorRT headers)"
 	@echo "make bench-ort             ONNX Runtime CPU: DeiT-S + vit_fmnist in every format vs FP32 and ORT's quantizers"
 	@echo "make bench-gemm            packed low-bit GEMM kernels vs cuBLAS (needs a CUDA GPU)"
+	@echo "make bench-qat             QAT step vs FP step per method, eager vs fused (qvit bench-qat; idle machine)"
 	@echo "make gpu-check             one command on a GPU: build, pytest -m cuda, compute-sanitizer, bench, e2e (<= 8 min)"
 
 # ---------------------------------------------------------------- set-up (idempotent)
@@ -101,6 +102,10 @@ bench-ort: install data
 
 bench-gemm:
 	$(QVIT) bench-gemm
+
+# Interleaved, one process: run it on an idle machine (a load average >= 2 marks the numbers void).
+bench-qat: install
+	$(QVIT) bench-qat --out docs/bench_qat $(if $(QAT_DEVICE),--device $(QAT_DEVICE))
 
 # No install step: the GPU machine has no package registry (results under $$OUT or runs/gpu-check/).
 gpu-check:

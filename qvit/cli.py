@@ -27,6 +27,7 @@ EXPERIMENTS = (
     ("deploy-figure", "experiments.deploy_figure", "accuracy vs size and ORT CPU img/s of the study's models"),
     ("bench-ort", "experiments.bench_ort", "export every format for ONNX Runtime, then compare with ORT's quantizers"),
     ("ort-compare", "experiments.ort_compare", "ORT CPU speed of given graphs vs FP32 and ORT's own quantizers"),
+    ("bench-qat", "experiments.bench_qat", "QAT step vs FP step of every method, eager vs fused (JSON + table)"),
 )
 #: device and development tools
 TOOLS = (

@@ -78,6 +78,8 @@ CLIS = {
                                                      "--artifacts", "{models}", "--out", "{out}/m"], "{out}", {
         "--bits": BITS, "--iters": POS, "--warmup": NONNEG, "--batch": BATCHES}),
     "tegrastats": ("jetson.tegrastats", "main", [], "{out}", {"--seconds": POSF, "--interval": POS}),
+    "bench_qat": ("experiments.bench_qat", "main", ["--quick", "--out", "{out}/bq"], "{out}", {
+        "--batch": POS, "--rounds": POS, "--steps": POS, "--bits": BIT_LISTS}),
 }
 CASES = [(cli, flag) for cli, spec in CLIS.items() for flag in spec[4]]
 

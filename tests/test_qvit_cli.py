@@ -93,6 +93,7 @@ def test_a_command_whose_module_cannot_be_imported_is_one_line(tmp_path):
     (["build"], "the following arguments are required: --onnx"),
     (["softlabels", "--out", "s"], "the following arguments are required: --teacher"),
     (["demo", "--onnx", "m.onnx", "--headless"], "--headless needs --out"),
+    (["bench-qat", "--modes", "jit"], "--modes takes"),
 ])
 def test_each_stage_refuses_bad_flags_in_one_line(argv, needle):
     r = _run([sys.executable, "-m", "qvit"] + argv)

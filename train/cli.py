@@ -132,6 +132,9 @@ def _optim_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smoothing", type=float_range(0.0, 1.0, hi_open=True), default=0.0,
                    help="label smoothing of the CE term")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="autocast, GPU only")
+    g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="fused QAT: torch.compile (Inductor) of the training forward/backward (train/fastqat.py); "
+                        "auto: where a compiler is available and the phase has enough steps to repay compiling")
     g.add_argument("--seed", type=seed_int, default=0)
 
 

@@ -87,9 +87,30 @@ class QKRecorder:
         self.q.clear()
         self.k.clear()
 
+    def record_only(self, model: nn.Module, images: torch.Tensor) -> None:
+        """Run ``model`` only as far as the last recorded tensor (the last block's k): when only DGD needs
+        the teacher, the rest of that block, the final norm and the head are skipped.  Same q and k."""
+        last = _attention_modules(model)[-1]
+        slot = last.k_quant if hasattr(last, "k_quant") else last.k_norm
+
+        def stop(_m, _inp, _out):
+            raise _Recorded
+
+        handle = slot.register_forward_hook(stop)  # after the recorder's own hook on that module
+        try:
+            model(images)
+        except _Recorded:
+            pass
+        finally:
+            handle.remove()
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class _Recorded(Exception):
+    """Raised by :meth:`QKRecorder.record_only` once the last q/k is recorded."""
 
 
 def make_teacher(model: nn.Module) -> nn.Module:
@@ -117,6 +138,24 @@ class Distiller(nn.Module):
             self._t_rec = QKRecorder(teacher)
             self._s_rec = QKRecorder(student)
 
+    @property
+    def teacher_recorder(self) -> QKRecorder | None:
+        """The recorder of the teacher's q/k (DGD), None without DGD."""
+        return self._t_rec
+
+    def run_teacher(self, images: torch.Tensor, need_logits: bool = True) -> torch.Tensor | None:
+        """The teacher's logits (``need_logits``) and its recorded q/k (DGD), under ``inference_mode`` (no
+        autograd bookkeeping; on CUDA the trainer's autocast makes it bf16, on CPU it stays fp32).  Without
+        logits (stored soft labels, or no KD) it stops after the last q/k DGD reads."""
+        teacher = self.teacher[0]
+        with torch.inference_mode():
+            if need_logits:
+                t_logits = teacher(images)
+            elif self._t_rec is not None:
+                self._t_rec.record_only(teacher, images)
+        # an inference tensor may not be saved for a backward: one small copy leaves the losses free to use it
+        return t_logits.clone() if need_logits else None
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor,
                 soft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``soft``: the teacher's stored probabilities for ``images`` (multi-crop KD, train/softlabels.py):
@@ -132,10 +171,7 @@ class Distiller(nn.Module):
         loss = cfg.ce_weight * F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         parts["ce"] = float(loss.detach())
         if cfg.kd or cfg.dgd:
-            teacher = self.teacher[0]
-            if cfg.dgd or soft is None:
-                with torch.no_grad():
-                    t_logits = teacher(images)
+            t_logits = self.run_teacher(images, need_logits=cfg.kd and soft is None)
             if cfg.kd:
                 kd = cfg.kd_weight * (soft_kd_loss(logits, soft) if soft is not None else
                                       kd_loss(logits, t_logits, cfg.temperature))

@@ -85,7 +85,7 @@ class IRMNorm(nn.Module):
         return min(1.0, float(self.blend_step) / self.blend_steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.init == "std" and not bool(self.data_initialized):
+        if self.init == "std" and not torch.compiler.is_compiling() and not bool(self.data_initialized):
             self.init_from(x)
         if not self.per_head:
             y = F.layer_norm(x, (self.head_dim,), self.weight, self.bias, self.eps)
@@ -93,6 +93,11 @@ class IRMNorm(nn.Module):
             y = F.layer_norm(x, (self.head_dim,), None, None, self.eps) * self.weight + self.bias
         if self.blend_steps <= 0:
             return y
+        if torch.compiler.is_compiling():  # train.fastqat: t as a tensor (a Python float would recompile per step)
+            t = torch.clamp(self.blend_step / self.blend_steps, max=1.0)
+            if self.training:
+                self.blend_step += 1
+            return torch.where(t >= 1.0, y, t * y + (1.0 - t) * x)
         t = self.blend()
         if self.training:
             self.blend_step += 1

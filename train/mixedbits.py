@@ -46,7 +46,7 @@ from qformat.errors import UserError
 from .config import MixedBitsConfig, QuantConfig
 from .families import family_of
 from .quant import QuantWeightMixin, is_prepared, quantizable_sites, quantizers
-from .quantizers import ActQuantizer, WeightQuantizer, lsq_fake_quant, mse_search, round_ste
+from .quantizers import ActQuantizer, WeightQuantizer, lsq_fake_quant, mse_search, needs_init, round_ste
 
 #: Candidate widths: one switchable scale each.
 CANDIDATES = tuple(range(qformat.MIN_BITS, qformat.MAX_BITS + 1))
@@ -77,9 +77,9 @@ class LearnedBits(nn.Module):
     def forward(self) -> torch.Tensor:
         """The widths in use, float tensor ``[groups]`` of integers (STE to ``b~`` while searching)."""
         b = bit_ste(self.value, self.lo, self.hi)
-        if bool(self.frozen):
-            return b * 0 + self.frozen_bits  # zero gradient: b~ stays in the graph (DDP) but no longer moves b
-        return b
+        # frozen: the stored widths, zero gradient; b~ stays in the graph (DDP).  Branch-free, so a compiled
+        # step (train.fastqat) keeps one graph when the search ends
+        return torch.where(self.frozen, self.frozen_bits, b)
 
     @torch.no_grad()
     def ints(self) -> list[int]:
@@ -186,7 +186,7 @@ class LearnedWeightQuantizer(WeightQuantizer):
         self.initialized.fill_(True)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        if needs_init(self):
             self.initialize(w)
         b = self.bit()
         qmin, qmax = grid(self.unit_bits(b), True)
@@ -268,7 +268,7 @@ class LearnedActQuantizer(ActQuantizer):
         return t.reshape(()) if self.grouping == "tensor" else t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        if needs_init(self):
             self.initialize(x)
         be = self.entry_bits(self.bit())
         qmin, qmax = grid(be, self.signed)

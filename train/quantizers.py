@@ -31,6 +31,13 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def needs_init(q: nn.Module) -> bool:
+    """Whether quantizer ``q`` still waits for its data-driven init (its first batch).  Under
+    ``torch.compile`` (:mod:`train.fastqat`) never: only calibrated models are compiled, and a
+    data-dependent branch would split the graph."""
+    return not torch.compiler.is_compiling() and not bool(q.initialized)
+
+
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     """Value ``x``, gradient ``g * dL/dx`` (LSQ's step-size gradient scaling)."""
     return (x - x * g).detach() + x * g
@@ -271,7 +278,7 @@ class WeightQuantizer(_GridMixin, nn.Module):
             return torch.rsqrt(l1 * qmax)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        if needs_init(self):
             self.initialize(w)
         if self.mixed and w.dim() != 2:
             raise ValueError("weight bits per group are for Linear weights [N, K]")
@@ -392,9 +399,9 @@ class ActQuantizer(_GridMixin, nn.Module):
         return qmin - z, qmax - z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        if needs_init(self):
             self.initialize(x)
-        if bool(self.frozen):
+        if not torch.compiler.is_compiling() and bool(self.frozen):  # train.fastqat compiles training only
             # Exactly the exported graph: s * clip(round(x / s), qmin - z, qmax - z).
             lo, hi = self.int_bounds()
             s = self._view(self.scale, x)

@@ -272,6 +272,8 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
         say("{}: resumed at epoch {}/{} (best top-1 {:.2f})".format(phase.name, start_epoch, phase.epochs, best),
             dinfo)
     objective_hook(objective, "begin_fit", step, total, (resume_state or {}).get("objective"))
+    fused = _fuse(args, model, total, device, dinfo)  # by the phase's length: a resumed run keeps its path
+    meta = dict(meta, fused=fused is not None)  # which path trained (not a resume key: either path resumes)
     train_obj = objective
     if dinfo.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -296,7 +298,8 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
             final = getattr(objective, "allocation_final", True)
             is_best = ev["top1"] > best and final
             best = max(best, ev["top1"]) if final else best
-            extra = objective_hook(objective, "epoch_metrics") or {}
+            extra = dict(objective_hook(objective, "epoch_metrics") or {},  # fused: graphs compiled so far (1)
+                         **({"compiled_graphs": fused.graphs} if fused is not None else {}))
             row = {"epoch": epoch + 1, "step": step, "lr": o.sched.get_last_lr()[0], **tr,
                    "val_loss": ev["loss"], "val_top1": ev["top1"], "val_top5": ev["top5"], "val_img_s": ev["img_s"],
                    **extra}
@@ -313,7 +316,20 @@ def fit(args: argparse.Namespace, phase: Phase, model: nn.Module, objective: nn.
             dist.barrier()
     finally:
         logger.close()
+        if fused is not None:  # the model leaves fit() a plain module again (copyable, its class's forward)
+            fused.remove()
     return row
+
+
+def _fuse(args: argparse.Namespace, model: nn.Module, steps: int, device: torch.device, dinfo: dist.DistInfo):
+    """The compiled training forward (train/fastqat.py) for ``--compile``, or None (eager).  ``auto`` compiles
+    phases of at least ``fastqat.AUTO_MIN_STEPS`` steps: compiling costs minutes on a CPU."""
+    from train import fastqat
+
+    mode = getattr(args, "compile", "off")
+    if mode == "auto" and steps < fastqat.AUTO_MIN_STEPS:
+        return None
+    return fastqat.enable(model, mode, device, log=lambda msg: say(msg, dinfo))
 
 
 def _train_epoch(args, phase: Phase, epoch: int, train_obj: nn.Module, o: Optim, loaders: Loaders, steps: int,
@@ -658,6 +674,10 @@ def run(args: argparse.Namespace) -> dict:
                        (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
         device = resolve_device(args.device, dinfo)
+        if getattr(args, "compile", "off") == "on":  # refused before the data loads
+            from train.fastqat import require
+
+            require(device)
         loaders = build_loaders(args.data, spec.input_size, spec.mean, spec.std, args.batch_size,
                                 data_dir=args.data_dir, workers=args.workers, seed=args.seed, rank=dinfo.rank,
                                 world_size=dinfo.world_size, pin_memory=device.type == "cuda", holdout=args.holdout,
