@@ -148,25 +148,23 @@ class _Replay:
 
 
 def _objective(method: str, bits: int, model, teacher, images):
-    """(objective, distiller) of ``method`` on a prepared ``model``, as the trainer composes them."""
+    """(objective, distiller) of ``method`` on a prepared ``model``, composed as the trainer does (train.qat)."""
     from train.config import DistillConfig, VvtqConfig
     from train.distill import Distiller
+    from train.qat import QATConfig, objective
+    from train.vvtq import ObrPenalty
 
     dcfg = DistillConfig.for_method(method, **({"ce_weight": 0.0} if method == "vvtq" else {}))
     distiller = Distiller(teacher, model, dcfg)
     distiller.teacher[0] = _Replay(distiller, images)
-    obj = distiller
-    if method == "mp":
-        from train.mixedbits import BitBudget
-
-        obj = BitBudget(obj, model, log=lambda msg: None)
-        obj.set_progress(0, 1 << 30)  # searching: the bits stay learnable for the whole benchmark
-    if method == "vvtq":
-        from train.vvtq import VariationAware
-
-        obj = VariationAware(obj, model, VvtqConfig.for_method("vvtq"))
+    cfg = QATConfig(_quant_config(method, bits), dcfg, VvtqConfig.for_method(method))
+    obj = objective(distiller, model, cfg, log=lambda msg: None)
+    if obj is not distiller:
         obj.begin_fit(0, 1 << 30)
-        obj.step = obj.total  # OBR at its full weight: the regulariser's cost is in the step
+        obj.set_progress(0, 1 << 30)  # learned bits: searching, the bits stay learnable for the whole benchmark
+        for term in obj.terms:
+            if isinstance(term, ObrPenalty):
+                term.step = term.total  # OBR at its full weight: the regulariser's cost is in the step
     return obj, distiller
 
 
@@ -181,10 +179,10 @@ def build_case(method: str, bits: Optional[int], mode: str, fp_model, teacher, i
     """A ready-to-step :class:`Case` (``method`` "fp": the FP model with plain cross-entropy)."""
     import torch
 
-    import train.mixedbits  # noqa: F401 (the learned-bit prepare hooks)
     from train import fastqat
     from train.mixedbits import bit_widths
-    from train.quant import calibrate, prepare, scale_parameters
+    from train.qat import prepare
+    from train.quant import calibrate, scale_parameters
     from train.trainer import Supervised
 
     model = copy.deepcopy(fp_model).to(device).train()

@@ -160,7 +160,8 @@ def test_no_compiler_falls_back_with_one_line(monkeypatch):
 # ----------------------------------------------------------------------------- a whole (tiny) model
 
 def _tiny_student(method: str = "qvit", bits: int = 3):
-    from train.quant import calibrate, prepare
+    from train.qat import prepare
+    from train.quant import calibrate
 
     torch.manual_seed(0)
     model = create_model("vit_fmnist", num_classes=10, depth=1, embed_dim=24, num_heads=2)
@@ -274,7 +275,8 @@ def test_trainer_compiles_by_default_only_phases_long_enough_to_repay_it():
 
 @pytest.mark.slow
 def test_irm_blend_in_variant_compiles_once_and_matches():
-    from train.quant import calibrate, prepare
+    from train.qat import prepare
+    from train.quant import calibrate
 
     torch.manual_seed(0)
     model = create_model("vit_fmnist", num_classes=10, depth=1, embed_dim=24, num_heads=2)
