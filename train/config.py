@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from qformat import MAX_BITS, MIN_BITS, FormatError, check_bits
+from qformat import MAX_BITS, MIN_BITS, FormatError, check_bits, formats
 from qformat.errors import UserError
 
 from .methods import Dgd, Irm, LearnedBits, get_method, methods_with
@@ -315,9 +315,8 @@ class QuantConfig(_Record):
 
     @property
     def tag(self) -> str:
-        if self.mixed is not None:
-            return f"mp{self.mixed['budget']:g}"
-        return f"w{self.w_bits}a{self.a_bits}"
+        """``w4a4`` / ``mp3``: the one naming rule of qformat.formats (file names, labels, run names)."""
+        return formats.bits_tag(self.bits_summary())
 
     @classmethod
     def for_method(cls, method: str, bits: int, **overrides: Any) -> QuantConfig | None:
