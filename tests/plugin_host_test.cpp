@@ -449,11 +449,17 @@ int main() {
     g_cc_minor = 7;
     return ran ? calls : std::vector<Call>();
   };
-  bool int4_ok = true;
-  for (const Call& c : int4_dispatch(8, 7, 197)) {
+  // auto keeps mma_sync until INT4 is measured on a GPU (QVIT_AUTO_INT4=0); QVIT_LOWBIT_PATH=a4 opts in
+  const std::vector<Call> orin_auto = int4_dispatch(8, 7, 197);
+  check("a4_grid_on_orin_auto_keeps_mma_sync", orin_auto.size() == 3 && orin_auto[0].kernel == QVIT_KERNEL_MMA_SYNC);
+  setenv("QVIT_LOWBIT_PATH", "a4", 1);
+  const std::vector<Call> orin_a4 = int4_dispatch(8, 7, 197);
+  unsetenv("QVIT_LOWBIT_PATH");
+  bool int4_ok = orin_a4.size() == 3;
+  for (const Call& c : orin_a4) {
     int4_ok = int4_ok && c.kernel == QVIT_KERNEL_MMA_INT4 && c.ldw == qvit_nib_words(70, c.bits);
   }
-  check("a4_grid_on_orin_uses_int4_tensor_cores", int4_ok && int4_dispatch(8, 7, 197).size() == 3);
+  check("a4_path_on_orin_uses_int4_tensor_cores", int4_ok);
   const std::vector<Call> hopper = int4_dispatch(9, 0, 197);
   check("a4_grid_on_hopper_keeps_mma_sync", hopper.size() == 3 && hopper[0].kernel == QVIT_KERNEL_MMA_SYNC &&
                                                 hopper[0].ldw == qvit_repacked_words(70, hopper[0].bits));

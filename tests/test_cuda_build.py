@@ -278,7 +278,7 @@ def test_kernel_selection_rejects_bad_args(host_lib):
 @pytest.mark.parametrize("kernel,cc_ok,cc_not", [
     ("mma_sync", (8, 0), (7, 5)), ("mma_sync", (8, 7), (7, 2)), ("a8_mma", (7, 2), (7, 0)),
     ("a8_dp4a", (6, 1), (5, 3)), ("gemv_dp4a", (7, 0), (5, 3)), ("a16_tiled", (5, 3), (4, 0)),
-    ("mma_int4", (8, 7), (7, 5)), ("gemv_ring", (8, 0), (7, 5)),
+    ("mma_int4", (8, 7), (7, 5)), ("mma_int4", (9, 0), (11, 0)), ("gemv_ring", (8, 0), (7, 5)),
 ])
 def test_kernel_supported_per_arch(host_lib, kernel, cc_ok, cc_not):
     """lowbit_gemm refuses a kernel forced onto a device without its instructions (cudaErrorNotSupported,
@@ -354,7 +354,8 @@ def test_plugin_front_end_runs_on_the_host(tmp_path, trt_major):
                     "contexts_share_engine_weights", "weights_freed_with_last_owner", "fields_carry_version",
                     "fields_version_checked", "unversioned_fields_read_as_version_1", "hostile_sizes_rejected",
                     "hostile_out_features_without_bias_rejected", "hostile_group_size_rejected",
-                    "a4_grid_on_orin_uses_int4_tensor_cores", "a4_grid_on_hopper_keeps_mma_sync",
+                    "a4_grid_on_orin_auto_keeps_mma_sync", "a4_path_on_orin_uses_int4_tensor_cores",
+                    "a4_grid_on_hopper_keeps_mma_sync",
                     "a4_grid_small_m_uses_gemv"):
             assert res[key] is True, key
         # every attribute but the informational plugin_version / plugin_namespace, + the format version
@@ -455,7 +456,8 @@ def test_int8_tensor_core_and_dp4a_emitted(nvcc_build):
     assert has_mma == (int(nvcc_build["arch"]) >= 80)
     if has_mma:
         assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in ptx and "cp.async.cg.shared.global" in ptx
-    assert ("mma.sync.aligned.m16n8k64.row.col.s32.s4.u4.s32" in ptx) == has_mma  # the INT4 path
+    int4 = 80 <= int(nvcc_build["arch"]) < 100  # the INT4 path: sm_80..90 (not built for Blackwell / Thor)
+    assert ("mma.sync.aligned.m16n8k64.row.col.s32.s4.u4.s32" in ptx) == int4
 
 
 def _sass_tools():
@@ -498,7 +500,7 @@ def test_int4_kernel_sass(nvcc_build):
     """sm_87 (Orin; also sm_80/86/89): every m16n8k64 s4.u4 of mma_int4 is ONE native IMMA.16864.S4.U4
     (2 k64 steps x 2 x 4 warp fragments = 16 per kernel), no int8 IMMA or emulation call in it.  sm_90
     (Hopper) documents the emulated form: no IMMA.16864; each mma becomes a CALL into a routine that
-    unpacks to int8 and issues IMMA.16832.S8.U8 (exact, not fast).  sm_75: no INT4 path at all."""
+    unpacks to int8 and issues IMMA.16832.S8.U8 (exact, not fast).  sm_75 and sm_100+ (Thor): no INT4 path."""
     arch = int(nvcc_build["arch"])
     kernels = {name: ops for name, ops in _sass_ops(nvcc_build["obj"]).items() if "mma_int4_kernel" in name}
     assert len(kernels) == 3  # BITS = 2, 3, 4
@@ -507,6 +509,8 @@ def test_int4_kernel_sass(nvcc_build):
         if arch in (80, 86, 87, 89):
             assert imma == {"IMMA.16864.S4.U4": 16}, (name, imma)
             assert ops["CALL.REL.NOINC"] <= 1, (name, ops["CALL.REL.NOINC"])  # not one per mma
+        elif arch >= 100:
+            assert not imma, (name, imma)  # not built for Blackwell / Thor: lowbit_gemm refuses it there
         elif arch >= 90:
             assert "IMMA.16864.S4.U4" not in imma and imma.get("IMMA.16832.S8.U8", 0) > 0, (name, imma)
             assert ops["CALL.REL.NOINC"] >= 16, (name, ops["CALL.REL.NOINC"])  # one emulation call per mma

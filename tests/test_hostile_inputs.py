@@ -72,6 +72,7 @@ CLIS = {
     "study": ("experiments.study", "main", ["--data", "synthetic", "--results", "{out}/res", "--work", "{out}/work"],
               "{out}", {
         "--budget": POS, "--choose-at": POS, "--time-limit": POSF, "--max-runs": NONNEG, "--threads": POS,
+        "--jobs": POS, "--hard-limit": POSF,
         "--holdout": POS, "--teacher-epochs": POS, "--batch-size": POS, "--chunk": POS, "--max-eval-batches": POS,
         "--bits": BIT_LISTS, "--seeds": st.sampled_from(["", ",", "a", "1.5", "-1", "0,-2", str(2 ** 32)])}),
     "bench_matrix": ("jetson.bench_matrix", "main", ["--models", "vit_fmnist", "--bits", "4", "--backend", "ort",

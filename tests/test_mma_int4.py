@@ -189,6 +189,7 @@ def test_int4_kernel_selection_and_workspace(host_lib):
     assert name(sel(1, 384, 384, 4, 1, 0, 8, 7, -8, 7)) == "gemv_dp4a"
     assert name(sel(1, 384, 384, 4, 1, 3, 9, 0, -8, 7)) == "mma_int4"
     assert sel(197, 384, 384, 4, 1, 3, 7, 5, -8, 7) == 0
+    assert sel(197, 384, 384, 4, 1, 3, 11, 0, -8, 7) == 0  # Thor: the INT4 kernel is not built for sm_100+
     assert sel(197, 384, 384, 4, 1, 3, 9, 0, -9, 7) == 0
     kid = sel(197, 384, 384, 4, 1, 3, 9, 0, -8, 7)
     assert host_lib.qvit_workspace_size(197, 390, 4, kid) == -(-197 * 256 // 256) * 256 + -(-197 * 4 // 256) * 256

@@ -47,6 +47,11 @@
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
 #define QVIT_DEVICE_HAS_MMA_SYNC_S8 1  // mma.sync m16n8k32 s8/u8, ldmatrix, cp.async (sm_80+)
 #endif
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800) && (__CUDA_ARCH__ < 1000)
+// mma.sync m16n8k64 s4/u4: native on sm_80..89, emulated on sm_90 (exact); not built for Blackwell (sm_100+,
+// Thor sm_110), where ptxas spills the kernel and nothing is measured: the host selection refuses it there
+#define QVIT_DEVICE_HAS_MMA_S4 1
+#endif
 
 namespace qvit {
 namespace {
@@ -1017,7 +1022,7 @@ __global__ void __launch_bounds__(kQuantS4RowsPerBlock * 32)
   if (lane == 0) row_sum[row] = sum;
 }
 
-#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+#if defined(QVIT_DEVICE_HAS_MMA_S4)
 __device__ __forceinline__ void mma_s4u4(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k64.row.col.s32.s4.u4.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -1088,7 +1093,7 @@ template <int BITS>
 __global__ void __launch_bounds__(256)
     mma_int4_kernel(const uint32_t* __restrict__ xs4, const int* __restrict__ row_sum, int lda,
                     const uint32_t* __restrict__ w, int ldw, Epilogue epi) {
-#if defined(QVIT_DEVICE_HAS_MMA_SYNC_S8)
+#if defined(QVIT_DEVICE_HAS_MMA_S4)
   using C = Int4Cfg<BITS>;
   __shared__ __align__(16) uint32_t smem[kInt4Stages * (C::kAWords + C::kBWords)];
   const int warp = threadIdx.x >> 5;
@@ -1143,7 +1148,7 @@ __global__ void __launch_bounds__(256)
     }
   }
 #else
-  __trap();  // unreachable: lowbit_gemm refuses mma_int4 below sm_80 (qvit_kernel_supported)
+  __trap();  // unreachable: lowbit_gemm refuses mma_int4 outside sm_80..90 (qvit_kernel_supported)
 #endif
 }
 

@@ -41,7 +41,8 @@ int qvit_select_kernel_act(int m, int n, int k, int bits, int x_dtype, int path,
   if (base == QVIT_KERNEL_INVALID) return base;
   const int cc = cc_of(cc_major, cc_minor);
   const bool fits = qvit_act_fits_s4(act_lo, act_hi) != 0;
-  if (path == QVIT_PATH_A4) return fits && cc >= 80 ? QVIT_KERNEL_MMA_INT4 : QVIT_KERNEL_INVALID;
+  // INT4 mma: sm_80..90 only (lowbit_gemm.cu builds it for those; Blackwell / Thor is not built nor measured)
+  if (path == QVIT_PATH_A4) return fits && cc >= 80 && cc < 100 ? QVIT_KERNEL_MMA_INT4 : QVIT_KERNEL_INVALID;
   // auto takes INT4 only once a GPU run has shown it exact and faster (QVIT_AUTO_INT4=1 at build time);
   // until then it is the a4 path / a forced kernel, and auto keeps mma_sync
   if (QVIT_AUTO_INT4 && path == QVIT_PATH_AUTO && fits && m > QVIT_GEMV_MAX_M && cc >= 80 && cc < 90)
@@ -93,8 +94,8 @@ size_t qvit_workspace_size(int m, int k, int bits, int kernel) {
 int qvit_kernel_supported(int kernel, int cc_major, int cc_minor) {
   const int cc = cc_of(cc_major, cc_minor);
   switch (kernel) {
+    case QVIT_KERNEL_MMA_INT4: return cc >= 80 && cc < 100;  // built for sm_80..90 only (lowbit_gemm.cu)
     case QVIT_KERNEL_MMA_SYNC:
-    case QVIT_KERNEL_MMA_INT4:
     case QVIT_KERNEL_GEMV_RING: return cc >= 80;
     case QVIT_KERNEL_A8_MMA: return cc >= 72;
     case QVIT_KERNEL_A8_DP4A:
