@@ -305,9 +305,18 @@ def run(opts: BenchOptions) -> dict:
     images = torch.randn(opts.batch, *spec.input_size, device=device)
     labels = torch.randint(0, spec.num_classes, (opts.batch,), device=device)
     configs = [("fp", None)] + [(m, b) for b in opts.bits for m in opts.methods]
+    # every case compiles the same forward code: lift dynamo's per-code cache limit (8) above the case count,
+    # or the later cases would silently run eager (a training process compiles one model, so it never hits it)
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 2 * len(configs) * len(opts.modes))
     cases = [build_case(m, b, mode, fp_model, teacher, images, device) for m, b in configs for mode in opts.modes]
-    for case in cases:
+    for i, case in enumerate(cases):
+        t0 = time.perf_counter()
         _warm_up(case, images, labels, device)
+        sys.stderr.write("[bench-qat] warm-up {}/{} {} {}: {:.0f} s\n".format(
+            i + 1, len(cases), case.label, "fused" if case.fused is not None else "eager", time.perf_counter() - t0))
     interleave(cases, images, labels, opts, device)
     result = {"options": vars(opts), "machine": machine(device), "load_before": list(load_before),
               "rows": _rows(cases, opts.batch), **teacher_times(teacher, images, opts, device),

@@ -30,3 +30,19 @@ def test_the_fused_runs_ran_fused_with_one_graph():
         assert r["fused"] is (r["mode"] == "fused"), r
         if r["mode"] == "fused":
             assert r["compiled_graphs"] == 1, r
+
+
+def test_readme_bench_qat_table_is_the_committed_run():
+    from experiments import bench_qat
+
+    res = json.load(open(os.path.join(ROOT, "docs", "bench_qat", "bench_qat.json")))
+    assert not res["void"]  # taken at a load average under 2
+    table = bench_qat.markdown(res)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == len(res["rows"]) + 1
+    for line in rows:
+        assert line in readme, line
+    for r in res["rows"]:
+        if r["mode"] == "fused":
+            assert r["graphs"] == 1, r  # every fused configuration really ran compiled
