@@ -121,7 +121,9 @@ def report(study: Study, plans: list) -> str:
     text = "".join(parts)
     from qformat.io import atomic_write
 
-    atomic_write(os.path.join(study.results, "study.md"), text.encode("utf-8"))
+    # the tables' links are relative to the repository (the README's block); study.md sits in --results
+    here = os.path.relpath(study.results).replace(os.sep, "/").rstrip("/") + "/"
+    atomic_write(os.path.join(study.results, "study.md"), text.replace("](" + here, "](").encode("utf-8"))
     return text
 
 
