@@ -1369,15 +1369,31 @@ cudaError_t launch_mma_tiles(const LowBitGemmArgs& a, const int8_t* xq, const in
                 xq, row_sum, lda, a.w, a.ldw, make_epilogue(a));
 }
 
+// x quantized once into the workspace (int8 codes at the repacked K, then the row sums): what mma_sync and
+// gemv_ring both read.
+struct QuantizedX {
+  int8_t* xq;
+  int* row_sum;
+  int lda;
+};
+
+template <int BITS>
+cudaError_t quantize_x_once(const LowBitGemmArgs& a, cudaStream_t stream, QuantizedX* q) {
+  q->lda = repacked_k(a.k, BITS);
+  q->xq = static_cast<int8_t*>(a.workspace);
+  q->row_sum = reinterpret_cast<int*>(q->xq + (static_cast<size_t>(a.m) * q->lda + 255) / 256 * 256);
+  return launch(quantize_rows_kernel, dim3(ceil_div(a.m, kQuantRowsPerBlock)), dim3(kQuantRowsPerBlock * 32), 0,
+                stream, a.x, a.x_dtype, a.m, a.k, q->lda, a.act_scale, a.act_lo, a.act_hi, q->xq, q->row_sum);
+}
+
 template <int BITS>
 cudaError_t launch_mma_sync(const LowBitGemmArgs& a, cudaStream_t stream) {
-  const int lda = repacked_k(a.k, BITS);
-  int8_t* xq = static_cast<int8_t*>(a.workspace);
-  int* row_sum = reinterpret_cast<int*>(xq + (static_cast<size_t>(a.m) * lda + 255) / 256 * 256);
-  const cudaError_t err = launch(quantize_rows_kernel, dim3(ceil_div(a.m, kQuantRowsPerBlock)),
-                                 dim3(kQuantRowsPerBlock * 32), 0, stream, a.x, a.x_dtype, a.m, a.k, lda, a.act_scale,
-                                 a.act_lo, a.act_hi, xq, row_sum);
+  QuantizedX q;
+  const cudaError_t err = quantize_x_once<BITS>(a, stream, &q);
   if (err != cudaSuccess) return err;
+  int8_t* xq = q.xq;
+  int* row_sum = q.row_sum;
+  const int lda = q.lda;
   if (a.m < kMmaSmallM) return launch_mma_tiles<BITS, 64>(a, xq, row_sum, lda, stream);
   return launch_mma_tiles<BITS, 128>(a, xq, row_sum, lda, stream);
 }
@@ -1394,18 +1410,12 @@ cudaError_t launch_gemv_ring_mt(const LowBitGemmArgs& a, const int8_t* xq, const
 
 template <int BITS>
 cudaError_t launch_gemv_ring(const LowBitGemmArgs& a, cudaStream_t stream) {
-  const int lda = repacked_k(a.k, BITS);  // x quantized once: the mma_sync workspace layout
-  int8_t* xq = static_cast<int8_t*>(a.workspace);
-  int* row_sum = reinterpret_cast<int*>(xq + (static_cast<size_t>(a.m) * lda + 255) / 256 * 256);
-  const cudaError_t err = launch(quantize_rows_kernel, dim3(ceil_div(a.m, kQuantRowsPerBlock)),
-                                 dim3(kQuantRowsPerBlock * 32), 0, stream, a.x, a.x_dtype, a.m, a.k, lda, a.act_scale,
-                                 a.act_lo, a.act_hi, xq, row_sum);
+  QuantizedX q;  // x quantized once: the mma_sync workspace layout
+  const cudaError_t err = quantize_x_once<BITS>(a, stream, &q);
   if (err != cudaSuccess) return err;
-  const int8_t* cxq = xq;
-  const int* crs = row_sum;
-  if (a.m <= 1) return launch_gemv_ring_mt<BITS, 1>(a, cxq, crs, lda, stream);
-  if (a.m <= 2) return launch_gemv_ring_mt<BITS, 2>(a, cxq, crs, lda, stream);
-  return launch_gemv_ring_mt<BITS, kGemvRingMaxMT>(a, cxq, crs, lda, stream);
+  if (a.m <= 1) return launch_gemv_ring_mt<BITS, 1>(a, q.xq, q.row_sum, q.lda, stream);
+  if (a.m <= 2) return launch_gemv_ring_mt<BITS, 2>(a, q.xq, q.row_sum, q.lda, stream);
+  return launch_gemv_ring_mt<BITS, kGemvRingMaxMT>(a, q.xq, q.row_sum, q.lda, stream);
 }
 
 template <int BITS>
